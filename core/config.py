@@ -1,0 +1,241 @@
+"""One typed config schema for every role (rollout, learner, reward, serving).
+
+A run is described by one YAML file plus `key=value` command-line overrides
+(dotted keys, values parsed as YAML scalars). Unknown keys and wrong types are
+errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class WanArchConfig(_Section):
+    """Wan2.1 DiT architecture. Defaults are Wan2.1-T2V-1.3B."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: list[int] = Field(default_factory=lambda: [1, 2, 2])
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "WanArchConfig":
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError("model.dim / model.num_heads (head_dim) must be even for RoPE")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"model.patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+WAN_1_3B = WanArchConfig()
+WAN_14B = WanArchConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+
+class VideoConfig(_Section):
+    """Pixel size and length of generated videos; the latent grid is derived from these."""
+
+    height: int = 480
+    width: int = 832
+    num_latent_frames: int = 21
+    vae_stride: list[int] = Field(default_factory=lambda: [4, 8, 8])
+
+    @model_validator(mode="after")
+    def _check(self) -> "VideoConfig":
+        if len(self.vae_stride) != 3 or min(self.vae_stride) < 1:
+            raise ValueError(f"video.vae_stride must be three positive ints (t, h, w), got {self.vae_stride}")
+        for name, size, stride in (("height", self.height, self.vae_stride[1]), ("width", self.width, self.vae_stride[2])):
+            if size <= 0 or size % stride:
+                raise ValueError(f"video.{name} ({size}) must be a positive multiple of the VAE stride {stride}")
+        if self.num_latent_frames < 1:
+            raise ValueError("video.num_latent_frames must be >= 1")
+        return self
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_stride[1], self.width // self.vae_stride[2]
+
+
+class StreamConfig(_Section):
+    """Block-wise causal generation and its KV cache (REFERENCE.md section 2).
+
+    `local_attn_size` and `sink_size` count latent frames; -1 means no window
+    (the cache then holds `max_cache_frames` frames and generation stops there).
+    `rope`: "absolute" caches rotated keys at absolute frame positions (Self
+    Forcing / LongLive, limited to the RoPE table length); "window" caches keys
+    before RoPE and rotates them by window position on every call (Reward
+    Forcing, unbounded). `sink_mode` "ema" fuses evicted frames into the sink
+    with `compression_alpha`; "static" keeps the first frames as they were.
+    """
+
+    num_frame_per_block: int = 3
+    local_attn_size: int = -1
+    sink_size: int = 0
+    rope: Literal["absolute", "window"] = "absolute"
+    sink_mode: Literal["static", "ema"] = "static"
+    compression_alpha: float = 0.999
+    max_cache_frames: int = 21
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        if self.num_frame_per_block < 1:
+            raise ValueError("stream.num_frame_per_block must be >= 1")
+        if self.sink_size < 0:
+            raise ValueError("stream.sink_size must be >= 0")
+        if self.local_attn_size != -1:
+            need = self.sink_size + self.num_frame_per_block
+            if self.local_attn_size < need:
+                raise ValueError(
+                    f"stream.local_attn_size ({self.local_attn_size}) must hold the sink plus one block "
+                    f"(sink_size {self.sink_size} + num_frame_per_block {self.num_frame_per_block} = {need}); "
+                    "raise local_attn_size or set it to -1 for no window")
+        elif self.max_cache_frames < self.num_frame_per_block:
+            raise ValueError("stream.max_cache_frames must hold at least one block")
+        if not 0.0 <= self.compression_alpha <= 1.0:
+            raise ValueError(f"stream.compression_alpha must be in [0, 1], got {self.compression_alpha}")
+        if self.sink_mode == "ema":
+            if self.sink_size == 0:
+                raise ValueError("stream.sink_mode 'ema' needs stream.sink_size > 0")
+            if self.rope != "window":
+                raise ValueError(
+                    "stream.sink_mode 'ema' averages keys across frames, which is only meaningful for keys "
+                    "cached before RoPE: set stream.rope=window (Reward Forcing) or stream.sink_mode=static")
+        return self
+
+    @property
+    def cache_frames(self) -> int:
+        return self.max_cache_frames if self.local_attn_size == -1 else self.local_attn_size
+
+
+class SchedulerConfig(_Section):
+    """Flow-matching schedule and the few-step denoising list (REFERENCE.md section 3)."""
+
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    denoising_step_list: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_denoising_step: bool = True
+    context_noise: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SchedulerConfig":
+        steps = self.denoising_step_list
+        if not steps or any(not 0 < s <= self.num_train_timesteps for s in steps):
+            raise ValueError(f"scheduler.denoising_step_list values must be in (0, {self.num_train_timesteps}], got {steps}")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"scheduler.denoising_step_list must be strictly decreasing, got {steps}")
+        return self
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    seed: int = 0
+
+
+class CheckpointConfig(_Section):
+    """Local weight paths; nothing is downloaded at run time."""
+
+    generator: str | None = None
+    use_ema: bool = False
+
+
+class Config(_Section):
+    model: WanArchConfig = Field(default_factory=WanArchConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        lh, lw = self.video.latent_hw
+        _, ph, pw = self.model.patch_size
+        if lh % ph or lw % pw:
+            raise ValueError(f"latent grid {lh}x{lw} (video size / vae_stride) must be divisible by the patch {ph}x{pw}")
+        if self.video.num_latent_frames % self.stream.num_frame_per_block:
+            raise ValueError(
+                f"video.num_latent_frames ({self.video.num_latent_frames}) must be a multiple of "
+                f"stream.num_frame_per_block ({self.stream.num_frame_per_block})")
+        return self
+
+    @property
+    def tokens_per_frame(self) -> int:
+        lh, lw = self.video.latent_hw
+        return (lh // self.model.patch_size[1]) * (lw // self.model.patch_size[2])
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see core/config.py for the schema)"
+        lines.append(f"  {key}: {msg}" + ("" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e['input']!r})"))
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stream.sink_size=3)")
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the embedded tiny default when `path` is None) and apply overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in {REPO_ROOT / 'configs'})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_validation_error(e)}") from None

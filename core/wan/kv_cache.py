@@ -1,0 +1,128 @@
+"""KV cache of the causal generator: fixed-size buffers, a local window, sink frames and the EMA sink.
+
+Semantics follow the reference (REFERENCE.md section 2): per layer a buffer
+[B, cache_tokens, heads, head_dim] with `global_end` (absolute tokens generated)
+and `local_end` (fill pointer). Only the first call of a new block advances the
+pointers and may evict; the later denoising calls and the clean t=0 re-run of
+that block overwrite the same slots, so the cache ends holding clean K/V.
+
+On eviction the oldest non-sink frames leave the window. With `sink_mode: ema`
+they are fused into the sink position-wise, `sink <- a*sink + (1-a)*evicted`
+(Reward Forcing). When more frames are evicted than the sink holds, evicted
+frame j is fused into sink frame j mod sink_size in order (the reference
+replaces the sink in that case; with the standard 3-frame blocks and 3-frame
+sink both agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.config import StreamConfig
+
+
+class CacheCapacityError(RuntimeError):
+    """The stream cannot go further with this configuration."""
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor
+    v: torch.Tensor
+    global_end: int = 0
+    local_end: int = 0
+
+
+class KVCache:
+    """Self-attention caches of every layer plus the per-prompt cross-attention K/V of one stream."""
+
+    def __init__(self, stream: StreamConfig, num_layers: int, batch: int, tokens_per_frame: int,
+                 num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.stream = stream
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = stream.cache_frames * tokens_per_frame
+        self.sink_tokens = stream.sink_size * tokens_per_frame if stream.local_attn_size != -1 else 0
+        shape = (batch, self.capacity, num_heads, head_dim)
+        self.layers = [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                                  torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.evictions = 0
+
+    @property
+    def rope(self) -> str:
+        return self.stream.rope
+
+    @property
+    def windowed(self) -> bool:
+        return self.stream.local_attn_size != -1
+
+    @property
+    def frames(self) -> int:
+        """Latent frames generated so far (absolute)."""
+        return self.layers[0].global_end // self.tokens_per_frame
+
+    def nbytes(self) -> int:
+        tensors = [t for c in self.layers for t in (c.k, c.v)]
+        tensors += [t for kv in self.cross_kv if kv is not None for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset(self, keep_prompt: bool = False) -> None:
+        """Start a new video; keep the cross-attention K/V only if the prompt stays."""
+        for c in self.layers:
+            c.global_end = c.local_end = 0
+        if not keep_prompt:
+            self.cross_kv = [None] * len(self.layers)
+        self.evictions = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's K/V for frames starting at `start_frame`; return the K/V to attend to."""
+        c = self.layers[layer]
+        new = k.shape[1]
+        current_end = start_frame * self.tokens_per_frame + new
+        local_end = c.local_end + current_end - c.global_end
+        if current_end > c.global_end and c.local_end + new > self.capacity:
+            if not self.windowed:
+                raise CacheCapacityError(
+                    f"the KV cache holds {self.stream.max_cache_frames} latent frames and no window is set "
+                    f"(stream.local_attn_size=-1), so frame {current_end // self.tokens_per_frame - 1} cannot be "
+                    "generated: set stream.local_attn_size (e.g. 12) and stream.sink_size (e.g. 3) for longer videos")
+            n_evict = c.local_end + new - self.capacity
+            self._evict(c, n_evict)
+            local_end -= n_evict
+            if layer == 0:
+                self.evictions += 1
+        start = local_end - new
+        if start < 0:
+            raise CacheCapacityError(f"frame {start_frame} lies before the cached window; "
+                                     "a stream can only rewrite its latest block")
+        c.k[:, start:local_end] = k.detach()
+        c.v[:, start:local_end] = v.detach()
+        c.global_end, c.local_end = current_end, local_end
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Replay with grad: attend to the live tensors so gradients reach this call's K/V, and
+            # keep the cached (detached) buffers free to be overwritten by later calls.
+            keys = torch.cat([c.k[:, :start], k, c.k[:, local_end:local_end]], dim=1)
+            values = torch.cat([c.v[:, :start], v, c.v[:, local_end:local_end]], dim=1)
+            return keys, values
+        return c.k[:, :local_end], c.v[:, :local_end]
+
+    def _evict(self, c: LayerCache, n_evict: int) -> None:
+        sink = self.sink_tokens
+        n_roll = c.local_end - n_evict - sink
+        evicted_k = c.k[:, sink:sink + n_evict].clone()
+        evicted_v = c.v[:, sink:sink + n_evict].clone()
+        c.k[:, sink:sink + n_roll] = c.k[:, sink + n_evict:sink + n_evict + n_roll].clone()
+        c.v[:, sink:sink + n_roll] = c.v[:, sink + n_evict:sink + n_evict + n_roll].clone()
+        if self.stream.sink_mode == "ema":
+            self._fuse_into_sink(c, evicted_k, evicted_v)
+
+    def _fuse_into_sink(self, c: LayerCache, evicted_k: torch.Tensor, evicted_v: torch.Tensor) -> None:
+        alpha, tpf = self.stream.compression_alpha, self.tokens_per_frame
+        sink_frames = self.stream.sink_size
+        for j in range(evicted_k.shape[1] // tpf):
+            dst = slice((j % sink_frames) * tpf, (j % sink_frames + 1) * tpf)
+            src = slice(j * tpf, (j + 1) * tpf)
+            c.k[:, dst] = alpha * c.k[:, dst] + (1 - alpha) * evicted_k[:, src]
+            c.v[:, dst] = alpha * c.v[:, dst] + (1 - alpha) * evicted_v[:, src]

@@ -1,0 +1,44 @@
+"""Shared test options: `--golden-dir` points at a golden set made by the reference code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--golden-dir", default=str(REPO_ROOT.parent / "shared" / "golden"),
+                     help="folder with manifest.json and the golden safetensors (default ../shared/golden)")
+
+
+class GoldenSet:
+    """A golden folder: its manifest and lazily loaded per-case tensors."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest = json.loads((root / "manifest.json").read_text())
+
+    def case(self, name: str) -> dict:
+        if name not in self.manifest["cases"]:
+            pytest.skip(f"golden set {self.root} has no case {name!r}")
+        return self.manifest["cases"][name]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+        return load_file(str(self.root / self.case(name)["file"]))
+
+    def atol(self, name: str) -> float:
+        return float(self.case(name)["tolerance"]["recommended"]["float64_atol"])
+
+
+@pytest.fixture(scope="session")
+def golden(request) -> GoldenSet:
+    root = Path(request.config.getoption("--golden-dir"))
+    if not (root / "manifest.json").is_file():
+        pytest.skip(f"no golden set at {root} (pass --golden-dir)")
+    return GoldenSet(root)
