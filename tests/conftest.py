@@ -11,6 +11,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Tests run tiny models: one intra-op thread is faster there and keeps parallel jobs on a
+# 2-core machine from oversubscribing it.
+torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--golden-dir", default=str(REPO_ROOT.parent / "shared" / "golden"),
                      help="folder with manifest.json and the golden safetensors (default ../shared/golden)")

@@ -1,0 +1,1 @@
+"""Wan2.1 transformer and its streaming KV cache."""

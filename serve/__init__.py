@@ -1,0 +1,1 @@
+"""Ray Serve streaming inference deployment and the web page to watch it."""

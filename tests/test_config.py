@@ -1,0 +1,62 @@
+"""The config schema: YAML + overrides, and clear errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.config import DEFAULT_CONFIG, ConfigError, load_config
+
+REPO = DEFAULT_CONFIG.parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_default_is_tiny_and_tokens_per_frame_derived():
+    cfg = load_config()
+    assert cfg.model.dim == 64 and cfg.tokens_per_frame == 16
+    big = load_config(REPO / "configs" / "reward_forcing_1.3b_stream.yaml")
+    assert big.tokens_per_frame == 1560  # 480x832 -> latent 60x104 -> 30x52 tokens
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["stream.sink_size=2", "stream.compression_alpha=0.9", "runtime.dtype=float64",
+                             "scheduler.denoising_step_list=[1000, 500]"])
+    assert cfg.stream.sink_size == 2 and cfg.stream.compression_alpha == 0.9
+    assert cfg.runtime.dtype == "float64" and cfg.scheduler.denoising_step_list == [1000, 500]
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("stream.sink_sise=3", "stream.sink_sise", "unknown key"),
+    ("bogus.x=1", "bogus", "unknown key"),
+    ("stream.sink_size=three", "stream.sink_size", "integer"),
+    ("model.qk_norm=1", "model.qk_norm", "boolean"),
+    ("stream.rope=relative", "stream.rope", "'absolute' or 'window'"),
+    ("stream.local_attn_size=5", "stream", "must hold the sink plus one block"),
+    ("stream.rope=absolute", "stream", "set stream.rope=window"),
+    ("stream.compression_alpha=1.5", "stream", "[0, 1]"),
+    ("video.height=60", "video", "multiple of the VAE stride"),
+    ("video.num_latent_frames=20", "<config>", "multiple of stream.num_frame_per_block"),
+    ("model.num_heads=3", "model", "divisible"),
+])
+def test_bad_values_name_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert f"{key}:" in msg and words in msg, msg
+
+
+def test_bad_override_syntax_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["stream.sink_size"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
