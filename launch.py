@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from core.checkpoint import CheckpointError
 from core.config import Config, ConfigError, load_config
+from core.wan.kv_cache import StreamLimitError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         {"rollout": cmd_rollout}[args.command](cfg, args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, StreamLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

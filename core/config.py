@@ -158,7 +158,7 @@ class SchedulerConfig(_Section):
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
-    attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    attention_backend: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
     seed: int = 0
 
 

@@ -8,7 +8,7 @@ import torch
 from core.config import StreamConfig, WanArchConfig
 from core.rollout import SelfForcedRollout, gaussian_noise
 from core.scheduler import FlowMatchScheduler
-from core.wan.kv_cache import CacheCapacityError, KVCache
+from core.wan.kv_cache import StreamLimitError, KVCache
 from core.wan.model import CausalWanModel
 
 ARCH = WanArchConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16, text_len=8)
@@ -81,7 +81,7 @@ def test_window_rope_is_unbounded_and_absolute_rope_stops_clearly():
     assert sum(1 for _ in rollout.stream(ctx, cache, noise, n_blocks)) == n_blocks
     absolute = make(StreamConfig(rope="absolute", **kw), torch.float32)
     rollout, ctx, noise, cache = setup(absolute, latent_hw=(2, 2))
-    with pytest.raises(ValueError, match="absolute RoPE cannot go further; use stream.rope=window"):
+    with pytest.raises(StreamLimitError, match="absolute RoPE cannot go further; use stream.rope=window"):
         for _ in rollout.stream(ctx, cache, noise, n_blocks):
             pass
     assert cache.frames == 1023  # frames 0..1022 were generated, the block reaching 1024 was refused
@@ -90,7 +90,7 @@ def test_window_rope_is_unbounded_and_absolute_rope_stops_clearly():
 def test_global_cache_refuses_to_overflow():
     model = make(StreamConfig(max_cache_frames=6), torch.float32)
     rollout, ctx, noise, cache = setup(model)
-    with pytest.raises(CacheCapacityError, match="set stream.local_attn_size"):
+    with pytest.raises(StreamLimitError, match="set stream.local_attn_size"):
         list(rollout.stream(ctx, cache, noise, 3))
     assert cache.frames == 6
 

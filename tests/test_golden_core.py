@@ -14,7 +14,12 @@ from core.rollout import SelfForcedRollout
 from core.scheduler import FlowMatchScheduler
 from core.wan.model import CausalWanModel, WanModel
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 # Which KV-cache convention each reference implements (REFERENCE.md section 2).
 CACHE_CONVENTIONS = {

@@ -23,7 +23,7 @@ import torch
 from core.config import StreamConfig
 
 
-class CacheCapacityError(RuntimeError):
+class StreamLimitError(RuntimeError):
     """The stream cannot go further with this configuration."""
 
 
@@ -84,7 +84,7 @@ class KVCache:
         local_end = c.local_end + current_end - c.global_end
         if current_end > c.global_end and c.local_end + new > self.capacity:
             if not self.windowed:
-                raise CacheCapacityError(
+                raise StreamLimitError(
                     f"the KV cache holds {self.stream.max_cache_frames} latent frames and no window is set "
                     f"(stream.local_attn_size=-1), so frame {current_end // self.tokens_per_frame - 1} cannot be "
                     "generated: set stream.local_attn_size (e.g. 12) and stream.sink_size (e.g. 3) for longer videos")
@@ -95,7 +95,7 @@ class KVCache:
                 self.evictions += 1
         start = local_end - new
         if start < 0:
-            raise CacheCapacityError(f"frame {start_frame} lies before the cached window; "
+            raise StreamLimitError(f"frame {start_frame} lies before the cached window; "
                                      "a stream can only rewrite its latest block")
         c.k[:, start:local_end] = k.detach()
         c.v[:, start:local_end] = v.detach()

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.attention import MaskMod, attention, block_causal_mask, teacher_forcing_mask
 from core.config import StreamConfig, WanArchConfig
-from core.wan.kv_cache import KVCache
+from core.wan.kv_cache import KVCache, StreamLimitError
 
 ROPE_POSITIONS = 1024  # length of the RoPE table per axis, as in Wan
 
@@ -56,7 +56,7 @@ def apply_rope(x: torch.Tensor, tables: torch.Tensor, grid: tuple[int, int, int]
     """Rotate x [B, f*h*w, heads, head_dim] (interleaved pairs) at frames start_frame..start_frame+f-1."""
     f, h, w = grid
     if start_frame < 0 or start_frame + f > tables.shape[0]:
-        raise ValueError(
+        raise StreamLimitError(
             f"RoPE position {start_frame + f - 1} is past the {tables.shape[0]}-entry table: absolute RoPE "
             "cannot go further; use stream.rope=window (Reward Forcing) for unbounded length")
     c = tables.shape[1]

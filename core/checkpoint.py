@@ -1,0 +1,247 @@
+"""Load and save Wan2.1 transformer weights in every layout this project meets (REFERENCE.md section 6).
+
+Everything is normalised to the original Wan2.1 keys with no prefix (`blocks.0.self_attn.q.weight`),
+the keys of `core.wan.model`, so the same weights load into `WanModel` and `CausalWanModel` whatever
+file they came from. Loads are strict: a mismatch is an error naming the keys, never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.config import WanArchConfig
+
+StateDict = dict[str, torch.Tensor]
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+TORCH_SUFFIXES = (".pt", ".pth")
+LAYOUTS = (
+    "expected one of: a Wan2.1 or diffusers folder (config.json + diffusion_pytorch_model.safetensors, "
+    "or shards listed in diffusion_pytorch_model.safetensors.index.json); a .safetensors file; or a .pt/.pth "
+    "file holding a Self-Forcing {'generator', 'critic', 'generator_ema'} dict, an ode_init {'generator'} "
+    "or {'model'} dict, or a flat (Reward-Forcing) state dict")
+WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+LEADING_PREFIXES = ("module.", "model.")  # DDP wrapper, then Self/Reward-Forcing's `model.` attribute
+
+# diffusers WanTransformer3DModel name -> original Wan name, as key prefixes. diffusers numbers the
+# block norms in call order, so its norm2 (affine, before cross-attention) is Wan's norm3.
+_DIFFUSERS_TOP = {
+    "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+    "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+    "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+    "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+    "condition_embedder.time_proj.": "time_projection.1.",
+    "scale_shift_table": "head.modulation",
+    "proj_out.": "head.head.",
+}
+_DIFFUSERS_BLOCK = {  # after `blocks.N.`
+    "scale_shift_table": "modulation",
+    "attn1.to_q.": "self_attn.q.", "attn1.to_k.": "self_attn.k.", "attn1.to_v.": "self_attn.v.",
+    "attn1.to_out.0.": "self_attn.o.", "attn1.norm_q.": "self_attn.norm_q.", "attn1.norm_k.": "self_attn.norm_k.",
+    "attn2.to_q.": "cross_attn.q.", "attn2.to_k.": "cross_attn.k.", "attn2.to_v.": "cross_attn.v.",
+    "attn2.to_out.0.": "cross_attn.o.", "attn2.norm_q.": "cross_attn.norm_q.", "attn2.norm_k.": "cross_attn.norm_k.",
+    "norm2.": "norm3.",
+    "ffn.net.0.proj.": "ffn.0.",
+    "ffn.net.2.": "ffn.2.",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what to check."""
+
+
+def _preview(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _folder(path: Path) -> Path:
+    """The transformer folder: `path` itself, or `path/transformer` for a diffusers pipeline root."""
+    if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
+def _read_folder(folder: Path) -> StateDict:
+    if (folder / WEIGHTS_FILE).is_file():
+        return _read_file(folder / WEIGHTS_FILE)
+    if (folder / INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+        sd: StateDict = {}
+        for shard in shards:
+            sd.update(_read_file(folder / shard))
+        return sd
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(f"folder {folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; it holds {_preview(found)}")
+
+
+def _read_file(path: Path) -> object:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        if path.suffix in TORCH_SUFFIXES:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for a truncated or foreign file
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); is it a complete, "
+                              "tensor-only checkpoint? " + LAYOUTS) from e
+    raise CheckpointError(f"{path} has an unknown suffix {path.suffix!r}; {LAYOUTS}")
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _select(obj: object, path: Path, role: str, use_ema: bool) -> StateDict:
+    """Pick the state dict that `role` / `use_ema` ask for out of what the file holds."""
+    if _is_state_dict(obj):
+        if use_ema:
+            raise CheckpointError(f"{path} is a single state dict with no separate 'generator_ema' entry; "
+                                  "load it with use_ema=False")
+        return obj
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; {LAYOUTS}")
+    entries = sorted(k for k, v in obj.items() if _is_state_dict(v))
+    if not {"generator", "critic", "generator_ema", "model"} & set(entries):
+        found = _preview(sorted(map(str, obj)))
+        raise CheckpointError(f"unrecognised layout in {path}: top-level keys {found}; {LAYOUTS}")
+    want = "generator_ema" if use_ema else role
+    if want == "generator" and "generator" not in entries and "model" in entries:
+        want = "model"  # ode_init.pt written as {"model": sd}
+    if want not in entries:
+        hint = " (pass use_ema=True)" if entries == ["generator_ema"] else ""
+        raise CheckpointError(f"{path} has no {want!r} entry (role={role!r}, use_ema={use_ema}); "
+                              f"it holds {entries}{hint}")
+    return obj[want]
+
+
+def _normalise_key(key: str) -> str:
+    for fragment in WRAPPER_FRAGMENTS:
+        key = key.replace(fragment, "")
+    while key.startswith(LEADING_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _from_diffusers(key: str) -> str:
+    """Rename one diffusers key to Wan; unknown keys pass through and surface in `load_into`."""
+    table, head, rest = _DIFFUSERS_TOP, "", key
+    if key.startswith("blocks."):
+        index, rest = key[len("blocks."):].split(".", 1)
+        table, head = _DIFFUSERS_BLOCK, f"blocks.{index}."
+    for src, dst in table.items():
+        if rest.startswith(src):
+            return head + dst + rest[len(src):]
+    return key
+
+
+def _is_diffusers(keys: list[str]) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
+
+
+def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool = False) -> StateDict:
+    """Read Wan transformer weights from any supported layout as {original Wan key: tensor}.
+
+    `role` ("generator" or "critic") and `use_ema` pick the entry of a Self-Forcing file; a file
+    without the asked-for entry is an error, since loading some other weights would go unnoticed.
+    Wrapper fragments (FSDP, activation checkpointing, torch.compile, DDP `module.`), the `model.`
+    prefix and diffusers names are undone here, so callers only ever see one key scheme.
+    Tensors keep their stored dtype; `load_into` casts them to the model's.
+    """
+    if role not in ("generator", "critic"):
+        raise CheckpointError(f"role must be 'generator' or 'critic', got {role!r}")
+    if use_ema and role != "generator":
+        raise CheckpointError("use_ema=True selects 'generator_ema'; there is no EMA of the critic")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; {LAYOUTS}")
+    obj = _read_folder(_folder(path)) if path.is_dir() else _read_file(path)
+    raw = _select(obj, path, role, use_ema)
+    sd = {_normalise_key(k): v for k, v in raw.items()}
+    if len(sd) != len(raw):
+        raise CheckpointError(f"{path}: keys collide once wrapper prefixes are stripped (e.g. both "
+                              "'model.x' and 'x'); the file mixes two state dicts")
+    if _is_diffusers(list(sd)):
+        sd = {_from_diffusers(k): v for k, v in sd.items()}
+    if "patch_embedding.weight" not in sd:
+        raise CheckpointError(f"{path} does not look like a Wan transformer (no patch_embedding.weight); "
+                              f"its keys start {_preview(sorted(sd), 5)}")
+    return sd
+
+
+def arch_from_folder(path: str | Path) -> WanArchConfig:
+    """The architecture stored in a Wan2.1 or diffusers folder's config.json, so it need not be retyped."""
+    config_path = _folder(Path(path)) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} does not exist; arch_from_folder needs a Wan2.1 or diffusers "
+                              "transformer folder")
+    try:
+        raw = json.loads(config_path.read_text())
+        if raw.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in raw:  # diffusers
+            heads = raw["num_attention_heads"]
+            raw = dict(dim=heads * raw["attention_head_dim"], num_heads=heads, ffn_dim=raw["ffn_dim"],
+                       num_layers=raw["num_layers"], freq_dim=raw["freq_dim"], text_dim=raw["text_dim"],
+                       in_dim=raw["in_channels"], out_dim=raw["out_channels"], patch_size=list(raw["patch_size"]),
+                       eps=raw["eps"], qk_norm=raw.get("qk_norm") is not None, cross_attn_norm=raw["cross_attn_norm"])
+        return WanArchConfig(**{k: v for k, v in raw.items() if k in WanArchConfig.model_fields})
+    except (KeyError, ValueError) as e:  # ValueError covers bad JSON and pydantic validation
+        raise CheckpointError(f"{config_path} is not a valid Wan2.1 or diffusers transformer config: {e!r}") from e
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_into(model: torch.nn.Module, state_dict: StateDict) -> torch.nn.Module:
+    """Strictly load `state_dict` into `model`, cast to the model's dtypes; any mismatch raises first."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = sorted(f"{k} (model {tuple(expected[k].shape)}, checkpoint {tuple(state_dict[k].shape)})"
+                    for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(keys)}): {_preview(keys)}" for name, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+        raise CheckpointError(
+            "checkpoint does not fit the model; nothing was loaded.\n  " + "\n  ".join(parts) + "\n"
+            "Check: the architecture config (model.dim / ffn_dim / num_heads / num_layers ...; arch_from_folder "
+            "reads it from a Wan or diffusers folder), the role (generator vs critic) and use_ema, and that the "
+            "file is a Wan2.1 T2V transformer.")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _cpu(state_dict: StateDict, prefix: str = "") -> StateDict:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def save_self_forcing(path: str | Path, generator: StateDict, critic: StateDict | None = None,
+                      generator_ema: StateDict | None = None) -> None:
+    """Write the Self-Forcing `.pt` layout (`model.`-prefixed keys) that its and our loaders read."""
+    entries = {"generator": generator, "critic": critic, "generator_ema": generator_ema}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({name: _cpu(sd, "model.") for name, sd in entries.items() if sd is not None}, path)
+
+
+def save_safetensors(path: str | Path, state_dict: StateDict) -> None:
+    """Write a flat safetensors file with original Wan keys (no pickle, memory-mappable)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu(state_dict), str(path))
+
+
+def save_wan_folder(folder: str | Path, model: torch.nn.Module) -> None:
+    """Write a Wan2.1-style folder (config.json with the model's arch + weights) that reloads on its own."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "WanModel", "model_type": "t2v", **model.cfg.model_dump()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_safetensors(folder / WEIGHTS_FILE, model.state_dict())
