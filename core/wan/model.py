@@ -96,7 +96,9 @@ class LayerNorm(nn.LayerNorm):
         return y
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k over the full dim, before the head split."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -104,16 +106,21 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        return q, k, self.v(x).unflatten(-1, heads)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
 
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.norm_q(self.q(x)))
+
+    def _key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
+
+
+class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], rope: torch.Tensor, backend: str,
                 mask_mod: MaskMod | None = None, rope_grids: list[tuple[int, int, int]] | None = None,
                 cache: KVCache | None = None, layer: int = 0, start_frame: int = 0) -> torch.Tensor:
-        q, k, v = self._qkv(x)
+        q, (k, v) = self._query(x), self._key_value(x)
         if cache is None:
             # Full-sequence forward; `rope_grids` splits the sequence into parts that each restart at
             # frame 0 (teacher forcing: the clean and the noisy halves share positions).
@@ -143,23 +150,14 @@ class SelfAttention(nn.Module):
         return attention(q, keys, values, backend=backend)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Text cross-attention; padded context rows are attended to (the reference does not mask them)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = (self.num_heads, self.head_dim)
-        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+        return self._key_value(context)
 
     def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        return self.o(attention(q, *context_kv, backend=backend).flatten(2))
+        return self.o(attention(self._query(x), *context_kv, backend=backend).flatten(2))
 
 
 class WanBlock(nn.Module):
