@@ -68,6 +68,7 @@ class VideoConfig(_Section):
     width: int = 832
     num_latent_frames: int = 21
     vae_stride: list[int] = Field(default_factory=lambda: [4, 8, 8])
+    fps: int = 16
 
     @model_validator(mode="after")
     def _check(self) -> "VideoConfig":
@@ -78,6 +79,8 @@ class VideoConfig(_Section):
                 raise ValueError(f"video.{name} ({size}) must be a positive multiple of the VAE stride {stride}")
         if self.num_latent_frames < 1:
             raise ValueError("video.num_latent_frames must be >= 1")
+        if not 1 <= self.fps <= 240:
+            raise ValueError(f"video.fps must be in [1, 240], got {self.fps}")
         return self
 
     @property
@@ -162,6 +165,32 @@ class RuntimeConfig(_Section):
     seed: int = 0
 
 
+class TextEncoderConfig(_Section):
+    """umT5 text encoder (REFERENCE.md section 5).
+
+    `checkpoint`: Wan's `models_t5_umt5-xxl-enc-bf16.pth` or a Hugging Face UMT5 folder;
+    `tokenizer`: a local tokenizer folder (google/umt5-xxl's files). With neither, a small
+    randomly initialised UMT5 encoder of width model.text_dim with a byte-level tokenizer
+    (the embedded default: no files needed). Prompts are padded to model.text_len tokens.
+    """
+
+    checkpoint: str | None = None
+    tokenizer: str | None = None
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_ffn_dim: int = 64
+    cache_size: int = 1024
+
+
+class VAEConfig(_Section):
+    """Wan2.1 VAE (REFERENCE.md section 5): `checkpoint` is `Wan2.1_VAE.pth` or a diffusers
+    AutoencoderKLWan folder; None builds a randomly initialised VAE of width `base_dim`
+    (the embedded default; Wan's real VAE has base_dim 96)."""
+
+    checkpoint: str | None = None
+    base_dim: int = 96
+
+
 class CheckpointConfig(_Section):
     """Local weight paths; nothing is downloaded at run time."""
 
@@ -176,6 +205,8 @@ class Config(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
