@@ -220,6 +220,15 @@ class Config(_Section):
                 f"stream.num_frame_per_block ({self.stream.num_frame_per_block})")
         return self
 
+    def check_paths(self) -> None:
+        """Fail before anything is built when a configured weight path does not exist."""
+        paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
+                 "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint}
+        missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
+        if missing:
+            raise ConfigError("configured weight paths do not exist (nothing is downloaded at run time; "
+                              "fetch the files first or fix the paths):\n" + "\n".join(missing))
+
     @property
     def tokens_per_frame(self) -> int:
         lh, lw = self.video.latent_hw

@@ -47,3 +47,10 @@ def golden(request) -> GoldenSet:
     if not (root / "manifest.json").is_file():
         pytest.skip(f"no golden set at {root} (pass --golden-dir)")
     return GoldenSet(root)
+
+
+@pytest.fixture
+def no_grad():
+    """For modules of pure forward checks: `pytestmark = pytest.mark.usefixtures("no_grad")`."""
+    with torch.no_grad():
+        yield

@@ -16,11 +16,7 @@ from core.checkpoint import (CheckpointError, arch_from_folder, load_into, load_
 from core.config import StreamConfig, WanArchConfig
 from core.wan.model import CausalWanModel, WanModel, sinusoidal_embedding
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 CFG = WanArchConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16, text_len=8)

@@ -60,3 +60,13 @@ def test_bad_override_syntax_and_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_missing_weight_paths_are_listed_by_key(tmp_path):
+    cfg = load_config(REPO / "configs" / "reward_forcing_1.3b_stream.yaml", [f"vae.checkpoint={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        cfg.check_paths()
+    msg = str(err.value)
+    assert "text_encoder.checkpoint: checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth" in msg
+    assert "text_encoder.tokenizer:" in msg and "vae.checkpoint" not in msg  # tmp_path exists
+    load_config().check_paths()  # the embedded default needs no files

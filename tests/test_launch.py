@@ -1,46 +1,64 @@
-"""`launch.py rollout` end to end on the embedded default, through the same code paths as the 1.3B config."""
+"""`launch.py generate` end to end on the embedded default: text -> streamed blocks -> decoded MP4."""
 
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 
 import launch
 from core.checkpoint import save_self_forcing
 from core.config import load_config
+from core.video_io import read_video_file
 from core.wan.model import CausalWanModel
 
 
-def test_rollout_writes_latents(tmp_path, capsys):
-    out = tmp_path / "lat.safetensors"
-    assert launch.main(["rollout", "--frames", "18", "--out", str(out)]) == 0
-    latents = load_file(str(out))["latents"]
-    assert latents.shape == (1, 18, 16, 8, 8) and torch.isfinite(latents).all()
+def test_generate_writes_a_playable_mp4(tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    assert launch.main(["generate", "--prompt", "a red circle moves left", "--frames", "33", "--out", str(out)]) == 0
+    video = read_video_file(out)
+    assert video.frames.shape == (33, 64, 64, 3) and video.fps == 16
     printed = capsys.readouterr().out
-    assert "latent frames/s" in printed and "2 evictions" in printed  # window 12 frames: blocks 5 and 6 evict
+    assert f"wrote {out}: 33 frames 64x64 @ 16 fps" in printed
+    assert "denoising" in printed and "decoding" in printed
 
 
-def test_rollout_loads_a_checkpoint(tmp_path):
+def test_generate_prompts_file_and_frame_trimming(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\na blue square\n")
+    assert launch.main(["generate", "--prompts-file", str(prompts), "--frames", "10", "--out", str(tmp_path / "vids"),
+                        "video.fps=8"]) == 0
+    files = sorted((tmp_path / "vids").glob("*.mp4"))
+    assert [f.name for f in files] == ["000_a_blue_square.mp4", "001_a_blue_square.mp4"]
+    first, second = (read_video_file(f) for f in files)
+    assert first.frames.shape[0] == second.frames.shape[0] == 10 and first.fps == 8
+    assert not (first.frames == second.frames).all()  # prompt i uses seed + i
+    assert "1 hits, 1 misses" in capsys.readouterr().out  # the repeated prompt is encoded once
+
+
+def test_generate_loads_a_generator_checkpoint(tmp_path):
     cfg = load_config()
     torch.manual_seed(123)
-    model = CausalWanModel(cfg.model, cfg.stream)
+    sd = CausalWanModel(cfg.model, cfg.stream).state_dict()
     ckpt = tmp_path / "gen.pt"
-    save_self_forcing(ckpt, generator=model.state_dict(), generator_ema={k: v + 1 for k, v in model.state_dict().items()})
-    outs = []
+    save_self_forcing(ckpt, generator=sd, generator_ema={k: v + 0.05 * torch.randn_like(v) for k, v in sd.items()})
+    videos = []
     for extra in ([], ["checkpoint.use_ema=true"]):
-        out = tmp_path / f"lat{len(outs)}.safetensors"
-        assert launch.main(["rollout", "--frames", "3", "--out", str(out), "--checkpoint", str(ckpt), *extra]) == 0
-        outs.append(load_file(str(out))["latents"])
-    random_init = tmp_path / "rand.safetensors"
-    assert launch.main(["rollout", "--frames", "3", "--out", str(random_init), "runtime.seed=5"]) == 0
-    assert not torch.equal(outs[0], outs[1])  # generator vs generator_ema really differ
+        out = tmp_path / f"v{len(videos)}.mp4"
+        args = ["generate", "--prompt", "x", "--frames", "9", "--out", str(out), "--checkpoint", str(ckpt), *extra]
+        assert launch.main(args) == 0
+        videos.append(read_video_file(out).frames)
+    assert not (videos[0] == videos[1]).all()  # generator and generator_ema really differ
 
 
-def test_rollout_errors_are_one_clear_line(tmp_path, capsys):
-    assert launch.main(["rollout", "stream.sink_sise=3"]) == 2
+def test_generate_errors_are_one_clear_line(tmp_path, capsys):
+    assert launch.main(["generate", "--prompt", "x", "stream.sink_sise=3"]) == 2
     assert "stream.sink_sise: unknown key" in capsys.readouterr().err
-    assert launch.main(["rollout", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert launch.main(["rollout", "--frames", "9", "stream.local_attn_size=-1", "stream.sink_mode=static",
-                        "stream.rope=absolute", "stream.max_cache_frames=6", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert launch.main(["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert f"checkpoint.generator: {tmp_path / 'nope.pt'}" in capsys.readouterr().err
+    assert launch.main(["generate", "--prompt", "x", "vae.checkpoint=" + str(tmp_path / "vae.pth")]) == 2
+    assert f"vae.checkpoint: {tmp_path / 'vae.pth'}" in capsys.readouterr().err
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert launch.main(["generate", "--prompt", "x", "vae.checkpoint=" + str(tmp_path / "garbage.pth")]) == 2
+    assert "garbage.pth" in capsys.readouterr().err
+    assert launch.main(["generate", "--prompt", "x", "--frames", "200", "stream.local_attn_size=-1", "stream.sink_mode=static",
+                        "stream.rope=absolute", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "set stream.local_attn_size" in capsys.readouterr().err

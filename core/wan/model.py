@@ -234,7 +234,8 @@ class _WanBase(nn.Module):
         rows = []
         for c in context:
             if c.shape[0] > text_len or c.shape[-1] != self.cfg.text_dim:
-                raise ValueError(f"context of shape {tuple(c.shape)} does not fit [<= text_len {text_len}, text_dim {self.cfg.text_dim}]")
+                raise ValueError(f"context of shape {tuple(c.shape)} does not fit "
+                                 f"[<= text_len {text_len}, text_dim {self.cfg.text_dim}]")
             rows.append(F.pad(c, (0, 0, 0, text_len - c.shape[0])))
         return self.text_embedding(torch.stack(rows))
 

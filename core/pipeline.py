@@ -1,0 +1,110 @@
+"""Text to streamed video frames: prompt -> umT5 -> causal generator blocks -> streaming VAE decode.
+
+`VideoPipeline.stream` yields each block's decoded frames as soon as they exist,
+with the time spent denoising and decoding it, so callers (the CLI, the serving
+deployment, rollout actors) can write, send or score video while it is generated.
+With a window set, memory stays bounded however long the stream runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from core.config import Config
+from core.rollout import SelfForcedRollout, gaussian_noise
+from core.scheduler import FlowMatchScheduler
+from core.text_encoder import TextEncoder
+from core.vae import WanVAE, to_uint8_frames
+from core.wan.model import CausalWanModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is cuda but no CUDA device is visible: set runtime.device=cpu or auto")
+    return torch.device(name)
+
+
+def latent_frames_for(video_frames: int, frames_per_block: int) -> int:
+    """Latent frames (whole blocks) that decode to at least `video_frames` frames (1 + 4 per later latent)."""
+    if video_frames < 1:
+        raise ValueError(f"the number of video frames must be >= 1, got {video_frames}")
+    latents = 1 + math.ceil((video_frames - 1) / 4)
+    return math.ceil(latents / frames_per_block) * frames_per_block
+
+
+@dataclass
+class VideoChunk:
+    block: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3]
+    denoise_s: float
+    decode_s: float
+
+
+def build_generator(cfg: Config, device: torch.device) -> CausalWanModel:
+    """The causal generator: seeded random weights, or the local checkpoint in checkpoint.generator."""
+    from core.checkpoint import load_into, load_wan_state_dict
+
+    torch.manual_seed(cfg.runtime.seed)
+    model = CausalWanModel(cfg.model, cfg.stream)
+    if cfg.checkpoint.generator:
+        load_into(model, load_wan_state_dict(cfg.checkpoint.generator, role="generator", use_ema=cfg.checkpoint.use_ema))
+    model.attention_backend = cfg.runtime.attention_backend
+    return model.to(device=device, dtype=DTYPES[cfg.runtime.dtype]).eval().requires_grad_(False)
+
+
+class VideoPipeline:
+    def __init__(self, cfg: Config, generator: CausalWanModel, text_encoder: TextEncoder, vae: WanVAE,
+                 device: torch.device):
+        self.cfg = cfg
+        self.generator = generator
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.device = device
+        self.dtype = DTYPES[cfg.runtime.dtype]
+        sched = FlowMatchScheduler.from_config(cfg.scheduler)
+        timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
+        self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "VideoPipeline":
+        cfg.check_paths()
+        device = resolve_device(cfg.runtime.device)
+        dtype = DTYPES[cfg.runtime.dtype]
+        return cls(cfg, build_generator(cfg, device), TextEncoder.from_config(cfg, device, dtype),
+                   WanVAE.from_config(cfg, device, dtype), device)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @torch.no_grad()
+    def stream(self, prompt: str, seed: int, latent_frames: int | None = None) -> Iterator[VideoChunk]:
+        """Decoded frames block by block; forever when `latent_frames` is None."""
+        fpb = self.cfg.stream.num_frame_per_block
+        if latent_frames is not None and latent_frames % fpb:
+            raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({fpb})")
+        lh, lw = self.cfg.video.latent_hw
+        context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = gaussian_noise((1, fpb, self.cfg.model.in_dim, lh, lw), gen, self.dtype, self.device)
+        cache = self.generator.init_cache(1, (lh, lw))
+        decoder = self.vae.stream_decoder()
+        blocks = None if latent_frames is None else latent_frames // fpb
+        t0 = self._sync()
+        for block in self.rollout.stream(context, cache, noise, blocks):
+            t1 = self._sync()
+            video = decoder.decode(block.latents.transpose(1, 2))
+            frames = to_uint8_frames(video)
+            t2 = self._sync()
+            yield VideoChunk(block.index, frames, t1 - t0, t2 - t1)
+            t0 = self._sync()
