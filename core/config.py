@@ -191,6 +191,63 @@ class VAEConfig(_Section):
     base_dim: int = 96
 
 
+class RewardConfig(_Section):
+    """The reward backend (REFERENCE.md section 7).
+
+    `motion`: deterministic scores computed from pixels (the embedded default, CPU);
+    `videoreward`: VideoReward (VideoAlign, Qwen2-VL-2B + rm_head) from the local folder
+    `checkpoint` (model_config.json + checkpoint-*/); `vlm_judge`: a VLM through vLLM (the
+    `vllm` extra) from the local model folder `checkpoint`, asked a rubric with JSON output.
+    """
+
+    backend: Literal["motion", "videoreward", "vlm_judge"] = "motion"
+    checkpoint: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    judge_max_frames: int = 8
+    judge_max_new_tokens: int = 256
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardConfig":
+        if self.backend != "motion" and not self.checkpoint:
+            raise ValueError(f"reward.backend {self.backend!r} needs reward.checkpoint (a local model folder)")
+        return self
+
+
+class RewardServiceConfig(_Section):
+    """The Ray Serve reward deployment: HTTP, batching, back-pressure, limits and auth."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "reward"
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 32
+    request_timeout_s: float = 60.0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+    max_body_mb: float = 64.0
+    max_frames: int = 1024
+    max_pixels: int = 1920 * 1080
+    max_duration_s: float = 120.0
+    client_timeout_s: float = 60.0
+    client_retries: int = 3
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardServiceConfig":
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("need 1 <= reward_service.min_replicas <= reward_service.max_replicas")
+        if self.max_batch_size < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("reward_service.max_batch_size and max_ongoing_requests must be >= 1")
+        return self
+
+
 class CheckpointConfig(_Section):
     """Local weight paths; nothing is downloaded at run time."""
 
@@ -207,6 +264,8 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward_service: RewardServiceConfig = Field(default_factory=RewardServiceConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -223,7 +282,8 @@ class Config(_Section):
     def check_paths(self) -> None:
         """Fail before anything is built when a configured weight path does not exist."""
         paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
-                 "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint}
+                 "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint,
+                 "reward.checkpoint": self.reward.checkpoint, "reward_service.auth_token_file": self.reward_service.auth_token_file}
         missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
         if missing:
             raise ConfigError("configured weight paths do not exist (nothing is downloaded at run time; "
