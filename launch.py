@@ -1,8 +1,10 @@
 """The one command line: `python launch.py <command> [--config FILE] [key=value ...]`.
 
 Commands:
-  generate  text to MP4: stream the causal generator block by block, decode each block as soon
-            as it exists and append it to the video; prints denoising and decoding speed.
+  generate       text to MP4: stream the causal generator block by block, decode each block as
+                 soon as it exists and append it to the video; prints denoising and decoding speed.
+  reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
+  score          score a video file with a running reward service (HTTP client).
 
 With no --config the embedded tiny default (configs/tiny.yaml) is used: CPU, no downloads.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from core.checkpoint import CheckpointError
 from core.config import Config, ConfigError, load_config
 from core.wan.kv_cache import StreamLimitError
+from reward_service.client import RewardError
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -76,10 +79,52 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     print(f"text encoder cache: {hits} hits, {misses} misses")
 
 
+def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
+    import time
+
+    import ray
+    from ray import serve
+
+    from reward_service.app import build_app
+
+    svc = cfg.reward_service
+    app = build_app(cfg)
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": svc.host, "port": svc.port, "request_timeout_s": svc.request_timeout_s})
+    serve.run(app, name=svc.app_name, route_prefix="/")
+    url = f"http://{svc.host}:{svc.port}"
+    print(f"reward service ({cfg.reward.backend}) ready at {url}  (POST {url}/v1/score, docs {url}/docs); Ctrl-C stops it",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the reward service")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
+    from reward_service.client import RewardHTTPClient
+
+    url = args.url or f"http://{cfg.reward_service.host}:{cfg.reward_service.port}"
+    with RewardHTTPClient(url, token=args.token, timeout_s=cfg.reward_service.client_timeout_s,
+                          retries=cfg.reward_service.client_retries) as client:
+        print(json.dumps(client.score_file(args.video, args.prompt), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="text to MP4 with the streaming generator")
+
+    def command(name: str, help: str, default_config: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config or 'configs/tiny.yaml'})")
+        p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. stream.sink_size=3")
+        return p
+
+    p = command("generate", "text to MP4 with the streaming generator")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text prompt")
     what.add_argument("--prompts-file", help="a text file with one prompt per line (one video each)")
@@ -87,17 +132,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="video frames to write (default: 1 + 4 * (video.num_latent_frames - 1), 81 for 21 latents)")
     p.add_argument("--out", default="outputs/video.mp4", help="MP4 path (a folder for --prompts-file)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
-    p.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. stream.sink_size=3")
+
+    p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+
+    p = command("score", "score a video file with a running reward service", "configs/reward_service.yaml")
+    p.add_argument("video", help="MP4 or WebM file")
+    p.add_argument("--prompt", required=True, help="the prompt the video was generated from")
+    p.add_argument("--url", default=None, help="service URL (default: http://reward_service.host:port)")
+    p.add_argument("--token", default=None, help="bearer token, when the service requires one")
+
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"checkpoint.generator={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
+    overrides = list(args.overrides)
+    if getattr(args, "checkpoint", None):
+        overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
+    commands = {"generate": cmd_generate, "reward-server": cmd_reward_server, "score": cmd_score}
     try:
         cfg = load_config(args.config, overrides)
-        {"generate": cmd_generate}[args.command](cfg, args)
+        commands[args.command](cfg, args)
     except (ConfigError, CheckpointError, StreamLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RewardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -224,6 +224,7 @@ class RewardServiceConfig(_Section):
     batch_wait_timeout_s: float = 0.02
     max_ongoing_requests: int = 16
     max_queued_requests: int = 32
+    retry_after_s: float = 1.0
     request_timeout_s: float = 60.0
     min_replicas: int = 1
     max_replicas: int = 1
@@ -283,7 +284,8 @@ class Config(_Section):
         """Fail before anything is built when a configured weight path does not exist."""
         paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
                  "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint,
-                 "reward.checkpoint": self.reward.checkpoint, "reward_service.auth_token_file": self.reward_service.auth_token_file}
+                 "reward.checkpoint": self.reward.checkpoint,
+                 "reward_service.auth_token_file": self.reward_service.auth_token_file}
         missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
         if missing:
             raise ConfigError("configured weight paths do not exist (nothing is downloaded at run time; "

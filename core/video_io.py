@@ -38,6 +38,10 @@ class VideoDecodeError(ValueError):
     """Input bytes are not a video this module can read; the message says what was wrong."""
 
 
+class VideoTooLargeError(VideoDecodeError):
+    """A readable video beyond the caller's frame or pixel limits (a service answers 413, not 400)."""
+
+
 @dataclass(frozen=True)
 class DecodedVideo:
     frames: np.ndarray  # uint8 [T, H, W, 3] RGB
@@ -286,13 +290,13 @@ def _declared_frames(stream: av.video.stream.VideoStream, container: av.containe
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise VideoDecodeError(f"video is {width}x{height} = {width * height} pixels per frame, above "
+        raise VideoTooLargeError(f"video is {width}x{height} = {width * height} pixels per frame, above "
                                f"max_pixels={max_pixels}; pass a larger max_pixels to read it")
 
 
 def _too_many_frames(count: int | None, max_frames: int) -> VideoDecodeError:
     has = f"{count} frames, more than" if count is not None else "more frames than"
-    return VideoDecodeError(f"video has {has} max_frames={max_frames}; pass a larger max_frames to read it")
+    return VideoTooLargeError(f"video has {has} max_frames={max_frames}; pass a larger max_frames to read it")
 
 
 def _decode(container: av.container.InputContainer, max_frames: int, max_pixels: int) -> DecodedVideo:

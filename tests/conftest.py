@@ -54,3 +54,32 @@ def no_grad():
     """For modules of pure forward checks: `pytestmark = pytest.mark.usefixtures("no_grad")`."""
     with torch.no_grad():
         yield
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray for the whole test session (2 cores: actors take fractional CPUs)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_instance):
+    """Ray Serve's HTTP proxy on a free localhost port; yields the base URL."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

@@ -1,0 +1,207 @@
+"""The reward service on a real Ray Serve instance, over real HTTP and through a DeploymentHandle."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import launch
+from core.config import REPO_ROOT, load_config
+from core.video_io import write_mp4
+from reward_service.app import build_app
+from reward_service.client import RewardError, RewardHandleClient, RewardHTTPClient
+
+SMALL_LIMITS = ["reward_service.max_body_mb=1", "reward_service.max_frames=64", "reward_service.max_pixels=16384",
+                "reward_service.max_duration_s=10", "reward_service.num_cpus=0.1"]
+
+
+def moving_square(frames: int = 16, size: int = 64) -> np.ndarray:
+    video = np.full((frames, size, size, 3), 40, dtype=np.uint8)
+    for t in range(frames):
+        x = 4 + 2 * t
+        video[t, 20:36, x:x + 16] = (220, 60, 60)
+    return video
+
+
+@pytest.fixture(scope="module")
+def services(serve_instance, tmp_path_factory):
+    """Three apps on one Serve instance: open, bearer-token protected, and with a tiny queue."""
+    from ray import serve
+
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text("s3cret\n")
+    apps = {
+        "open": ("/", []),
+        "secure": ("/secure", [f"reward_service.auth_token_file={token_file}"]),
+        "tight": ("/tight", ["reward_service.max_ongoing_requests=1", "reward_service.max_queued_requests=1",
+                             "reward_service.max_batch_size=1", "reward_service.retry_after_s=2",
+                             "reward_service.max_frames=600", "reward_service.max_body_mb=64",
+                             "reward_service.max_pixels=65536", "reward_service.max_duration_s=100"]),
+    }
+    for name, (prefix, overrides) in apps.items():
+        cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml", SMALL_LIMITS + overrides + [f"reward_service.app_name={name}"])
+        serve.run(build_app(cfg), name=name, route_prefix=prefix)
+    yield serve_instance
+    for name in apps:
+        serve.delete(name)
+
+
+def test_scores_mp4_and_raw_frames_alike(services, tmp_path):
+    video = moving_square()
+    path = tmp_path / "square.mp4"
+    write_mp4(path, video, fps=8)
+    with RewardHTTPClient(services) as client:
+        from_file = client.score_file(path, "a red square moves right")
+        from_frames = client.score_frames(video, 8, "a red square moves right")
+    for result in (from_file, from_frames):
+        assert set(result) >= {"VQ", "MQ", "TA", "Overall", "raw", "normalized", "sampling", "backend", "latency_ms"}
+        assert result["backend"] == "motion"
+        assert result["Overall"] == pytest.approx(sum(result["normalized"][k] for k in ("VQ", "MQ", "TA")))
+        assert result["sampling"]["source_frames"] == 16 and result["sampling"]["source_fps"] == pytest.approx(8)
+    assert from_file["MQ"] == pytest.approx(from_frames["MQ"], abs=0.1)  # H.264 loss only
+    static = RewardHTTPClient(services).score_frames(np.repeat(video[:1], 16, axis=0), 8, "a red square")
+    assert static["MQ"] < from_frames["MQ"]
+
+
+def test_webm_body_and_info_and_docs(services, tmp_path):
+    import av
+
+    path = tmp_path / "square.webm"
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=8)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for frame in moving_square():
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+    r = httpx.post(f"{services}/v1/score", params={"prompt": "square"}, content=path.read_bytes(),
+                   headers={"Content-Type": "video/webm"})
+    assert r.status_code == 200, r.text
+    info = httpx.get(f"{services}/v1/info").json()
+    assert info["backend"] == "motion" and info["limits"]["max_frames"] == 64 and info["auth"] is False
+    assert info["batching"]["max_batch_size"] == 8
+    assert httpx.get(f"{services}/healthz").json() == {"status": "ok"}
+    assert "/v1/score" in httpx.get(f"{services}/openapi.json").json()["paths"]
+    assert httpx.get(f"{services}/docs").status_code == 200
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("corrupt", 400, "accepted: MP4"),
+    ("not_video", 400, "not a video container"),
+    ("too_big_body", 413, "above the limit"),
+    ("too_many_frames", 413, "frames"),
+    ("too_many_pixels", 413, "pixels"),
+    ("wrong_type", 415, "unsupported Content-Type"),
+    ("no_prompt", 422, "prompt"),
+    ("raw_size_mismatch", 422, "bytes"),
+    ("raw_bad_fps", 422, "fps"),
+    ("multipart_no_video", 422, "video"),
+])
+def test_bad_input_gets_its_status_and_a_message(services, tmp_path, case, status, words):
+    url = f"{services}/v1/score"
+    raw = {"Content-Type": "application/octet-stream"}
+    good_mp4 = tmp_path / "ok.mp4"
+    write_mp4(good_mp4, moving_square(), fps=8)
+    requests = {
+        "corrupt": dict(files={"video": ("v.mp4", good_mp4.read_bytes()[:300], "video/mp4")}, data={"prompt": "x"}),
+        "not_video": dict(files={"video": ("v.mp4", b"hello, not a video at all", "video/mp4")}, data={"prompt": "x"}),
+        "too_big_body": dict(content=b"\0" * (2 * 2**20), headers=raw,
+                             params={"frames": 1, "height": 2, "width": 2, "fps": 8, "prompt": "x"}),
+        "too_many_frames": dict(content=b"\0" * 65 * 12, headers=raw,
+                                params={"frames": 65, "height": 2, "width": 2, "fps": 8, "prompt": "x"}),
+        "too_many_pixels": dict(content=b"\0" * 256 * 256 * 3, headers=raw,
+                                params={"frames": 1, "height": 256, "width": 256, "fps": 8, "prompt": "x"}),
+        "wrong_type": dict(content=b"a", headers={"Content-Type": "text/plain"}),
+        "no_prompt": dict(files={"video": ("v.mp4", good_mp4.read_bytes(), "video/mp4")}),
+        "raw_size_mismatch": dict(content=b"\0" * 10, headers=raw,
+                                  params={"frames": 1, "height": 2, "width": 2, "fps": 8, "prompt": "x"}),
+        "raw_bad_fps": dict(content=b"\0" * 12, headers=raw,
+                            params={"frames": 1, "height": 2, "width": 2, "fps": 0, "prompt": "x"}),
+        "multipart_no_video": dict(files={"other": ("a.txt", b"a", "text/plain")}, data={"prompt": "x"}),
+    }
+    r = httpx.post(url, **requests[case])
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_auth_on_every_route_but_health(services):
+    base = f"{services}/secure"
+    frames = moving_square(4)
+    params = {"frames": 4, "height": 64, "width": 64, "fps": 8, "prompt": "x"}
+    raw = {"Content-Type": "application/octet-stream"}
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        r = httpx.post(f"{base}/v1/score", content=frames.tobytes(), params=params, headers={**raw, **headers})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{base}/v1/info", headers=headers).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    assert httpx.post(f"{base}/v1/score", content=frames.tobytes(), params=params, headers={**raw, **ok}).status_code == 200
+    assert httpx.get(f"{base}/v1/info", headers=ok).json()["auth"] is True
+    with pytest.raises(RewardError) as err:
+        RewardHTTPClient(base, token="wrong", retries=0).score_frames(frames, 8, "x")
+    assert err.value.status == 401
+    assert RewardHTTPClient(base, token="s3cret").score_frames(frames, 8, "x")["backend"] == "motion"
+
+
+def test_overload_gets_503_with_retry_after_and_accepted_requests_succeed(services):
+    video = np.random.default_rng(0).integers(0, 256, (500, 128, 128, 3), dtype=np.uint8)
+    params = {"frames": 500, "height": 128, "width": 128, "fps": 50, "prompt": "noise"}
+
+    def post(_):
+        return httpx.post(f"{services}/tight/v1/score", content=video.tobytes(), params=params,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(16)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "2"
+        else:
+            assert np.isfinite(r.json()["Overall"])
+
+
+def test_handle_client_scores_uint8_arrays_without_http(services):
+    video = moving_square()
+
+    async def run():
+        client = RewardHandleClient("open", timeout_s=30, retries=1)
+        from_numpy = await client.score(video, 8.0, "a red square")
+        from_torch = await client.score(torch.from_numpy(video), 8.0, "a red square")
+        with pytest.raises(RewardError, match="rejected the input"):
+            await client.score(video[..., :2], 8.0, "bad shape")
+        with pytest.raises(RewardError, match="rejected the input"):
+            await client.score(np.zeros((100, 8, 8, 3), np.uint8), 8.0, "above max_frames")
+        return from_numpy, from_torch
+
+    from_numpy, from_torch = asyncio.run(run())
+    assert from_numpy == from_torch
+    http = RewardHTTPClient(services).score_frames(video, 8, "a red square")
+    assert http["MQ"] == pytest.approx(from_numpy["MQ"])
+
+
+def test_score_cli(services, tmp_path, capsys):
+    path = tmp_path / "v.mp4"
+    write_mp4(path, moving_square(), fps=8)
+    assert launch.main(["score", str(path), "--prompt", "a red square", "--url", services]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "motion"
+    assert launch.main(["score", str(tmp_path / "missing.mp4"), "--prompt", "x", "--url", services]) == 1
+    assert "no video file" in capsys.readouterr().err
+
+
+def test_serve_deploy_file_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(open(REPO_ROOT / "deploy" / "serve_reward.yaml")))
+    app = spec.applications[0]
+    assert app.import_path == "reward_service.app:app_builder"
+    load_config(REPO_ROOT / app.args["config"], app.args["overrides"])
