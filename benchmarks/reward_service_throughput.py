@@ -86,7 +86,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 PROMPT = "a red circle moves left across a blue background"
 FPS = 16.0
@@ -163,34 +163,39 @@ def run_http(url: str, video: np.ndarray, clients: int, requests: int) -> tuple[
     latencies: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
-    start_line = threading.Barrier(clients + 1)
+    start_line = threading.Barrier(clients + 1, timeout=120)
 
     def worker() -> None:
-        with RewardHTTPClient(url, timeout_s=300, retries=0) as client:
-            client.http.get(url + "/healthz")  # open the connection before the clock starts
-            start_line.wait()
-            mine = []
-            try:
+        mine = []
+        try:
+            with RewardHTTPClient(url, timeout_s=300, retries=0) as client:
+                client.http.get(url + "/healthz").raise_for_status()  # connect before the clock starts
+                start_line.wait()
                 for _ in range(requests):
                     t = time.perf_counter()
                     client.score_frames(video, FPS, PROMPT)
                     mine.append(time.perf_counter() - t)
-            except BaseException as e:  # reported by the caller
-                with lock:
-                    errors.append(e)
+        except Exception as e:  # noqa: BLE001 (collected, raised by the caller)
+            start_line.abort()  # nobody waits forever for a client that died before the start
             with lock:
-                latencies.extend(mine)
+                errors.append(e)
+        with lock:
+            latencies.extend(mine)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for th in threads:
         th.start()
-    start_line.wait()
+    try:
+        start_line.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client failed before the start; reported below
     t0 = time.perf_counter()
     for th in threads:
         th.join()
     wall = time.perf_counter() - t0
     if errors:
-        raise RuntimeError(f"{len(errors)} HTTP client(s) failed; first: {errors[0]!r}")
+        cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        raise RuntimeError(f"{len(errors)} HTTP client(s) failed: {cause!r}")
     return wall, latencies
 
 
@@ -243,6 +248,10 @@ def batches_of_run(info: dict, requests: int) -> tuple[list[int], bool]:
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -357,7 +366,7 @@ def main() -> int:
                 print(f"  round {r + 1}: {name:<10} {total / wall:8.2f} req/s", flush=True)
 
         print()
-        header = (f"{'path':<10} {'batch':>5} {'req':>5} {'req/s':>8} {'per round':>17} {'p50 ms':>8} {'p95 ms':>8}  "
+        header = (f"{'path':<10} {'batch':>5} {'req':>5} {'req/s':>8} {'per round':>20} {'p50 ms':>8} {'p95 ms':>8}  "
                   "batches formed (timed runs)")
         print(header)
         rps = {}
@@ -371,12 +380,12 @@ def main() -> int:
             p95 = f"{percentile(lat, 0.95) * 1e3:8.1f}" if lat else f"{'-':>8}"
             if s["batches"]:
                 sizes = s["batches"]
-                hist = ", ".join(f"{k}x{sizes.count(k)}" for k in sorted(set(sizes), reverse=True))
-                note = "" if s["covered"] else " (last 32 batches of a run only)"
+                hist = ", ".join(f"{sizes.count(k)} of {k}" for k in sorted(set(sizes), reverse=True))
+                note = "" if s["covered"] else " (the last 32 of each run)"
                 formed = f"mean {statistics.mean(sizes):.2f}: {hist}{note}"
             else:
                 formed = f"(score_batch of {batch}, sequential)"
-            print(f"{name:<10} {batch:>5} {n:>5} {rps[name]:8.2f} {rounds:>17} {p50} {p95}  {formed}")
+            print(f"{name:<10} {batch:>5} {n:>5} {rps[name]:8.2f} {rounds:>20} {p50} {p95}  {formed}")
             results["paths"][name] = {"kind": kind, "batch": batch, "requests": n, "req_per_s": rps[name],
                                       "per_round_req_per_s": [total / w for w in s["wall"]],
                                       "latency_ms_p50": percentile(lat, 0.5) * 1e3 if lat else None,
@@ -392,7 +401,6 @@ def main() -> int:
             f"handle/direct b{b}": rps[f"handle b{b}"] / rps[f"direct b{b}"],
         }
         results["ratios"] = ratios
-        verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
         print()
         print(f"RATIOS: batching (HTTP, {args.clients} clients) b{b}/b1 x{ratios[f'batching HTTP b{b}/b1']:.2f} "
               f"[target >= 2x: {verdict(ratios[f'batching HTTP b{b}/b1'] >= 2)}]; "
@@ -402,6 +410,9 @@ def main() -> int:
               f"[target >= 0.8x: {verdict(ratios[f'HTTP/handle b{b}'] >= 0.8)}]; "
               f"HTTP / direct score_batch({b}) in the driver x{ratios[f'HTTP/direct b{b}']:.2f}; "
               f"handle / direct x{ratios[f'handle/direct b{b}']:.2f}")
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        results["machine"]["loadavg_1m_at_end"] = round(load[0], 2) if load else None
+        print(f"load avg {results['machine']['loadavg_1m_at_end']} at end (this run's own processes included)")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
             print(f"wrote {args.json}")
@@ -410,7 +421,7 @@ def main() -> int:
         if serve_started:
             try:
                 serve.shutdown()
-            except Exception as e:  # keep going: Ray must still be shut down
+            except Exception as e:  # noqa: BLE001 (keep going: Ray must still be shut down)
                 print(f"serve.shutdown failed: {e!r}", file=sys.stderr)
         if ray_started:
             ray.shutdown()
