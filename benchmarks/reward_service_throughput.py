@@ -86,7 +86,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-import numpy as np
+import numpy as np  # noqa: E402
 
 PROMPT = "a red circle moves left across a blue background"
 FPS = 16.0
