@@ -45,7 +45,8 @@ def services(serve_instance, tmp_path_factory):
                              "reward_service.max_pixels=65536", "reward_service.max_duration_s=100"]),
     }
     for name, (prefix, overrides) in apps.items():
-        cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml", SMALL_LIMITS + overrides + [f"reward_service.app_name={name}"])
+        overrides = SMALL_LIMITS + overrides + [f"reward_service.app_name={name}"]
+        cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml", overrides)
         serve.run(build_app(cfg), name=name, route_prefix=prefix)
     yield serve_instance
     for name in apps:
