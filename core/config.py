@@ -249,6 +249,38 @@ class RewardServiceConfig(_Section):
         return self
 
 
+class ActorsConfig(_Section):
+    """Rollout actors and the bounded sample queue between them and the learner.
+
+    Each actor holds a generator replica, the text encoder and the VAE; `num_cpus` /
+    `num_gpus` are its Ray resources (fractional CPUs on the embedded default, one GPU each
+    on a cluster). At most `queue_size` samples exist at once (queued or being made): when
+    the learner falls behind, actors wait instead of dropping. Samples more than
+    `max_staleness` weight versions old when consumed are dropped and counted (0 = strictly
+    on-policy). `prompts` is a text file (one per line) or a Parquet file (column `prompt`).
+    """
+
+    num_actors: int = 2
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+    queue_size: int = 8
+    max_staleness: int = 0
+    prompts: str = "prompts/tiny.txt"
+    prompt_seed: int = 0
+    reward_app: str = "reward"
+    score_timeout_s: float = 60.0
+    score_retries: int = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "ActorsConfig":
+        if self.num_actors < 1 or self.queue_size < 1:
+            raise ValueError("actors.num_actors and actors.queue_size must be >= 1")
+        if self.max_staleness < 0 or self.max_restarts < 0:
+            raise ValueError("actors.max_staleness and actors.max_restarts must be >= 0")
+        return self
+
+
 class CheckpointConfig(_Section):
     """Local weight paths; nothing is downloaded at run time."""
 
@@ -267,6 +299,7 @@ class Config(_Section):
     vae: VAEConfig = Field(default_factory=VAEConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reward_service: RewardServiceConfig = Field(default_factory=RewardServiceConfig)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

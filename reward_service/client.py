@@ -20,11 +20,16 @@ import numpy as np
 
 
 class RewardError(RuntimeError):
-    """Scoring failed for good (bad input, or still failing after the retries)."""
+    """Scoring failed for good (bad input, or still failing after the retries).
 
-    def __init__(self, message: str, status: int | None = None):
+    `kind` says why, for callers that count failures: "rejected" (bad input), "timeout",
+    or "unavailable" (overloaded or failing replicas after every retry).
+    """
+
+    def __init__(self, message: str, status: int | None = None, kind: str = "unavailable"):
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 def _backoff(attempt: int, base: float) -> float:
@@ -51,11 +56,12 @@ class RewardHandleClient:
                 last = e  # transient: overload, timeout or a replica that died; try again
             except RayTaskError as e:
                 if isinstance(e.cause, (ValueError, TypeError)) or type(e.cause).__name__ == "InputError":
-                    raise RewardError(f"the reward service rejected the input: {e.cause}") from None
+                    raise RewardError(f"the reward service rejected the input: {e.cause}", kind="rejected") from None
                 last = e
             if attempt < self.retries:
                 await asyncio.sleep(_backoff(attempt, self.backoff_s))
-        raise RewardError(f"scoring failed after {self.retries + 1} attempts: {type(last).__name__}: {last}")
+        kind = "timeout" if isinstance(last, asyncio.TimeoutError) else "unavailable"
+        raise RewardError(f"scoring failed after {self.retries + 1} attempts: {type(last).__name__}: {last}", kind=kind)
 
 
 class RewardHTTPClient:
@@ -106,7 +112,8 @@ class RewardHTTPClient:
                     return response.json()
                 problem = _message(response)
                 if response.status_code not in (429, 502, 503, 504):
-                    raise RewardError(f"{method} {path} -> {response.status_code}: {problem}", response.status_code)
+                    raise RewardError(f"{method} {path} -> {response.status_code}: {problem}", response.status_code,
+                                      kind="rejected")
                 wait = max(wait, float(response.headers.get("retry-after", 0) or 0))
             if attempt < self.retries:
                 time.sleep(wait)

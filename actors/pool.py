@@ -1,0 +1,152 @@
+"""The rollout actor pool: hands out prompts, keeps a bounded sample queue, and loses nothing.
+
+`RolloutPool` is an async Ray actor. One dispatch loop per rollout actor takes the next prompt
+(`core.prompts.PromptSource`) whenever fewer than `queue_size` samples exist (queued or being
+made), so a learner that falls behind makes actors wait rather than samples drop. A rollout
+lost with its actor (the actor restarts, up to `max_restarts`) is released and handed out
+again; a prompt is acknowledged only once its sample is consumed or dropped for a counted
+reason, so none is lost or duplicated. Weights are published as one object-store ref per
+version; actors switch only between rollouts, and samples older than `max_staleness`
+versions are dropped by `get` and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from actors.worker import RolloutWorker
+from core.config import REPO_ROOT, Config
+from core.prompts import PromptSource, WorkItem
+
+
+def _prompts_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+@ray.remote(num_cpus=0)
+class RolloutPool:
+    def __init__(self, config: dict, name: str = "rollout", prompt_state: dict | None = None):
+        self.cfg = Config.model_validate(config)
+        a = self.cfg.actors
+        path = _prompts_path(a.prompts)
+        self.source = (PromptSource.from_state(path, a.prompt_seed, (0, 1), prompt_state) if prompt_state
+                       else PromptSource(path, seed=a.prompt_seed))
+        worker_cls = ray.remote(RolloutWorker)
+        self.names = [f"{name}-actor-{i}" for i in range(a.num_actors)]
+        self.workers = [worker_cls.options(name=n, num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
+                                           max_task_retries=0).remote(config, n) for n in self.names]
+        self.queue: deque[tuple[pa.RecordBatch, WorkItem]] = deque()
+        self.in_flight: dict[int, WorkItem] = {}
+        self.waiting_since: dict[int, float] = {}  # actors idle because the queue is full
+        self.changed = asyncio.Condition()
+        self.version, self.weights = 0, None
+        self.drops: Counter[str] = Counter()
+        self.delivered: set[str] = set()
+        self.duplicates = 0
+        self.stats = [Counter() for _ in self.workers]
+        self.started = time.monotonic()
+        self.stopping = False
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Start one dispatch loop per actor (idempotent)."""
+        if not self.tasks:
+            self.started = time.monotonic()
+            self.tasks = [asyncio.get_running_loop().create_task(self._dispatch(i)) for i in range(len(self.workers))]
+
+    async def _dispatch(self, i: int) -> None:
+        stats = self.stats[i]
+        while not self.stopping:
+            self.waiting_since[i] = time.monotonic()
+            async with self.changed:
+                await self.changed.wait_for(
+                    lambda: self.stopping or len(self.queue) + len(self.in_flight) < self.cfg.actors.queue_size)
+            stats["wait_s"] += time.monotonic() - self.waiting_since.pop(i)
+            if self.stopping:
+                return
+            item = self.source.take()
+            self.in_flight[i] = item
+            try:
+                result = await self.workers[i].rollout.remote(item, self.version, [self.weights])
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                stats["lost_rollouts"] += 1
+                self.source.release(item)  # handed out again, to whichever actor is free first
+                del self.in_flight[i]
+                await asyncio.sleep(0.5)  # let Ray restart the actor
+                continue
+            del self.in_flight[i]
+            for key, seconds in result.timings.items():
+                stats[key] += seconds
+            if result.drop_reason:
+                self.drops[result.drop_reason] += 1
+                self.source.ack(item)
+            else:
+                stats["rollouts"] += 1
+                self.queue.append((result.batch, item))
+            async with self.changed:
+                self.changed.notify_all()
+
+    def publish(self, version: int, weights: list) -> None:
+        """Make `weights[0]` (an object-store ref to a state dict) the weights of `version`."""
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than the published {self.version}")
+        self.version, self.weights = version, weights[0]
+
+    async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
+        """Up to `n` fresh samples, waiting up to `timeout_s` for the first; stale ones are dropped and counted."""
+        out: list[pa.RecordBatch] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(out) < n:
+            async with self.changed:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self.queue), remaining)
+                except asyncio.TimeoutError:
+                    break
+                batch, item = self.queue.popleft()
+                self.changed.notify_all()  # room for another rollout
+            self.source.ack(item)
+            sample_id, version = batch.column("sample_id")[0].as_py(), batch.column("weight_version")[0].as_py()
+            if self.version - version > self.cfg.actors.max_staleness:
+                self.drops["stale"] += 1
+                continue
+            if sample_id in self.delivered:
+                self.duplicates += 1
+                continue
+            self.delivered.add(sample_id)
+            out.append(batch)
+        return out
+
+    def metrics(self) -> dict:
+        now = time.monotonic()
+        elapsed = max(now - self.started, 1e-9)
+        per_actor = {}
+        for i, (name, s) in enumerate(zip(self.names, self.stats)):
+            waiting = now - self.waiting_since[i] if i in self.waiting_since else 0.0
+            per_actor[name] = {"rollouts": s["rollouts"], "rollouts_per_s": s["rollouts"] / elapsed,
+                               **{k: round(s[k], 4) for k in ("generate_s", "decode_s", "score_s", "load_weights_s")},
+                               "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"]}
+        return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
+                "delivered": len(self.delivered), "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
+                "elapsed_s": elapsed, "actors": per_actor}
+
+    def state(self) -> dict:
+        """Prompt cursor to checkpoint: restoring it re-issues what was handed out but not consumed."""
+        return self.source.state()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        async with self.changed:
+            self.changed.notify_all()
+        for task in self.tasks:
+            task.cancel()
+        for w in self.workers:
+            ray.kill(w, no_restart=True)

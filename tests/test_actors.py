@@ -1,0 +1,131 @@
+"""Rollout actors on real Ray with the real reward service: samples, versions, failures, back-pressure."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+
+from core.config import REPO_ROOT, load_config
+from core.sample import from_record_batch
+from core.text_encoder import TextEncoder
+from core.wan.model import CausalWanModel
+from reward_service.app import build_app
+
+BASE = ["video.num_latent_frames=3", "actors.num_cpus=0.25", "reward_service.num_cpus=0.1"]
+
+
+@pytest.fixture(scope="module")
+def reward_app(serve_instance):
+    from ray import serve
+
+    cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml",
+                      ["reward_service.app_name=actors_reward", "reward_service.num_cpus=0.1"])
+    serve.run(build_app(cfg), name="actors_reward", route_prefix="/actors_reward")
+    yield "actors_reward"
+    serve.delete("actors_reward")
+
+
+def make_pool(name: str, prompts, reward_app: str, overrides: list[str]):
+    from actors.pool import RolloutPool
+
+    cfg = load_config(None, BASE + [f"actors.prompts={prompts}", f"actors.reward_app={reward_app}", *overrides])
+    pool = RolloutPool.options(name=name).remote(cfg.model_dump(), name)
+    ray.get(pool.start.remote())
+    return cfg, pool
+
+
+def write_prompts(tmp_path, n: int):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"a shape number {i} moves" for i in range(n)) + "\n")
+    return path
+
+
+def samples_of(batches):
+    return [s for b in batches for s in from_record_batch(b)]
+
+
+def random_weights(cfg, seed: int, nan: bool = False) -> dict:
+    torch.manual_seed(seed)
+    sd = CausalWanModel(cfg.model, cfg.stream).state_dict()
+    if nan:
+        sd["head.head.bias"] = torch.full_like(sd["head.head.bias"], float("nan"))
+    return sd
+
+
+def test_samples_flow_with_versions_and_replay_exactly(reward_app, tmp_path):
+    cfg, pool = make_pool("flow", write_prompts(tmp_path, 6), reward_app, ["actors.queue_size=4"])
+    try:
+        first = samples_of(ray.get(pool.get.remote(3, timeout_s=120)))
+        assert len(first) == 3 and {s.weight_version for s in first} == {0}
+        for s in first:
+            assert 0 <= s.exit_index < len(cfg.scheduler.denoising_step_list)
+            assert set(s.rewards_raw) == {"VQ", "MQ", "TA"} and s.clean.shape == s.noisy.shape == (1, 3, 16, 8, 8)
+            assert s.timings["generate_s"] > 0 and s.timings["score_s"] > 0
+        weights = random_weights(cfg, seed=7)
+        ray.get(pool.publish.remote(1, [ray.put(weights)]))
+        fresh = samples_of(ray.get(pool.get.remote(2, timeout_s=120)))
+        assert {s.weight_version for s in fresh} == {1}
+        metrics = ray.get(pool.metrics.remote())
+        assert metrics["drops"].get("stale", 0) >= 1  # version-0 samples made meanwhile (max_staleness 0)
+
+        # the learner's replay of a received sample reproduces the actor's exit-step outputs exactly
+        from core.rollout import SelfForcedRollout
+        from core.scheduler import FlowMatchScheduler
+
+        model = CausalWanModel(cfg.model, cfg.stream)
+        model.load_state_dict(weights)
+        sched = FlowMatchScheduler.from_config(cfg.scheduler)
+        rollout = SelfForcedRollout(model, sched, sched.denoising_timesteps(cfg.scheduler.denoising_step_list))
+        context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode([fresh[0].prompt])
+        with torch.no_grad():
+            replayed = rollout.replay_exit_steps(fresh[0].to_rollout_record(), context, model.init_cache(1, cfg.video.latent_hw))
+        assert (replayed - fresh[0].clean).abs().max() < 1e-5
+
+        ray.get(pool.publish.remote(2, [ray.put(random_weights(cfg, seed=8, nan=True))]))
+        deadline = time.monotonic() + 120
+        while ray.get(pool.metrics.remote())["drops"].get("nonfinite_latents", 0) == 0 and time.monotonic() < deadline:
+            ray.get(pool.get.remote(1, timeout_s=5))
+        assert ray.get(pool.metrics.remote())["drops"]["nonfinite_latents"] >= 1
+    finally:
+        ray.get(pool.stop.remote())
+
+
+def test_backpressure_then_actor_death_loses_and_duplicates_nothing(reward_app, tmp_path):
+    n_prompts = 8
+    cfg, pool = make_pool("kill", write_prompts(tmp_path, n_prompts), reward_app,
+                          ["actors.queue_size=2", "actors.max_restarts=2"])
+    try:
+        time.sleep(20)  # the learner stalls: actors must wait, not pile up or drop samples
+        m = ray.get(pool.metrics.remote())
+        made = sum(a["rollouts"] for a in m["actors"].values())
+        assert m["queue_depth"] <= 2 and m["queue_depth"] + m["in_flight"] <= 2 and made <= 2
+        assert not m["drops"] and sum(a["wait_s"] for a in m["actors"].values()) > 5
+
+        ids = [s.sample_id for s in samples_of(ray.get(pool.get.remote(1, timeout_s=120)))]
+        ray.kill(ray.get_actor("kill-actor-0"), no_restart=False)  # dies mid-rollout; Ray restarts it
+        deadline = time.monotonic() + 240
+        while len({i for i in ids if i.startswith("e0-")}) < n_prompts and time.monotonic() < deadline:
+            ids += [s.sample_id for s in samples_of(ray.get(pool.get.remote(1, timeout_s=30)))]
+        epoch0 = [i for i in ids if i.startswith("e0-")]
+        assert sorted(epoch0) == sorted(f"e0-i{i}" for i in range(n_prompts))  # every prompt once
+        assert len(ids) == len(set(ids))
+        m = ray.get(pool.metrics.remote())
+        assert not m["drops"] and m["duplicates_suppressed"] == 0
+        assert sum(a["lost_rollouts"] for a in m["actors"].values()) >= 1  # the kill did hit a rollout
+    finally:
+        ray.get(pool.stop.remote())
+
+
+def test_scoring_timeouts_drop_samples_with_a_counted_reason(reward_app, tmp_path):
+    cfg, pool = make_pool("timeout", write_prompts(tmp_path, 4), reward_app,
+                          ["actors.num_actors=1", "actors.queue_size=1", "actors.score_timeout_s=0.0001",
+                           "actors.score_retries=0"])
+    try:
+        assert ray.get(pool.get.remote(1, timeout_s=30)) == []
+        m = ray.get(pool.metrics.remote())
+        assert m["drops"].get("score_timeout", 0) >= 1 and m["delivered"] == 0
+    finally:
+        ray.get(pool.stop.remote())
