@@ -198,18 +198,25 @@ def arch_from_folder(path: str | Path) -> WanArchConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def mismatch_report(expected_shapes: dict[str, tuple[int, ...]], state_dict: StateDict) -> str | None:
+    """The missing keys, unexpected keys and shape mismatches of `state_dict`, one line each; None if it fits."""
+    missing = sorted(set(expected_shapes) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected_shapes))
+    shapes = sorted(f"{k} (model {tuple(expected_shapes[k])}, checkpoint {tuple(state_dict[k].shape)})"
+                    for k in set(expected_shapes) & set(state_dict)
+                    if tuple(expected_shapes[k]) != tuple(state_dict[k].shape))
+    parts = [f"{name} ({len(keys)}): {_preview(keys)}" for name, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    return "\n  ".join(parts) or None
+
+
 def load_into(model: torch.nn.Module, state_dict: StateDict) -> torch.nn.Module:
     """Strictly load `state_dict` into `model`, cast to the model's dtypes; any mismatch raises first."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(f"{k} (model {tuple(expected[k].shape)}, checkpoint {tuple(state_dict[k].shape)})"
-                    for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{name} ({len(keys)}): {_preview(keys)}" for name, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    report = mismatch_report({k: v.shape for k, v in expected.items()}, state_dict)
+    if report:
         raise CheckpointError(
-            "checkpoint does not fit the model; nothing was loaded.\n  " + "\n  ".join(parts) + "\n"
+            "checkpoint does not fit the model; nothing was loaded.\n  " + report + "\n"
             "Check: the architecture config (model.dim / ffn_dim / num_heads / num_layers ...; arch_from_folder "
             "reads it from a Wan or diffusers folder), the role (generator vs critic) and use_ema, and that the "
             "file is a Wan2.1 T2V transformer.")

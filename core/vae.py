@@ -21,7 +21,7 @@ from torch import nn
 from diffusers.models.autoencoders.autoencoder_kl_wan import (AutoencoderKLWan, WanCausalConv3d,
                                                               WanResample, WanUpsample)
 
-from core.checkpoint import CheckpointError
+from core.checkpoint import CheckpointError, mismatch_report
 from core.config import Config
 
 StateDict = dict[str, torch.Tensor]
@@ -199,16 +199,9 @@ class WanVAE(nn.Module):
         """Strictly load original-key weights (cast to the model's dtype); a mismatch loads nothing."""
         expected = self.model.state_dict()
         names = {diffusers_to_wan_key(k, self.model.config.num_res_blocks): k for k in expected}
-        missing = sorted(set(names) - set(sd))
-        unexpected = sorted(set(sd) - set(names))
-        shapes = sorted(f"{k} (model {tuple(expected[names[k]].shape)}, checkpoint {tuple(sd[k].shape)})"
-                        for k in set(names) & set(sd) if expected[names[k]].shape != sd[k].shape)
-        if missing or unexpected or shapes:
-            parts = [f"{what} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("shape mismatches", shapes)) if keys]
-            raise CheckpointError("Wan2.1 VAE checkpoint does not fit the model; nothing was loaded.\n  "
-                                  + "\n  ".join(parts))
+        report = mismatch_report({k: expected[names[k]].shape for k in names}, sd)
+        if report:
+            raise CheckpointError("Wan2.1 VAE checkpoint does not fit the model; nothing was loaded.\n  " + report)
         self.model.load_state_dict({names[k]: v.to(expected[names[k]].dtype) for k, v in sd.items()}, strict=True)
 
     def wan_state_dict(self) -> StateDict:

@@ -619,7 +619,7 @@ def test_key_mismatch_lists_missing_and_unexpected(release, tmp_path):
     sd = dict(torch.load(release.ckpt / "model.pth", weights_only=True))
     sd["base_model.model.rm_head.weight"] = torch.zeros(3, 64)
     torch.save(sd, root / f"checkpoint-{STEP}" / "model.pth")
-    with pytest.raises(ValueError, match=r"shape mismatches \(1\): rm_head\.weight \(3, 64\) vs \(1, 64\)"):
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\): rm_head\.weight \(model \(1, 64\), checkpoint \(3, 64\)\)"):
         VideoRewardBackend(root, device="cpu", dtype="float32")
 
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.checkpoint import mismatch_report
 from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
 
 BACKEND_NAME = "videoreward"
@@ -607,15 +608,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _format_key_mismatch(missing: list[str], unexpected: list[str], shapes: list[str], source: str) -> str:
-    lines = [f"state dict from {source} does not match the VideoReward model:"]
-    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if keys:
-            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-            lines.append(f"  {title} ({len(keys)}): {shown}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- backend
 
 
@@ -818,13 +810,9 @@ class VideoRewardBackend:
         with no_init_weights(), torch.device(self.device):
             net = VideoRewardNet(cfg, self.output_dim, attn_implementation=attn_implementation)
         net.to(dtype=self.dtype)
-        expected = net.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or shapes:
-            raise ValueError(_format_key_mismatch(missing, unexpected, shapes, source))
+        report = mismatch_report({k: v.shape for k, v in net.state_dict().items()}, state)
+        if report:
+            raise ValueError(f"state dict from {source} does not match the VideoReward model:\n  {report}")
         net.load_state_dict(state, strict=True)
         del state
         _match_reference_rope_precision(net, self.dtype)
