@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_model  # noqa: E402
 from core.attention import BACKENDS  # noqa: E402
 from core.config import WAN_1_3B, StreamConfig, WanArchConfig  # noqa: E402
 from core.rollout import SelfForcedRollout, gaussian_noise  # noqa: E402
@@ -78,15 +79,7 @@ WINDOW = StreamConfig(rope="window", sink_mode="ema", local_attn_size=12, sink_s
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
+    info = {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -71,11 +71,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -88,6 +86,8 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import cpu_model, finish, free_port  # noqa: E402
+
 PROMPT = "a red circle moves left across a blue background"
 FPS = 16.0
 
@@ -99,14 +99,7 @@ def machine_info(threads: int) -> dict:
     import ray
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -146,11 +139,6 @@ def overrides_for(args, checkpoint: Path | None, app: str, batch: int) -> list[s
         out.append(f"reward.checkpoint={checkpoint}")
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- paths
@@ -410,12 +398,7 @@ def main() -> int:
               f"[target >= 0.8x: {verdict(ratios[f'HTTP/handle b{b}'] >= 0.8)}]; "
               f"HTTP / direct score_batch({b}) in the driver x{ratios[f'HTTP/direct b{b}']:.2f}; "
               f"handle / direct x{ratios[f'handle/direct b{b}']:.2f}")
-        load = os.getloadavg() if hasattr(os, "getloadavg") else None
-        results["machine"]["loadavg_1m_at_end"] = round(load[0], 2) if load else None
-        print(f"load avg {results['machine']['loadavg_1m_at_end']} at end (this run's own processes included)")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-            print(f"wrote {args.json}")
+        finish(results, args.json)
         return 0
     finally:
         if serve_started:
