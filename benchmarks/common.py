@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import socket
+import sys
 from pathlib import Path
+from typing import Iterator
 
 
 def cpu_model() -> str:
@@ -47,3 +50,25 @@ def finish(results: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
         print(f"wrote {json_path}")
+
+
+@contextlib.contextmanager
+def local_ray_serve(num_cpus: int, request_timeout_s: float, env_vars: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh local Ray (never a running cluster) with Serve's HTTP proxy on a free port; yields its URL."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": env_vars or {}})
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s})
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            try:
+                serve.shutdown()
+            except Exception as e:  # noqa: BLE001 (keep going: Ray must still be shut down)
+                print(f"serve.shutdown failed: {e!r}", file=sys.stderr)
+    finally:
+        ray.shutdown()

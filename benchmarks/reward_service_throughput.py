@@ -69,6 +69,7 @@ processes from oversubscribing the cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import importlib.util
 import logging
@@ -86,7 +87,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import cpu_model, finish, free_port  # noqa: E402
+from benchmarks.common import cpu_model, finish, local_ray_serve  # noqa: E402
 
 PROMPT = "a red circle moves left across a blue background"
 FPS = 16.0
@@ -267,7 +268,6 @@ def main() -> int:
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import httpx
-    import ray
     import torch
     from ray import serve
 
@@ -295,7 +295,7 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="reward_bench_"))
     results: dict = {"machine": machine, "args": vars(args), "paths": {}, "ratios": {}}
-    ray_started = serve_started = False
+    stack = contextlib.ExitStack()
     try:
         checkpoint = None
         if args.backend == "videoreward":
@@ -304,13 +304,7 @@ def main() -> int:
             print(f"tiny VideoReward checkpoint (tests/test_videoreward.py `release`) at {checkpoint} "
                   f"in {time.perf_counter() - t:.1f} s", flush=True)
 
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
-        ray_started = True
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})
-        serve_started = True
-        base = f"http://127.0.0.1:{port}"
+        base = stack.enter_context(local_ray_serve(4, 300, {"OMP_NUM_THREADS": str(args.threads)}))
         configs = {}
         for name, batch in apps.items():
             configs[name] = load_config(REPO_ROOT / "configs" / "reward_service.yaml",
@@ -401,13 +395,7 @@ def main() -> int:
         finish(results, args.json)
         return 0
     finally:
-        if serve_started:
-            try:
-                serve.shutdown()
-            except Exception as e:  # noqa: BLE001 (keep going: Ray must still be shut down)
-                print(f"serve.shutdown failed: {e!r}", file=sys.stderr)
-        if ray_started:
-            ray.shutdown()
+        stack.close()
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)

@@ -50,6 +50,7 @@ Needs Ray with Serve, torch and this repository's packages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -60,7 +61,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import cpu_model, finish, free_port, load_1m, physical_cores  # noqa: E402
+from benchmarks.common import cpu_model, finish, load_1m, local_ray_serve, physical_cores  # noqa: E402
 
 APP = "rollout_bench_reward"
 STAGES = ("generate_s", "decode_s", "score_s")
@@ -193,7 +194,6 @@ def main() -> int:
         p.error("--slow-factor must be in (0, 1)")
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    import ray
     import torch
     from ray import serve
 
@@ -216,13 +216,9 @@ def main() -> int:
           "The point is the measurement and where actor time goes.", flush=True)
 
     results: dict = {"machine": machine, "args": vars(args), "runs": []}
-    ray_started = serve_started = False
+    stack = contextlib.ExitStack()
     try:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        ray_started = True
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port(), "request_timeout_s": 120})
-        serve_started = True
+        stack.enter_context(local_ray_serve(args.num_cpus, 120, {"OMP_NUM_THREADS": "1"}))
         reward_cfg = load_config(None, ["reward.backend=motion", "reward.device=cpu", f"reward_service.app_name={APP}",
                                         f"reward_service.num_cpus={args.reward_cpus}"])
         serve.run(build_app(reward_cfg), name=APP, route_prefix=f"/{APP}")
@@ -258,13 +254,7 @@ def main() -> int:
         finish(results, args.json)
         return 0
     finally:
-        if serve_started:
-            try:
-                serve.shutdown()
-            except Exception as e:  # noqa: BLE001 (keep going: Ray must still be shut down)
-                print(f"serve.shutdown failed: {e!r}", file=sys.stderr)
-        if ray_started:
-            ray.shutdown()
+        stack.close()
 
 
 if __name__ == "__main__":
