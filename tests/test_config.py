@@ -70,3 +70,14 @@ def test_missing_weight_paths_are_listed_by_key(tmp_path):
     assert "text_encoder.checkpoint: checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth" in msg
     assert "text_encoder.tokenizer:" in msg and "vae.checkpoint" not in msg  # tmp_path exists
     load_config().check_paths()  # the embedded default needs no files
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    validate_config(config)  # Ray's own cluster schema (ray-schema.json) and its node-type checks
+    assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p5")
+    assert any(".[gpu]" in c for c in config["setup_commands"])
+    assert "~/reward-forcing/checkpoints" in config["file_mounts"]
