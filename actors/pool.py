@@ -133,7 +133,8 @@ class RolloutPool:
             waiting = now - self.waiting_since[i] if i in self.waiting_since else 0.0
             per_actor[name] = {"rollouts": s["rollouts"], "rollouts_per_s": s["rollouts"] / elapsed,
                                **{k: round(s[k], 4) for k in ("generate_s", "decode_s", "score_s", "load_weights_s")},
-                               "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"]}
+                               "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"],
+                               "busy": i in self.in_flight}
         return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
                 "delivered": len(self.delivered), "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
                 "elapsed_s": elapsed, "actors": per_actor}

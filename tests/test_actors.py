@@ -104,7 +104,10 @@ def test_backpressure_then_actor_death_loses_and_duplicates_nothing(reward_app, 
         assert m["queue_depth"] <= 2 and m["queue_depth"] + m["in_flight"] <= 2 and made <= 2
         assert not m["drops"] and sum(a["wait_s"] for a in m["actors"].values()) > 5
 
-        ids = [s.sample_id for s in samples_of(ray.get(pool.get.remote(1, timeout_s=120)))]
+        ids = [s.sample_id for s in samples_of(ray.get(pool.get.remote(2, timeout_s=120)))]
+        deadline = time.monotonic() + 60
+        while not ray.get(pool.metrics.remote())["actors"]["kill-actor-0"]["busy"] and time.monotonic() < deadline:
+            time.sleep(0.02)
         ray.kill(ray.get_actor("kill-actor-0"), no_restart=False)  # dies mid-rollout; Ray restarts it
         deadline = time.monotonic() + 240
         while len({i for i in ids if i.startswith("e0-")}) < n_prompts and time.monotonic() < deadline:
