@@ -23,6 +23,13 @@ from core.wan.kv_cache import StreamLimitError
 from reward_service.client import RewardError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
@@ -35,9 +42,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _output_paths(out: str, prompts: list[str]) -> list[Path]:
-    """One prompt: `out` itself. Several: `out` is a folder of NNN_<slug>.mp4 files."""
-    if len(prompts) == 1:
+def _output_paths(out: str, prompts: list[str], from_file: bool) -> list[Path]:
+    """--prompt: `out` itself. --prompts-file: `out` is a folder of NNN_<slug>.mp4 files."""
+    if not from_file:
         return [Path(out)]
     folder = Path(out).with_suffix("") if Path(out).suffix == ".mp4" else Path(out)
     return [folder / f"{i:03d}_{re.sub(r'[^a-z0-9]+', '_', p.lower())[:48].strip('_')}.mp4" for i, p in enumerate(prompts)]
@@ -51,12 +58,12 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args)
     fpb = cfg.stream.num_frame_per_block
-    video_frames = args.frames or 1 + 4 * (cfg.video.num_latent_frames - 1)
+    video_frames = args.frames if args.frames is not None else 1 + 4 * (cfg.video.num_latent_frames - 1)
     latent_frames = latent_frames_for(video_frames, fpb)
     pipe = VideoPipeline.from_config(cfg)
     print(f"generator on {pipe.device} ({cfg.runtime.dtype}); {latent_frames} latent frames -> "
           f"{video_frames} video frames at {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps")
-    for i, (prompt, path) in enumerate(zip(prompts, _output_paths(args.out, prompts))):
+    for i, (prompt, path) in enumerate(zip(prompts, _output_paths(args.out, prompts, args.prompts_file is not None))):
         path.parent.mkdir(parents=True, exist_ok=True)
         seed = args.seed + i
         written, denoise_s, decode_s = 0, 0.0, 0.0
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text prompt")
     what.add_argument("--prompts-file", help="a text file with one prompt per line (one video each)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=_positive_int, default=None,
                    help="video frames to write (default: 1 + 4 * (video.num_latent_frames - 1), 81 for 21 latents)")
     p.add_argument("--out", default="outputs/video.mp4", help="MP4 path (a folder for --prompts-file)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")

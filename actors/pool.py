@@ -49,8 +49,9 @@ class RolloutPool:
         self.changed = asyncio.Condition()
         self.version, self.weights = 0, None
         self.drops: Counter[str] = Counter()
-        self.delivered: set[str] = set()
-        self.duplicates = 0
+        self.delivered = self.duplicates = 0
+        self.errors: dict[str, str] = {}  # last worker error per actor
+        self.dead: dict[int, str] = {}  # actors retired after dying past their restarts
         self.stats = [Counter() for _ in self.workers]
         self.started = time.monotonic()
         self.stopping = False
@@ -76,13 +77,28 @@ class RolloutPool:
             self.in_flight[i] = item
             try:
                 result = await self.workers[i].rollout.remote(item, self.version, [self.weights])
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                # The rollout died with its actor: hand the prompt out again. An actor that keeps
+                # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
-                self.source.release(item)  # handed out again, to whichever actor is free first
-                del self.in_flight[i]
+                stats["lost_in_a_row"] += 1
+                self.source.release(item)
+                if stats["lost_in_a_row"] > self.cfg.actors.max_restarts + 1:
+                    self.dead[i] = f"{type(e).__name__}: {e}"[:500]
+                    return
                 await asyncio.sleep(0.5)  # let Ray restart the actor
                 continue
-            del self.in_flight[i]
+            except Exception as e:  # a bug or bad weights in the worker: count it, never lose the prompt silently
+                self.drops["worker_error"] += 1
+                cause = getattr(e, "cause", None) or e  # the worker's own exception inside Ray's RayTaskError
+                self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
+                self.source.ack(item)
+                continue
+            finally:
+                del self.in_flight[i]
+                async with self.changed:
+                    self.changed.notify_all()
+            stats["lost_in_a_row"] = 0
             for key, seconds in result.timings.items():
                 stats[key] += seconds
             if result.drop_reason:
@@ -101,7 +117,8 @@ class RolloutPool:
         self.version, self.weights = version, weights[0]
 
     async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
-        """Up to `n` fresh samples, waiting up to `timeout_s` for the first; stale ones are dropped and counted."""
+        """Up to `n` fresh samples, waiting at most `timeout_s` in all (None: until `n` arrive); stale ones
+        are dropped and counted."""
         out: list[pa.RecordBatch] = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while len(out) < n:
@@ -113,15 +130,13 @@ class RolloutPool:
                     break
                 batch, item = self.queue.popleft()
                 self.changed.notify_all()  # room for another rollout
-            self.source.ack(item)
-            sample_id, version = batch.column("sample_id")[0].as_py(), batch.column("weight_version")[0].as_py()
-            if self.version - version > self.cfg.actors.max_staleness:
-                self.drops["stale"] += 1
-                continue
-            if sample_id in self.delivered:
+            if not self.source.ack(item):  # already acknowledged: a second copy of the same prompt
                 self.duplicates += 1
                 continue
-            self.delivered.add(sample_id)
+            if self.version - batch.column("weight_version")[0].as_py() > self.cfg.actors.max_staleness:
+                self.drops["stale"] += 1
+                continue
+            self.delivered += 1
             out.append(batch)
         return out
 
@@ -134,9 +149,10 @@ class RolloutPool:
             per_actor[name] = {"rollouts": s["rollouts"], "rollouts_per_s": s["rollouts"] / elapsed,
                                **{k: round(s[k], 4) for k in ("generate_s", "decode_s", "score_s", "load_weights_s")},
                                "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"],
-                               "busy": i in self.in_flight}
+                               "busy": i in self.in_flight, "dead": self.dead.get(i),
+                               "last_error": self.errors.get(name)}
         return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
-                "delivered": len(self.delivered), "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
+                "delivered": self.delivered, "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
                 "elapsed_s": elapsed, "actors": per_actor}
 
     def state(self) -> dict:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from core.config import Config
+from core.config import Config, ConfigError
 from core.rollout import SelfForcedRollout, gaussian_noise
 from core.scheduler import FlowMatchScheduler
 from core.text_encoder import TextEncoder
@@ -29,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is cuda but no CUDA device is visible: set runtime.device=cpu or auto")
+        raise ConfigError("runtime.device is cuda but no CUDA device is visible: set runtime.device=cpu or auto")
     return torch.device(name)
 
 

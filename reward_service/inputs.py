@@ -10,6 +10,7 @@ Every rejection is an `InputError` carrying the HTTP status and a message saying
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from core.config import RewardServiceConfig
 from core.reward.base import VideoInput
 from core.video_io import VideoDecodeError, VideoTooLargeError, read_video
 
+MAX_FPS = 240.0
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska")
 ACCEPTED_TYPES = "multipart/form-data (video file + prompt), video/mp4, video/webm, or application/octet-stream (raw frames)"
 
@@ -45,6 +47,8 @@ class Limits:
         return cls(int(cfg.max_body_mb * 2**20), cfg.max_frames, cfg.max_pixels, cfg.max_duration_s)
 
     def check_video(self, frames: int, height: int, width: int, fps: float) -> None:
+        if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
+            raise InputError(422, f"fps must be a number in (0, {MAX_FPS}], got {fps}")
         if frames > self.max_frames:
             raise InputError(413, f"video has {frames} frames, above the limit of {self.max_frames}")
         if height * width > self.max_pixels:
@@ -78,8 +82,8 @@ def _positive(name: str, value: str | None, kind: type) -> int | float:
         number = kind(value)
     except (TypeError, ValueError):
         raise InputError(422, f"query parameter {name!r} must be a positive {kind.__name__}, got {value!r}") from None
-    if not number > 0:
-        raise InputError(422, f"query parameter {name!r} must be > 0, got {value!r}")
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(422, f"query parameter {name!r} must be a finite number > 0, got {value!r}")
     return number
 
 
@@ -90,6 +94,8 @@ def decode_video(data: bytes, prompt: str, limits: Limits) -> VideoInput:
         raise InputError(413, str(e)) from None
     except VideoDecodeError as e:
         raise InputError(400, str(e)) from None
+    if not video.fps > 0:
+        raise InputError(400, "the video declares no frame rate; re-encode it with one (e.g. ffmpeg -r 16)")
     limits.check_video(len(video.frames), video.height, video.width, video.fps)
     return VideoInput(video.frames, video.fps, prompt)
 
@@ -110,20 +116,24 @@ async def parse_score_request(request: Request, limits: Limits) -> VideoInput:
     """The video and prompt of a scoring request, or an `InputError` with its status."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
+        # Starlette spools file parts without a size limit, so the declared length is the limit check.
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        if declared is None or not declared.isdigit():
+            raise InputError(411, "multipart uploads need a Content-Length header")
+        if int(declared) > limits.max_body_bytes:
             raise InputError(413, f"body of {int(declared)} bytes is above the limit of {limits.max_body_bytes} bytes")
         try:
             form = await request.form(max_files=1, max_fields=8, max_part_size=limits.max_body_bytes)
         except Exception as e:  # starlette raises MultiPartException / HTTPException for malformed bodies
             raise InputError(400, f"malformed multipart body: {e}") from None
-        upload = form.get("video")
-        if upload is None or isinstance(upload, str):
-            raise InputError(422, "multipart field 'video' is required: the video file (MP4 or WebM)")
-        prompt = _prompt(form.get("prompt"))
-        data = await upload.read()
-        if len(data) > limits.max_body_bytes:
-            raise InputError(413, f"video of {len(data)} bytes is above the limit of {limits.max_body_bytes} bytes")
+        try:
+            upload = form.get("video")
+            if upload is None or isinstance(upload, str):
+                raise InputError(422, "multipart field 'video' is required: the video file (MP4 or WebM)")
+            prompt = _prompt(form.get("prompt"))
+            data = await upload.read()
+        finally:
+            await form.close()
         return decode_video(data, prompt, limits)
     if content_type in VIDEO_TYPES:
         prompt = _prompt(request.query_params.get("prompt"))

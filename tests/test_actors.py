@@ -78,17 +78,26 @@ def test_samples_flow_with_versions_and_replay_exactly(reward_app, tmp_path):
         model = CausalWanModel(cfg.model, cfg.stream)
         model.load_state_dict(weights)
         sched = FlowMatchScheduler.from_config(cfg.scheduler)
-        rollout = SelfForcedRollout(model, sched, sched.denoising_timesteps(cfg.scheduler.denoising_step_list))
+        timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
+        rollout = SelfForcedRollout(model, sched, timesteps, cfg.scheduler.context_noise)
         context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode([fresh[0].prompt])
-        with torch.no_grad():
-            replayed = rollout.replay_exit_steps(fresh[0].to_rollout_record(), context, model.init_cache(1, cfg.video.latent_hw))
-        assert (replayed - fresh[0].clean).abs().max() < 1e-5
+        replayed = rollout.replay_exit_steps(fresh[0].to_rollout_record(), context, model.init_cache(1, cfg.video.latent_hw))
+        assert replayed.requires_grad and (replayed - fresh[0].clean).abs().max() < 1e-5
 
         ray.get(pool.publish.remote(2, [ray.put(random_weights(cfg, seed=8, nan=True))]))
         deadline = time.monotonic() + 120
         while ray.get(pool.metrics.remote())["drops"].get("nonfinite_latents", 0) == 0 and time.monotonic() < deadline:
             ray.get(pool.get.remote(1, timeout_s=5))
         assert ray.get(pool.metrics.remote())["drops"]["nonfinite_latents"] >= 1
+
+        # weights that do not fit the generator: every rollout fails in the worker; counted, never a hang
+        ray.get(pool.publish.remote(3, [ray.put({"not.a.wan.key": torch.zeros(1)})]))
+        deadline = time.monotonic() + 120
+        while ray.get(pool.metrics.remote())["drops"].get("worker_error", 0) == 0 and time.monotonic() < deadline:
+            ray.get(pool.get.remote(1, timeout_s=5))
+        m = ray.get(pool.metrics.remote())
+        assert m["drops"]["worker_error"] >= 1 and m["in_flight"] <= cfg.actors.num_actors
+        assert any("does not fit" in (a["last_error"] or "") for a in m["actors"].values())
     finally:
         ray.get(pool.stop.remote())
 

@@ -136,7 +136,7 @@ def test_replay_reproduces_training_rollout_with_grad(context_noise):
     model = make(stream)
     for exit_index in range(len(STEPS)):
         rollout, ctx, noise, cache = setup(model, context_noise=context_noise)
-        record = rollout.training_rollout(ctx, cache, noise, num_blocks=3, exit_index=exit_index)
+        record = rollout.training_rollout(ctx, cache, noise, num_blocks=5, exit_index=exit_index)  # evicts at block 4
         assert record.exit_timestep == float(STEPS[exit_index])
         assert all(b.noisy.requires_grad is False for b in record.blocks)
         model.zero_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import launch
@@ -50,6 +51,9 @@ def test_generate_loads_a_generator_checkpoint(tmp_path):
 
 
 def test_generate_errors_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        launch.main(["generate", "--prompt", "x", "--frames", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
     assert launch.main(["generate", "--prompt", "x", "stream.sink_sise=3"]) == 2
     assert "stream.sink_sise: unknown key" in capsys.readouterr().err
     assert launch.main(["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "nope.pt")]) == 2

@@ -103,6 +103,8 @@ def test_webm_body_and_info_and_docs(services, tmp_path):
     ("raw_size_mismatch", 422, "bytes"),
     ("raw_bad_fps", 422, "fps"),
     ("multipart_no_video", 422, "video"),
+    ("raw_infinite_fps", 422, "finite"),
+    ("multipart_no_length", 411, "Content-Length"),
 ])
 def test_bad_input_gets_its_status_and_a_message(services, tmp_path, case, status, words):
     url = f"{services}/v1/score"
@@ -125,6 +127,10 @@ def test_bad_input_gets_its_status_and_a_message(services, tmp_path, case, statu
         "raw_bad_fps": dict(content=b"\0" * 12, headers=raw,
                             params={"frames": 1, "height": 2, "width": 2, "fps": 0, "prompt": "x"}),
         "multipart_no_video": dict(files={"other": ("a.txt", b"a", "text/plain")}, data={"prompt": "x"}),
+        "raw_infinite_fps": dict(content=b"\0" * 12, headers=raw,
+                                 params={"frames": 1, "height": 2, "width": 2, "fps": "inf", "prompt": "x"}),
+        "multipart_no_length": dict(content=iter([b"--b\r\n", b"junk"]),
+                                    headers={"Content-Type": "multipart/form-data; boundary=b"}),
     }
     r = httpx.post(url, **requests[case])
     assert r.status_code == status, r.text

@@ -103,9 +103,7 @@ class KVCache:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # Replay with grad: attend to the live tensors so gradients reach this call's K/V, and
             # keep the cached (detached) buffers free to be overwritten by later calls.
-            keys = torch.cat([c.k[:, :start], k, c.k[:, local_end:local_end]], dim=1)
-            values = torch.cat([c.v[:, :start], v, c.v[:, local_end:local_end]], dim=1)
-            return keys, values
+            return torch.cat([c.k[:, :start], k], dim=1), torch.cat([c.v[:, :start], v], dim=1)
         return c.k[:, :local_end], c.v[:, :local_end]
 
     def _evict(self, c: LayerCache, n_evict: int) -> None:
