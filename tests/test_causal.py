@@ -179,3 +179,47 @@ def test_dtype_cast_keeps_rope_table_exact():
     out = model(torch.randn(1, 16, 3, 4, 4, dtype=torch.bfloat16), torch.full((1, 3), 1000.0),
                 torch.randn(1, 5, ARCH.text_dim, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_replay_gradient_equals_self_forcing_in_rollout_gradient():
+    """Self Forcing takes the gradient inside the rollout (exit step with grad, everything else
+    without); the learner's replay of the recorded exit steps must give the same gradient."""
+    stream = StreamConfig(rope="window", local_attn_size=6, sink_size=3, sink_mode="ema")  # evicts from block 2
+    model = make(stream)
+    exit_index, n_blocks = 2, 4
+    rollout, ctx, noise, _ = setup(model)
+    g = torch.Generator().manual_seed(5)
+    weights = torch.randn(1, 3 * n_blocks, ARCH.in_dim, 4, 4, dtype=torch.float64, generator=g)
+
+    # Self Forcing: one pass, gradient through each block's exit-step forward only
+    draws = [noise(b, s) for b in range(n_blocks) for s in (-1, *range(exit_index))]
+    it = iter(draws)
+
+    def replayed_noise(block, step):
+        return next(it)
+
+    cache, outputs = model.init_cache(1, (4, 4)), []
+    for b in range(n_blocks):
+        start = cache.frames
+        x = replayed_noise(b, -1)
+        for i in range(exit_index + 1):
+            t = float(STEPS[i])
+            with torch.set_grad_enabled(i == exit_index):
+                x0 = rollout._predict_x0(x, t, ctx, cache, start)
+            if i < exit_index:
+                x = rollout._renoise(x0, replayed_noise(b, i), float(STEPS[i + 1]))
+        outputs.append(x0)
+        with torch.no_grad():
+            rollout._write_context(x0.detach(), ctx, cache, start, b, replayed_noise)
+    model.zero_grad()
+    (torch.cat(outputs, dim=1) * weights).sum().backward()
+    in_rollout = [p.grad.clone() for p in model.parameters()]
+
+    # actor + learner: gradient-free recorded rollout, then replay of the exit steps
+    it = iter(draws)
+    record = rollout.training_rollout(ctx, model.init_cache(1, (4, 4)), replayed_noise, n_blocks, exit_index=exit_index)
+    model.zero_grad()
+    (rollout.replay_exit_steps(record, ctx, model.init_cache(1, (4, 4))) * weights).sum().backward()
+    for a, p in zip(in_rollout, model.parameters()):
+        assert (a - p.grad).abs().max() < 1e-10
+    assert any(a.abs().sum() > 0 for a in in_rollout)

@@ -271,9 +271,12 @@ class _WanBase(nn.Module):
 
     @staticmethod
     def _context_kv(layer: int, block: WanBlock, context: torch.Tensor, cache: KVCache | None):
-        if cache is None:
+        # Without grad the text K/V are computed once per prompt and reused by every later call.
+        # With grad they are recomputed, so a cache never holds tensors tied to one backward pass
+        # and every grad-enabled call gets the text-side gradient.
+        if cache is None or torch.is_grad_enabled():
             return block.cross_attn.context_kv(context)
-        if cache.cross_kv[layer] is None:  # computed once per prompt, reused by every later call
+        if cache.cross_kv[layer] is None:
             cache.cross_kv[layer] = block.cross_attn.context_kv(context)
         return cache.cross_kv[layer]
 
@@ -324,7 +327,7 @@ class CausalWanModel(_WanBase):
         tokens, grid, e, e0 = self._embed(x, t)
         if cache is not None and clean_x is not None:
             raise ValueError("clean_x (teacher forcing) is a full-sequence forward; do not pass a cache with it")
-        if cache is not None and cache.cross_kv[0] is not None:
+        if cache is not None and cache.cross_kv[0] is not None and not torch.is_grad_enabled():
             ctx = None  # cross-attention K/V already cached for this prompt
         else:
             ctx = self.embed_context(context)
