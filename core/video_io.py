@@ -87,6 +87,17 @@ def _as_frames(frames: Frames) -> np.ndarray:
     return frames
 
 
+def _open_block(frames: Frames, closed: bool, width: int, height: int, owner: str) -> np.ndarray:
+    """One block of frames for an open writer of this size, as uint8 [T, H, W, 3]."""
+    if closed:
+        raise RuntimeError(f"{owner} is closed")
+    frames = _as_frames(frames)
+    if frames.shape[1:3] != (height, width):
+        raise ValueError(f"block frames are {frames.shape[2]}x{frames.shape[1]}, "
+                         f"the {owner} was opened for {width}x{height}")
+    return frames
+
+
 def _video_frame(rgb: np.ndarray, pts: int, time_base: Fraction) -> av.VideoFrame:
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
     frame.pts, frame.time_base = pts, time_base
@@ -117,12 +128,7 @@ class MP4Writer:
 
     def write(self, frames: Frames) -> None:
         """Encode one block of uint8 [T, H, W, 3] frames (any T, including 0)."""
-        if self._closed:
-            raise RuntimeError("MP4Writer is closed")
-        frames = _as_frames(frames)
-        if frames.shape[1:3] != (self.height, self.width):
-            raise ValueError(f"block frames are {frames.shape[2]}x{frames.shape[1]}, "
-                             f"the writer was opened for {self.width}x{self.height}")
+        frames = _open_block(frames, self._closed, self.width, self.height, "MP4Writer")
         for rgb in frames:
             frame = _video_frame(rgb, self.frames_written, self._time_base)
             self._container.mux(self._stream.encode(frame))
@@ -211,12 +217,7 @@ class FragmentedMP4Encoder:
 
     def encode(self, frames: Frames) -> bytes:
         """Encode a block of uint8 [T, H, W, 3] frames; returns its fragment (init segment first)."""
-        if self._closed:
-            raise RuntimeError("FragmentedMP4Encoder is closed")
-        frames = _as_frames(frames)
-        if frames.shape[1:3] != (self.height, self.width):
-            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, "
-                             f"the encoder was opened for {self.width}x{self.height}")
+        frames = _open_block(frames, self._closed, self.width, self.height, "FragmentedMP4Encoder")
         packets = []
         for i, rgb in enumerate(frames):
             frame = _video_frame(rgb, self.frames_encoded, self._codec.time_base)
