@@ -10,11 +10,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `2e-6` is a number (PyYAML's YAML 1.1 rules would make it a string)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 class ConfigError(ValueError):
@@ -288,6 +305,86 @@ class CheckpointConfig(_Section):
     use_ema: bool = False
 
 
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+class TeacherConfig(_Section):
+    """The frozen real-score model (bidirectional Wan). `arch` None means the student's `model`
+    architecture (the paper uses Wan2.1-T2V-14B: set `arch` to its sizes). `checkpoint` None
+    builds seeded random weights (tiny configs only)."""
+
+    arch: WanArchConfig | None = None
+    checkpoint: str | None = None
+
+
+class LearnerConfig(_Section):
+    """The DeepSpeed learner on Ray Train (REFERENCE.md section 4; DESIGN.md dataflow).
+
+    One iteration = one critic update on `batch_size` samples per worker; every
+    `dfake_gen_update_ratio`-th iteration (starting with the first) is also a generator update
+    (replay of the samples' exit steps, Re-DMD), after which the weights are published to the
+    actors as a new version. `max_steps` counts iterations. The critic (fake score) starts from
+    `critic_checkpoint`, or from the teacher's weights when the architectures match.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    batch_size: int = 1
+    max_steps: int = 600
+    generator_lr: float = 2e-6
+    critic_lr: float = 4e-7
+    betas: list[float] = Field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    dfake_gen_update_ratio: int = 5
+    ema_decay: float = 0.99
+    ema_start_step: int = 200
+    guidance_scale: float = 3.0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    beta: float = 2.0
+    reward_axis: Literal["VQ", "MQ", "TA"] = "MQ"
+    reward_weight_clip: float | None = None
+    reward_weight_normalize: bool = False
+    min_timestep: int = 20
+    max_timestep: int = 980
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    critic_checkpoint: str | None = None
+    publish_weights: Literal["raw", "ema"] = "raw"
+    sample_timeout_s: float = 600.0
+    samples_parquet: str | None = None
+    deterministic: bool = False
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    resume: bool = True
+    max_failures: int = 0  # worker-group restarts Ray Train may do; each resumes from the last checkpoint
+
+    @model_validator(mode="after")
+    def _check(self) -> "LearnerConfig":
+        if self.num_workers < 1 or self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError("learner.num_workers, learner.batch_size and learner.max_steps must be >= 1")
+        if self.dfake_gen_update_ratio < 1:
+            raise ValueError("learner.dfake_gen_update_ratio must be >= 1")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"learner.betas must be two floats in [0, 1), got {self.betas}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"learner.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ValueError("need 0 <= learner.min_timestep < learner.max_timestep <= 1000")
+        if self.checkpoint_every < 1 or self.keep_last < 1:
+            raise ValueError("learner.checkpoint_every and learner.keep_last must be >= 1")
+        if self.reward_weight_clip is not None and self.reward_weight_clip <= 1.0:
+            raise ValueError("learner.reward_weight_clip bounds the weight to [1/clip, clip]: it must be > 1 (or null)")
+        return self
+
+
 class Config(_Section):
     model: WanArchConfig = Field(default_factory=WanArchConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -300,6 +397,7 @@ class Config(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reward_service: RewardServiceConfig = Field(default_factory=RewardServiceConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -311,6 +409,14 @@ class Config(_Section):
             raise ValueError(
                 f"video.num_latent_frames ({self.video.num_latent_frames}) must be a multiple of "
                 f"stream.num_frame_per_block ({self.stream.num_frame_per_block})")
+        teacher = self.learner.teacher.arch
+        if teacher is not None:
+            shared = ("in_dim", "out_dim", "text_dim", "text_len", "patch_size")
+            differ = [f"{k} (model {getattr(self.model, k)}, teacher {getattr(teacher, k)})"
+                      for k in shared if getattr(teacher, k) != getattr(self.model, k)]
+            if differ:
+                raise ValueError("learner.teacher.arch must share the student's latent, text and patch sizes: "
+                                 + ", ".join(differ))
         return self
 
     def check_paths(self) -> None:
@@ -318,6 +424,9 @@ class Config(_Section):
         paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
                  "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint,
                  "reward.checkpoint": self.reward.checkpoint,
+                 "learner.teacher.checkpoint": self.learner.teacher.checkpoint,
+                 "learner.critic_checkpoint": self.learner.critic_checkpoint,
+                 "learner.samples_parquet": self.learner.samples_parquet,
                  "reward_service.auth_token_file": self.reward_service.auth_token_file}
         missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
         if missing:
@@ -354,7 +463,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        node[parts[-1]] = _yaml(raw) if raw else None
     return data
 
 
@@ -364,7 +473,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (configs live in {REPO_ROOT / 'configs'})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

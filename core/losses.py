@@ -60,6 +60,13 @@ def reward_weights(rewards: torch.Tensor, beta: float, clip: float | None = None
     return w
 
 
+def weighted_dmd_loss(x: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean_b(w_b * mse_b): the DMD loss with one weight per video (float64)."""
+    if weights.shape != (x.shape[0],):
+        raise ValueError(f"need one reward weight per video: weights {tuple(weights.shape)} for a batch of {x.shape[0]}")
+    return 0.5 * (weights.double().to(x.device) * _per_sample_mse(x, grad)).mean()
+
+
 def redmd_loss(x: torch.Tensor, grad: torch.Tensor, rewards: torch.Tensor, beta: float = 2.0,
                clip: float | None = None, normalize: bool = False) -> torch.Tensor:
     """Re-DMD: 0.5 * mean_b(exp(beta * r_b) * mse_b), one reward per video.
@@ -69,7 +76,7 @@ def redmd_loss(x: torch.Tensor, grad: torch.Tensor, rewards: torch.Tensor, beta:
     """
     if rewards.shape != (x.shape[0],):
         raise ValueError(f"need one reward per video: rewards {tuple(rewards.shape)} for a batch of {x.shape[0]}")
-    return 0.5 * (reward_weights(rewards, beta, clip, normalize).to(x.device) * _per_sample_mse(x, grad)).mean()
+    return weighted_dmd_loss(x, grad, reward_weights(rewards, beta, clip, normalize))
 
 
 def redmd_loss_first_video(x: torch.Tensor, grad: torch.Tensor, reward: torch.Tensor, beta: float = 2.0) -> torch.Tensor:

@@ -49,8 +49,9 @@ class VideoChunk:
     decode_s: float
 
 
-def build_generator(cfg: Config, device: torch.device) -> CausalWanModel:
-    """The causal generator: seeded random weights, or the local checkpoint in checkpoint.generator."""
+def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype | None = None) -> CausalWanModel:
+    """The causal generator (frozen, in runtime.dtype unless `dtype` is given): seeded random weights,
+    or the local checkpoint in checkpoint.generator."""
     from core.checkpoint import load_into, load_wan_state_dict
 
     torch.manual_seed(cfg.runtime.seed)
@@ -58,7 +59,7 @@ def build_generator(cfg: Config, device: torch.device) -> CausalWanModel:
     if cfg.checkpoint.generator:
         load_into(model, load_wan_state_dict(cfg.checkpoint.generator, role="generator", use_ema=cfg.checkpoint.use_ema))
     model.attention_backend = cfg.runtime.attention_backend
-    return model.to(device=device, dtype=DTYPES[cfg.runtime.dtype]).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype or DTYPES[cfg.runtime.dtype]).eval().requires_grad_(False)
 
 
 class VideoPipeline:

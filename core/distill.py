@@ -1,0 +1,103 @@
+"""One Re-DMD iteration's math: the generator's replayed loss and the critic's flow loss.
+
+The learner holds three models: the causal generator (trainable), the critic / fake score
+(bidirectional, trainable) and the teacher / real score (bidirectional, frozen). A rollout
+sample (core.sample) carries each block's exit-step input; `ReDMD.replay` recomputes the
+exit-step predictions with grad, which is Self Forcing's generator output and gradient
+(DESIGN.md). The generator loss compares critic and teacher (CFG with the negative prompt)
+at a random noise level and weights each video by exp(beta * reward); the critic learns
+the flow of the detached samples. Optimisers, sharding and orchestration live elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.config import Config, ConfigError, LearnerConfig
+from core.losses import critic_loss, dmd_gradient, noisy_latent, training_timesteps, weighted_dmd_loss
+from core.rollout import RolloutRecord, SelfForcedRollout
+from core.scheduler import FlowMatchScheduler
+from core.wan.model import CausalWanModel, WanModel
+
+
+def predict_x0(model: torch.nn.Module, sched: FlowMatchScheduler, x_t: torch.Tensor, t: torch.Tensor,
+               context: torch.Tensor) -> torch.Tensor:
+    """x0 prediction of a bidirectional Wan for x_t [B, F, C, H, W] at per-frame timesteps t [B, F]."""
+    b, f = x_t.shape[:2]
+    flow = model(x_t.transpose(1, 2), t, context).transpose(1, 2)
+    return sched.x0_from_flow(flow.flatten(0, 1), x_t.flatten(0, 1), t.flatten()).unflatten(0, (b, f))
+
+
+class ReDMD:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.learner: LearnerConfig = cfg.learner
+        self.scheduler = FlowMatchScheduler.from_config(cfg.scheduler)
+        self.rollout_timesteps = self.scheduler.denoising_timesteps(cfg.scheduler.denoising_step_list,
+                                                                    cfg.scheduler.warp_denoising_step)
+
+    def _timesteps(self, batch: int, frames: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        t_raw = torch.randint(0, self.scheduler.num_train_timesteps, (batch, 1), generator=rng)
+        return training_timesteps(self.scheduler, t_raw, frames, self.learner.min_timestep,
+                                  self.learner.max_timestep).to(device)
+
+    @staticmethod
+    def _noise(like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return torch.randn(like.shape, generator=rng, dtype=torch.float32).to(like.device, like.dtype)
+
+    def replay(self, generator: CausalWanModel, record: RolloutRecord, context: torch.Tensor) -> torch.Tensor:
+        """The sample's exit-step predictions [B, F, C, H, W], with grad w.r.t. the generator's weights."""
+        rollout = SelfForcedRollout(generator, self.scheduler, self.rollout_timesteps, self.cfg.scheduler.context_noise)
+        noisy = record.blocks[0].noisy
+        cache = generator.init_cache(noisy.shape[0], tuple(noisy.shape[-2:]), device=noisy.device, dtype=noisy.dtype)
+        return rollout.replay_exit_steps(record, context, cache)
+
+    def generator_loss(self, x: torch.Tensor, critic: WanModel, teacher: WanModel, context: torch.Tensor,
+                       negative_context: torch.Tensor, weights: torch.Tensor,
+                       rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Re-DMD loss of the replayed sample x (weights = exp(beta * reward) per video)."""
+        b, f = x.shape[:2]
+        t = self._timesteps(b, f, rng, x.device)
+        with torch.no_grad():
+            x_t = noisy_latent(self.scheduler, x.detach(), self._noise(x, rng), t)
+            pred_fake = predict_x0(critic, self.scheduler, x_t, t, context)
+            pred_cond = predict_x0(teacher, self.scheduler, x_t, t, context)
+            pred_uncond = predict_x0(teacher, self.scheduler, x_t, t, negative_context)
+            grad = dmd_gradient(x.detach(), pred_fake, pred_cond, pred_uncond, self.learner.guidance_scale)
+        loss = weighted_dmd_loss(x, grad, weights)
+        return loss, {"dmd_grad_norm": float(grad.abs().mean()), "dmd_timestep": float(t[:, 0].mean())}
+
+    def critic_loss(self, critic: WanModel, clean: torch.Tensor, context: torch.Tensor,
+                    rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Flow-matching loss of the critic on detached generator samples clean [B, F, C, H, W]."""
+        clean = clean.detach()
+        b, f = clean.shape[:2]
+        t = self._timesteps(b, f, rng, clean.device)
+        noise = self._noise(clean, rng)
+        pred_x0 = predict_x0(critic, self.scheduler, noisy_latent(self.scheduler, clean, noise, t), t, context)
+        return critic_loss(self.scheduler, clean, noise, t, pred_x0), {"critic_timestep": float(t[:, 0].mean())}
+
+
+def build_score_models(cfg: Config) -> tuple[WanModel, WanModel]:
+    """(teacher, critic) in float32 on CPU: from their checkpoints, the critic from the teacher's weights when
+    the architectures match and no critic checkpoint is set, or seeded random weights (tiny configs)."""
+    from core.checkpoint import load_into, load_wan_state_dict
+
+    learner = cfg.learner
+    teacher_arch = learner.teacher.arch or cfg.model
+    torch.manual_seed(cfg.runtime.seed)
+    teacher = WanModel(teacher_arch)
+    if learner.teacher.checkpoint:
+        load_into(teacher, load_wan_state_dict(learner.teacher.checkpoint))
+    torch.manual_seed(cfg.runtime.seed)
+    critic = WanModel(cfg.model)
+    if learner.critic_checkpoint:
+        load_into(critic, load_wan_state_dict(learner.critic_checkpoint, role="critic"))
+    elif teacher_arch == cfg.model:
+        critic.load_state_dict(teacher.state_dict())
+    else:
+        raise ConfigError("learner.critic_checkpoint is required when the teacher's architecture differs from the "
+                          "student's (the paper starts the critic from base Wan2.1-T2V-1.3B)")
+    for m in (teacher, critic):
+        m.attention_backend = cfg.runtime.attention_backend
+    return teacher.eval().requires_grad_(False), critic.train().requires_grad_(True)

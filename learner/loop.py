@@ -1,0 +1,222 @@
+"""The learner's iteration loop on one Ray Train worker: critic and generator updates, EMA, publish, checkpoint.
+
+Per iteration each worker takes `batch_size` samples (its own, from the pool or a Parquet file).
+On every `dfake_gen_update_ratio`-th iteration, starting with the first (Self Forcing's order),
+the generator replays the samples' exit steps with grad and takes one Re-DMD update; the new
+weights go into the fp32 EMA (from `ema_start_step`) and are published as the next version.
+Then the critic takes one flow-matching update on the detached samples. The math is in
+`core.distill`; this module only sequences it, averages the metrics over workers and keeps
+the loop state that a checkpoint must restore.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from core.config import Config
+from core.distill import ReDMD
+from core.ema import EMA
+from core.losses import reward_weights
+from core.pipeline import DTYPES
+from core.sample import Sample
+from core.text_encoder import TextEncoder
+from learner import checkpointing
+from learner.engines import Models, build_models, full_weights
+from learner.publish import ObjectStorePublisher
+from learner.samples import ParquetSamples, PoolSamples
+
+# Averaged over workers each iteration; the last entry carries rank 0's stop request to every rank.
+_REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "staleness", "dmd_grad_norm", "stop")
+
+
+class Learner:
+    def __init__(self, cfg: Config, device: torch.device, pool=None, control=None,
+                 on_step: Callable[[dict], None] | None = None):
+        self.cfg, self.learner = cfg, cfg.learner
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.pool, self.control, self.on_step = pool, control, on_step
+        if self.learner.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed = cfg.runtime.seed
+        torch.manual_seed(seed)
+        self.models: Models = build_models(cfg, device)
+        self.distill = ReDMD(cfg)
+        self.text_encoder = TextEncoder.from_config(cfg, device, self.models.dtype)
+        with torch.no_grad():
+            self.negative_context = self.text_encoder.encode([self.learner.negative_prompt])
+        self.rng = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
+        self.samples = (ParquetSamples(self.learner.samples_parquet, self.rank, self.world_size)
+                        if self.learner.samples_parquet else PoolSamples(pool, self.learner.sample_timeout_s))
+        self.publisher = ObjectStorePublisher(pool, DTYPES[cfg.runtime.dtype]) if pool is not None else None
+        self.step, self.version, self.ema = 0, 0, None
+        self.counters = {"samples": 0, "generator_updates": 0, "publish_s": 0.0}
+        self.root = checkpointing.checkpoint_dir(self.learner.output_dir)
+        self.last_saved: int | None = None
+
+    # -------------------------------------------------------------------------------- state
+
+    def _rng_state(self) -> dict:
+        return {"learner": self.rng.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate()}
+
+    def _loop_state(self) -> dict:
+        return {"step": self.step, "version": self.version, "ema": self.ema.state_dict() if self.ema else None,
+                "counters": dict(self.counters), "world_size": self.world_size,
+                "prompt_state": ray.get(self.pool.state.remote()) if self.pool is not None else None,
+                "config": self.cfg.model_dump()}
+
+    def save(self) -> Path:
+        engines = {"generator": self.models.generator, "critic": self.models.critic}
+        state = self._loop_state() if self.rank == 0 else None
+        path = checkpointing.save(self.root, self.step, engines, state, self._rng_state(), self.learner.keep_last)
+        self.last_saved = self.step
+        return path
+
+    def resume(self, path: str | Path | None = None) -> Path | None:
+        """Restore the latest complete checkpoint (or `path`); returns what was loaded."""
+        path = Path(path) if path else checkpointing.latest_checkpoint(self.root)
+        if path is None:
+            return None
+        engines = {"generator": self.models.generator, "critic": self.models.critic}
+        state, rng = checkpointing.load(path, engines)
+        self.step, self.version, self.counters = state["step"], state["version"], dict(state["counters"])
+        self.ema = EMA.from_state_dict(state["ema"]) if state["ema"] else None
+        if rng is not None and state["world_size"] == self.world_size:
+            self.rng.set_state(rng["learner"])
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        self.last_saved = self.step
+        return path
+
+    # -------------------------------------------------------------------------------- updates
+
+    def _context(self, sample: Sample) -> torch.Tensor:
+        with torch.no_grad():
+            return self.text_encoder.encode([sample.prompt])
+
+    def _record(self, sample: Sample):
+        record = sample.to_rollout_record(self.device)
+        for b in record.blocks:
+            b.noisy, b.clean = b.noisy.to(self.models.dtype), b.clean.to(self.models.dtype)
+            if b.context_input is not None:
+                b.context_input = b.context_input.to(self.models.dtype)
+        return record
+
+    def generator_update(self, samples: list[Sample]) -> dict[str, float]:
+        rewards = torch.tensor([s.rewards_normalized[self.learner.reward_axis] for s in samples], dtype=torch.float64)
+        weights = reward_weights(rewards, self.learner.beta, self.learner.reward_weight_clip,
+                                 self.learner.reward_weight_normalize)
+        engine, m = self.models.generator, self.models
+        losses, grad_norms = [], []
+        for i, sample in enumerate(samples):  # micro batches of one video; DeepSpeed accumulates and steps once
+            context = self._context(sample)
+            x = self.distill.replay(m.generator_module, self._record(sample), context)
+            loss, stats = self.distill.generator_loss(x, m.critic_module, m.teacher, context, self.negative_context,
+                                                      weights[i:i + 1], self.rng)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            grad_norms.append(stats["dmd_grad_norm"])
+        self.version += 1
+        self.counters["generator_updates"] += 1
+        self._after_generator_update()
+        return {"generator_loss": float(np.mean(losses)), "reward_weight": float(weights.mean()),
+                "dmd_grad_norm": float(np.mean(grad_norms))}
+
+    def _after_generator_update(self) -> None:
+        """EMA (from ema_start_step, fp32) and publication of the new version, both from rank 0."""
+        weights = full_weights(self.models.generator, self.learner.zero_stage)  # collective under ZeRO-3
+        if self.rank != 0:
+            return
+        if self.step >= self.learner.ema_start_step:
+            if self.ema is None:
+                self.ema = EMA(weights, self.learner.ema_decay)
+            else:
+                self.ema.update(weights)
+        self._publish(weights)
+
+    def _publish(self, weights: dict[str, torch.Tensor] | None) -> None:
+        if self.publisher is None or self.rank != 0:
+            return
+        published = self.ema.shadow if self.learner.publish_weights == "ema" and self.ema else weights
+        self.counters["publish_s"] += self.publisher.publish(self.version, published)
+
+    def critic_update(self, samples: list[Sample]) -> dict[str, float]:
+        engine, losses = self.models.critic, []
+        for sample in samples:
+            clean = sample.clean.to(self.device, self.models.dtype)
+            loss, _ = self.distill.critic_loss(self.models.critic_module, clean, self._context(sample), self.rng)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return {"critic_loss": float(np.mean(losses))}
+
+    # -------------------------------------------------------------------------------- loop
+
+    def _stop_requested(self) -> bool:
+        if self.control is None or self.rank != 0:
+            return False
+        return bool(ray.get(self.control.stop_requested.remote()))
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over workers of each reduced metric (the stop flag becomes 'any rank stops')."""
+        t = torch.tensor([values.get(k, float("nan")) for k in _REDUCED], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return dict(zip(_REDUCED, t.tolist()))
+
+    def iteration(self) -> dict[str, float]:
+        start = time.perf_counter()
+        samples = self.samples.next(self.step, self.learner.batch_size)
+        wait_s = time.perf_counter() - start
+        self.counters["samples"] += len(samples)
+        values = {"reward": float(np.mean([s.rewards_normalized[self.learner.reward_axis] for s in samples])),
+                  "staleness": float(np.mean([self.version - s.weight_version for s in samples]))}
+        generator_step = self.step % self.learner.dfake_gen_update_ratio == 0
+        if generator_step:
+            values.update(self.generator_update(samples))
+        values.update(self.critic_update(samples))
+        values["stop"] = float(self._stop_requested())
+        metrics = {k: v for k, v in self._reduce(values).items() if v == v}  # NaN: not measured this iteration
+        self.step += 1
+        metrics.update(step=self.step, version=self.version, generator_step=generator_step,
+                       sample_wait_s=wait_s, iteration_s=time.perf_counter() - start, **self.counters)
+        return metrics
+
+    def run(self) -> dict:
+        """Train to learner.max_steps (or until a stop is requested), checkpointing on the way and at the end."""
+        resumed = self.resume() if self.learner.resume else None
+        if self.pool is not None:
+            if self.version > 0:  # actors start from the initial weights: give them the resumed ones first
+                self._publish(full_weights(self.models.generator, self.learner.zero_stage))
+            if self.rank == 0:
+                ray.get(self.pool.start.remote())
+        metrics: dict = {}
+        while self.step < self.learner.max_steps:
+            metrics = self.iteration()
+            if self.on_step is not None and self.rank == 0:
+                self.on_step(metrics)
+            if metrics["stop"] > 0:  # a clean stop: checkpoint below and return
+                break
+            if self.step % self.learner.checkpoint_every == 0:
+                self.save()
+        if self.last_saved != self.step:
+            self.save()
+        export = None
+        if self.rank == 0:
+            export = checkpointing.export_weights(checkpointing.latest_checkpoint(self.root),
+                                                  Path(self.learner.output_dir) / "export")
+        return {"step": self.step, "version": self.version, "resumed_from": str(resumed) if resumed else None,
+                "stopped_early": self.step < self.learner.max_steps, "export": export, "last_metrics": metrics}

@@ -1,0 +1,83 @@
+"""The learner as a Ray Train `TorchTrainer`: one `Learner` per worker, gloo on CPU, NCCL on GPU.
+
+`build_trainer` turns the `learner` config section into Ray Train's scaling, run and failure
+configs. The loop state lives in our own checkpoints (learner.checkpointing), so a worker group
+that Ray Train restarts after a failure (`learner.max_failures`) resumes from the last one.
+`LearnerControl` is the small actor through which the driver asks for a clean stop, reads the
+latest metrics while `fit()` runs, and gets rank 0's summary when it ends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from core.config import Config
+
+
+@ray.remote(num_cpus=0)
+class LearnerControl:
+    def __init__(self):
+        self.stop, self.metrics, self.reports, self.result = False, None, 0, None
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def report(self, metrics: dict) -> None:
+        self.metrics, self.reports = metrics, self.reports + 1
+
+    def latest(self) -> dict | None:
+        return self.metrics
+
+    def finish(self, result: dict) -> None:
+        self.result = result
+
+    def summary(self) -> dict | None:
+        """Rank 0's end-of-run summary (step, version, resumed_from, export paths, last metrics)."""
+        return self.result
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    from ray.train.torch import get_device
+
+    from learner.loop import Learner
+
+    cfg = Config.model_validate(loop_config["config"])
+    torch.set_num_threads(max(1, int(cfg.learner.cpus_per_worker)))
+    device = get_device()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    control = loop_config.get("control")
+    on_step = (lambda m: control.report.remote(m)) if control is not None else None
+    learner = Learner(cfg, device, loop_config.get("pool"), control, on_step)
+    result = learner.run()
+    if control is not None and learner.rank == 0:
+        ray.get(control.finish.remote(result | {"export": {k: str(v) for k, v in (result["export"] or {}).items()}}))
+
+
+def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
+                  control: ray.actor.ActorHandle | None = None) -> TorchTrainer:
+    """A TorchTrainer running the learner; `pool` is the RolloutPool (None with learner.samples_parquet);
+    `control` a LearnerControl for stop requests, live metrics and the summary."""
+    learner = cfg.learner
+    if pool is None and not learner.samples_parquet:
+        raise ValueError("the learner needs a RolloutPool, or learner.samples_parquet to train on recorded samples")
+    output_dir = Path(learner.output_dir).resolve()  # workers run in their own working directories
+    cfg = cfg.model_copy(update={"learner": learner.model_copy(update={"output_dir": str(output_dir)})})
+    resources = {"CPU": learner.cpus_per_worker} | ({"GPU": 1} if learner.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "pool": pool, "control": control},
+        scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
+        run_config=RunConfig(name="learner", storage_path=str(output_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=learner.max_failures)),
+    )
