@@ -1,6 +1,8 @@
 """The one command line: `python launch.py <command> [--config FILE] [key=value ...]`.
 
 Commands:
+  train          the distillation job: reward service + rollout actors + DeepSpeed learner on Ray,
+                 to learner.max_steps, with checkpoints, metrics, TensorBoard and sample videos.
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
@@ -86,6 +88,12 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     print(f"text encoder cache: {hits} hits, {misses} misses")
 
 
+def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
+    from learner.job import print_summary, run
+
+    print_summary(run(cfg, args.address, args.wait_for_resources, args.config))
+
+
 def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
     import time
 
@@ -131,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. stream.sink_size=3")
         return p
 
+    p = command("train", "the Reward Forcing distillation job (embedded default: tiny CPU run)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, as under `ray job submit`, else a new local Ray)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="skip the up-front resource check (an autoscaling cluster adds the nodes the job asks for)")
+
     p = command("generate", "text to MP4 with the streaming generator")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text prompt")
@@ -154,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
-    commands = {"generate": cmd_generate, "reward-server": cmd_reward_server, "score": cmd_score}
+    commands = {"train": cmd_train, "generate": cmd_generate, "reward-server": cmd_reward_server, "score": cmd_score}
     try:
         cfg = load_config(args.config, overrides)
         commands[args.command](cfg, args)
     except (ConfigError, CheckpointError, StreamLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RewardError as e:
+    except (RewardError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -56,6 +56,8 @@ class RolloutPool:
         self.started = time.monotonic()
         self.stopping = False
         self.tasks: list[asyncio.Task] = []
+        self.video_requests: deque[str] = deque()  # MP4 paths the next rollouts write their frames to
+        self.videos: list[str] = []
 
     async def start(self) -> None:
         """Start one dispatch loop per actor (idempotent)."""
@@ -75,14 +77,17 @@ class RolloutPool:
                 return
             item = self.source.take()
             self.in_flight[i] = item
+            video = self.video_requests.popleft() if self.video_requests else None
             try:
-                result = await self.workers[i].rollout.remote(item, self.version, [self.weights])
+                result = await self.workers[i].rollout.remote(item, self.version, [self.weights], video)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 # The rollout died with its actor: hand the prompt out again. An actor that keeps
                 # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
                 stats["lost_in_a_row"] += 1
                 self.source.release(item)
+                if video:
+                    self.video_requests.appendleft(video)
                 if stats["lost_in_a_row"] > self.cfg.actors.max_restarts + 1:
                     self.dead[i] = f"{type(e).__name__}: {e}"[:500]
                     return
@@ -99,6 +104,8 @@ class RolloutPool:
                 async with self.changed:
                     self.changed.notify_all()
             stats["lost_in_a_row"] = 0
+            if video and "decode_s" in result.timings:
+                self.videos.append(video)
             for key, seconds in result.timings.items():
                 stats[key] += seconds
             if result.drop_reason:
@@ -109,6 +116,10 @@ class RolloutPool:
                 self.queue.append((result.batch, item))
             async with self.changed:
                 self.changed.notify_all()
+
+    def request_video(self, path: str) -> None:
+        """Have the next rollout also write its decoded frames to the MP4 `path` (a look at the current policy)."""
+        self.video_requests.append(path)
 
     def publish(self, version: int, weights: list) -> None:
         """Make `weights[0]` (an object-store ref to a state dict) the weights of `version`."""
@@ -153,6 +164,7 @@ class RolloutPool:
                                "last_error": self.errors.get(name)}
         return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
                 "delivered": self.delivered, "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
+                "videos": list(self.videos),
                 "elapsed_s": elapsed, "actors": per_actor}
 
     def state(self) -> dict:

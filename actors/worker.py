@@ -75,7 +75,8 @@ class RolloutWorker:
 
         return to_uint8_frames(self.pipe.vae.decode(clean.transpose(1, 2))).numpy()
 
-    async def rollout(self, item: WorkItem, version: int, weights: list) -> Rollout:
+    async def rollout(self, item: WorkItem, version: int, weights: list, video_path: str | None = None) -> Rollout:
+        """One scored sample; with `video_path` the decoded frames are also written there as an MP4."""
         from reward_service.client import RewardError
 
         timings = {"load_weights_s": self._load_weights(version, weights)}
@@ -88,6 +89,10 @@ class RolloutWorker:
         start = time.perf_counter()
         frames = self._decode(clean)
         timings["decode_s"] = time.perf_counter() - start
+        if video_path:
+            from core.video_io import write_mp4
+
+            write_mp4(video_path, frames, self.cfg.video.fps)
         start = time.perf_counter()
         try:
             score = await self.reward.score(frames, float(self.cfg.video.fps), item.prompt)

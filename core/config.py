@@ -360,7 +360,8 @@ class LearnerConfig(_Section):
     sample_timeout_s: float = 600.0
     samples_parquet: str | None = None
     deterministic: bool = False
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # checkpoints/, export/, metrics.csv|parquet, tensorboard/, videos/
+    video_every: int = 10  # write one rollout's video every N steps (0: never)
     checkpoint_every: int = 50
     keep_last: int = 3
     resume: bool = True

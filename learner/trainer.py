@@ -22,7 +22,9 @@ from core.config import Config
 @ray.remote(num_cpus=0)
 class LearnerControl:
     def __init__(self):
-        self.stop, self.metrics, self.reports, self.result = False, None, 0, None
+        self.stop, self.result = False, None
+        self.pending: list[dict] = []  # reported since the last drain
+        self.metrics: dict | None = None
 
     def request_stop(self) -> None:
         self.stop = True
@@ -31,10 +33,16 @@ class LearnerControl:
         return self.stop
 
     def report(self, metrics: dict) -> None:
-        self.metrics, self.reports = metrics, self.reports + 1
+        self.metrics = metrics
+        self.pending.append(metrics)
 
     def latest(self) -> dict | None:
         return self.metrics
+
+    def drain(self) -> list[dict]:
+        """Every step's metrics reported since the last call, in order (none is skipped)."""
+        rows, self.pending = self.pending, []
+        return rows
 
     def finish(self, result: dict) -> None:
         self.result = result

@@ -1,0 +1,227 @@
+"""The distillation job (`launch.py train`): reward service + rollout actors + learner, start to clean stop.
+
+Order: validate the config against the cluster's resources, deploy the reward service on Ray
+Serve, create the actor pool (from the checkpoint's prompt cursor when resuming), run the
+learner under Ray Train in a background thread and follow it from here: every step's metrics
+go to `metrics.csv`, TensorBoard and a live progress bar, and every `video_every` steps one
+rollout's video is written. Ctrl-C asks the learner for a clean stop (it checkpoints at the end
+of the current iteration); a second Ctrl-C abandons the run. Everything started here is shut
+down at the end, and a summary says where everything was written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+import yaml
+
+from core.config import Config, ConfigError
+from learner import checkpointing
+
+COLUMNS = ("step", "version", "generator_step", "generator_loss", "critic_loss", "reward", "reward_weight", "staleness",
+           "dmd_grad_norm", "samples", "sample_wait_s", "iteration_s", "publish_s", "queue_depth", "in_flight",
+           "delivered", "dropped", "wall_s")
+
+
+def required_resources(cfg: Config) -> dict[str, float]:
+    """CPUs and GPUs the job asks Ray for at its start."""
+    svc, a, learner = cfg.reward_service, cfg.actors, cfg.learner
+    return {"CPU": svc.num_cpus * svc.min_replicas + a.num_cpus * a.num_actors + learner.cpus_per_worker * learner.num_workers,
+            "GPU": svc.num_gpus * svc.min_replicas + a.num_gpus * a.num_actors + (learner.num_workers if learner.use_gpu else 0)}
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """One clear error for a job this cluster cannot place (CPU/GPU totals, GPU settings on a CPU-only run)."""
+    problems = []
+    if cfg.runtime.device == "cpu" and (cfg.actors.num_gpus > 0 or cfg.learner.use_gpu):
+        problems.append("runtime.device is cpu but actors.num_gpus > 0 or learner.use_gpu is set: "
+                        "use runtime.device=cuda (or auto), or drop the GPU requests")
+    need = required_resources(cfg)
+    for kind, amount in need.items():
+        have = available.get(kind, 0.0)
+        if amount > have + 1e-9:
+            problems.append(f"the job needs {amount:g} {kind} (reward_service {cfg.reward_service.min_replicas} x "
+                            f"{getattr(cfg.reward_service, 'num_' + kind.lower() + 's')}, actors {cfg.actors.num_actors} x "
+                            f"{getattr(cfg.actors, 'num_' + kind.lower() + 's')}, learner {cfg.learner.num_workers} workers) "
+                            f"but the Ray cluster has {have:g}: lower actors.num_actors / actors.num_{kind.lower()}s / "
+                            "learner.num_workers, or add nodes (pass --wait-for-resources on an autoscaling cluster)")
+    if problems:
+        raise ConfigError("impossible resource request:\n  " + "\n  ".join(problems))
+
+
+class MetricsLog:
+    """Per-step metrics as CSV (appended as they come), TensorBoard events, and Parquet at close."""
+
+    def __init__(self, out: Path):
+        from tensorboardX import SummaryWriter
+
+        self.csv_path, self.parquet_path, self.tb_dir = out / "metrics.csv", out / "metrics.parquet", out / "tensorboard"
+        new = not self.csv_path.exists()
+        self.file = self.csv_path.open("a", newline="")
+        self.csv = csv.DictWriter(self.file, COLUMNS, extrasaction="ignore")
+        if new:
+            self.csv.writeheader()
+        self.tb = SummaryWriter(str(self.tb_dir))
+        self.rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        self.csv.writerow(row)
+        self.file.flush()
+        for key in COLUMNS[1:]:
+            if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool):
+                self.tb.add_scalar(key, row[key], row["step"])
+        self.rows.append({k: row.get(k) for k in COLUMNS})
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+        if self.rows:
+            pq.write_table(pa.Table.from_pylist([{k: (float(v) if v is not None else None) for k, v in r.items()}
+                                                 for r in self.rows]), self.parquet_path)
+
+
+def _resume_state(cfg: Config) -> dict | None:
+    if not cfg.learner.resume:
+        return None
+    latest = checkpointing.latest_checkpoint(checkpointing.checkpoint_dir(cfg.learner.output_dir))
+    return torch.load(latest / "loop_state.pt", weights_only=False) if latest else None
+
+
+def _deploy_reward_service(cfg: Config) -> str:
+    from ray import serve
+
+    from reward_service.app import build_app
+
+    svc, name = cfg.reward_service, cfg.actors.reward_app
+    # joins a running Serve as is; otherwise starts its HTTP proxy on reward_service.host:port
+    serve.start(http_options={"host": svc.host, "port": svc.port, "request_timeout_s": svc.request_timeout_s})
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return name
+
+
+def _progress_line(row: dict, pool_metrics: dict, elapsed: float) -> dict:
+    post = {"v": row["version"], "reward": f"{row['reward']:.3f}", "critic": f"{row['critic_loss']:.4f}",
+            "samples/s": f"{pool_metrics.get('delivered', 0) / max(elapsed, 1e-9):.2f}", "stale": f"{row['staleness']:.1f}",
+            "queue": pool_metrics.get("queue_depth", 0), "drops": sum(pool_metrics.get("drops", {}).values())}
+    if "generator_loss" in row:
+        post["gen"] = f"{row['generator_loss']:.4g}"
+    return post
+
+
+def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False, config_path: str | None = None) -> dict:
+    """Run the whole job; returns the end-of-run summary."""
+    from ray import serve
+    from tqdm import tqdm
+
+    from actors.pool import RolloutPool
+    from learner.trainer import LearnerControl, build_trainer
+
+    cfg.check_paths()
+    out = Path(cfg.learner.output_dir).resolve()
+    cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"output_dir": str(out)})})
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    if not wait_for_resources:
+        check_resources(cfg, ray.cluster_resources())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
+    resume = _resume_state(cfg)
+    start_step = resume["step"] if resume else 0
+    app = _deploy_reward_service(cfg)
+    pool_name = f"rollout-{int(time.time())}"
+    pool = RolloutPool.options(name=pool_name).remote(cfg.model_dump(), pool_name, resume["prompt_state"] if resume else None)
+    control = LearnerControl.remote()
+    fit: dict = {}
+    thread = threading.Thread(target=lambda: fit.update(result=build_trainer(cfg, pool, control).fit()), daemon=True)
+    metrics_log = MetricsLog(out)
+    (out / "videos").mkdir(exist_ok=True)
+    bar = tqdm(total=cfg.learner.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+    t0, interrupted, pool_metrics = time.monotonic(), False, {}
+    thread.start()
+    try:
+        while thread.is_alive():
+            try:
+                thread.join(timeout=1.0)
+                rows = ray.get(control.drain.remote())
+                if not rows:
+                    continue
+                pool_metrics = ray.get(pool.metrics.remote())
+                for row in rows:
+                    row |= {"queue_depth": pool_metrics["queue_depth"], "in_flight": pool_metrics["in_flight"],
+                            "delivered": pool_metrics["delivered"], "dropped": sum(pool_metrics["drops"].values()),
+                            "wall_s": time.monotonic() - t0}
+                    metrics_log.write(row)
+                    if cfg.learner.video_every and row["step"] % cfg.learner.video_every == 0:
+                        pool.request_video.remote(str(out / "videos" / f"step_{row['step']:06d}_v{row['version']}.mp4"))
+                    bar.update(row["step"] - bar.n)
+                    bar.set_postfix(_progress_line(row, pool_metrics, time.monotonic() - t0))
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                bar.write("Ctrl-C: the learner checkpoints at the end of this iteration and stops (Ctrl-C again abandons)")
+                ray.get(control.request_stop.remote())
+        for row in ray.get(control.drain.remote()):  # the last steps, reported while the thread ended
+            metrics_log.write(row | {"wall_s": time.monotonic() - t0})
+        bar.close()
+        pool_metrics = ray.get(pool.metrics.remote())
+        summary = ray.get(control.summary.remote())
+        result = fit.get("result")
+        if summary is None:
+            error = getattr(result, "error", None)
+            raise RuntimeError(f"the learner failed: {error}") from error
+    finally:
+        bar.close()
+        metrics_log.close()
+        ray.get(pool.stop.remote())
+        ray.kill(pool)
+        serve.delete(app)
+        if connected_here:  # a local Ray started here stops; a joined cluster only loses this driver
+            ray.shutdown()
+    return _summary(cfg, out, summary, pool_metrics, metrics_log, time.monotonic() - t0, start_step, interrupted,
+                    config_path)
+
+
+def _summary(cfg: Config, out: Path, learner: dict, pool: dict, log: MetricsLog, wall_s: float, start_step: int,
+             interrupted: bool, config_path: str | None) -> dict:
+    last = learner.get("last_metrics") or {}
+    steps_run = learner["step"] - start_step
+    summary = {
+        "config": config_path or "configs/tiny.yaml (embedded default)",
+        "stopped": "Ctrl-C (checkpointed)" if interrupted else ("early" if learner["stopped_early"] else "max_steps"),
+        "steps": f"{learner['step']} / {cfg.learner.max_steps} ({steps_run} this run)",
+        "resumed_from": learner["resumed_from"],
+        "weight_version": learner["version"],
+        "wall_s": round(wall_s, 1),
+        "steps_per_s": round(steps_run / max(wall_s, 1e-9), 3),
+        "samples_delivered": pool.get("delivered"),
+        "drops": pool.get("drops"),
+        "final": {k: round(last[k], 5) for k in ("reward", "critic_loss") if k in last},
+        "checkpoints": str(checkpointing.checkpoint_dir(out)),
+        "export": learner["export"],
+        "metrics": {"csv": str(log.csv_path), "parquet": str(log.parquet_path), "tensorboard": str(log.tb_dir)},
+        "videos": pool.get("videos", []),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    width = max(len(k) for k in summary)
+    print("\n" + "=" * 78 + "\nrun summary\n" + "-" * 78)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = f"{len(value)} files" + (f", last {value[-1]}" if value else "")
+        print(f"{key:<{width}}  {value}")
+    print("=" * 78)
