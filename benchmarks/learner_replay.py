@@ -33,15 +33,16 @@ Excluded from both paths: the actor side (text encoding, decoding, reward; the a
 no-grad rollout), the optimizer step and the EMA/publication that follow the update.
 Context embeddings are random tensors of the text encoder's output shape.
 
-Also measured (--critic; on by default): one critic update. Self Forcing's critic update runs
+Also measured (unless --no-critic): one critic update. Self Forcing's critic update runs
 the generator rollout again without grad to get its sample; ours reads the clean latents the
 actor sent. Both then compute `ReDMD.critic_loss` + backward. With the default
 `learner.dfake_gen_update_ratio` 5, a training iteration is one critic update and every 5th
-iteration also a generator update.
+iteration also a generator update; the "training cycle" ratio (1 generator + 5 critic updates,
+averaged over exit indices) is computed from the measured medians.
 
 How to run (from the repository root)
 -------------------------------------
-    python benchmarks/learner_replay.py --threads 1                    # tiny config, CPU (~1 min)
+    python benchmarks/learner_replay.py --threads 1                    # tiny config, CPU (~25 s)
     python benchmarks/learner_replay.py --threads 1 --repeats 9 --json replay.json
     python benchmarks/learner_replay.py --device cuda --arch wan-1.3b   # 1.3B architecture, bf16, CUDA
 

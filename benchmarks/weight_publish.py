@@ -30,10 +30,10 @@ Times are wall seconds in the driver from before the put to the end of the load 
 call (median of --repeats after --warmup untimed ones), with the receiver's own get, load /
 touch times reported alongside. Ratio = ours / baseline per size (target <= 1.2x).
 
-Sizes: tiny = the embedded tiny config's generator (dim 64, 2 layers, 0.56 MB fp32);
-medium = dim 1024, ffn 4096, 8 heads, 4 layers (306 MB fp32); large = the same with 8
-layers (562 MB); wan-1.3b = Wan2.1-T2V-1.3B (5.3 GiB fp32, needs that much free memory
-several times over).
+Sizes (fp32; MB = 10^6 bytes): tiny = the embedded tiny config's generator (dim 64, 2 layers,
+0.59 MB); medium = dim 1024, ffn 4096, 8 heads, 4 layers (321 MB); large = the same with 8
+layers (590 MB); wan-1.3b = Wan2.1-T2V-1.3B (5.7 GB; needs that much free memory several
+times over: driver, object store, receiver).
 
 How to run (from the repository root)
 -------------------------------------
