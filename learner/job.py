@@ -141,16 +141,26 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
     pool = RolloutPool.options(name=pool_name).remote(cfg.model_dump(), pool_name, resume["prompt_state"] if resume else None)
     control = LearnerControl.remote()
     fit: dict = {}
-    thread = threading.Thread(target=lambda: fit.update(result=build_trainer(cfg, pool, control).fit()), daemon=True)
+    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C can mark a live thread as stopped
+
+    def learn() -> None:
+        try:
+            fit["result"] = build_trainer(cfg, pool, control).fit()
+        except Exception as e:  # noqa: BLE001 - reported below with the learner's own message
+            fit["error"] = e
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=learn, daemon=True)
     metrics_log = MetricsLog(out)
     (out / "videos").mkdir(exist_ok=True)
     bar = tqdm(total=cfg.learner.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
     t0, interrupted, pool_metrics = time.monotonic(), False, {}
     thread.start()
     try:
-        while thread.is_alive():
+        while not done.is_set():
             try:
-                thread.join(timeout=1.0)
+                time.sleep(1.0)
                 rows = ray.get(control.drain.remote())
                 if not rows:
                     continue
@@ -175,9 +185,8 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
         bar.close()
         pool_metrics = ray.get(pool.metrics.remote())
         summary = ray.get(control.summary.remote())
-        result = fit.get("result")
         if summary is None:
-            error = getattr(result, "error", None)
+            error = fit.get("error") or getattr(fit.get("result"), "error", None)
             raise RuntimeError(f"the learner failed: {error}") from error
     finally:
         bar.close()

@@ -70,3 +70,30 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
     unknown = subprocess.run([sys.executable, "launch.py", "train", "learner.max_stepz=3"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "learner.max_stepz: unknown key" in unknown.stderr
+
+
+def test_ctrl_c_checkpoints_and_exits(serve_instance, ray_instance, tmp_path):
+    import signal
+    import time
+
+    address = ray_instance.get_runtime_context().gcs_address
+    cmd = [sys.executable, "launch.py", "train", "--address", address, *JOB, "learner.num_workers=1",
+           "learner.max_steps=1000", "learner.checkpoint_every=1000", f"learner.output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "metrics.csv"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 steps
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped"] == "Ctrl-C (checkpointed)"
+    step = int(summary["steps"].split(" / ")[0])
+    assert 2 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step:08d}").is_dir()
