@@ -6,8 +6,8 @@ made), so a learner that falls behind makes actors wait rather than samples drop
 lost with its actor (the actor restarts, up to `max_restarts`) is released and handed out
 again; a prompt is acknowledged only once its sample is consumed or dropped for a counted
 reason, so none is lost or duplicated. Weights are published as one object-store ref per
-version; actors switch only between rollouts, and samples older than `max_staleness`
-versions are dropped by `get` and counted.
+version, or broadcast to a group the actors join (`learner.publish`); actors switch only between
+rollouts, and samples older than `max_staleness` versions are dropped by `get` and counted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.worker import RolloutWorker
+from actors.worker import RolloutWorker, WeightsUnavailable
 from core.config import REPO_ROOT, Config
 from core.prompts import PromptSource, WorkItem
 
@@ -48,6 +48,8 @@ class RolloutPool:
         self.waiting_since: dict[int, float] = {}  # actors idle because the queue is full
         self.changed = asyncio.Condition()
         self.version, self.weights = 0, None
+        self.group_ok = False  # every actor is in the current weight broadcast group
+        self.receiving: asyncio.Task | None = None
         self.drops: Counter[str] = Counter()
         self.delivered = self.duplicates = 0
         self.errors: dict[str, str] = {}  # last worker error per actor
@@ -85,6 +87,7 @@ class RolloutPool:
                 # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
                 stats["lost_in_a_row"] += 1
+                self.group_ok = False  # a restarted actor is in no broadcast group
                 self.source.release(item)
                 if video:
                     self.video_requests.appendleft(video)
@@ -94,9 +97,15 @@ class RolloutPool:
                 await asyncio.sleep(0.5)  # let Ray restart the actor
                 continue
             except Exception as e:  # a bug or bad weights in the worker: count it, never lose the prompt silently
-                self.drops["worker_error"] += 1
                 cause = getattr(e, "cause", None) or e  # the worker's own exception inside Ray's RayTaskError
                 self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
+                if isinstance(cause, WeightsUnavailable):  # the next version comes by object store: retry then
+                    stats["weights_unavailable"] += 1
+                    self.group_ok = False
+                    self.source.release(item)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.drops["worker_error"] += 1
                 self.source.ack(item)
                 continue
             finally:
@@ -123,9 +132,56 @@ class RolloutPool:
 
     def publish(self, version: int, weights: list) -> None:
         """Make `weights[0]` (an object-store ref to a state dict) the weights of `version`."""
+        self._check_newer(version)
+        self.version, self.weights = version, weights[0]
+
+    def _check_newer(self, version: int) -> None:
+        if version == self.version and self.weights is None and version > 0:
+            return  # resending by object store a version whose broadcast did not complete
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than the published {self.version}")
-        self.version, self.weights = version, weights[0]
+
+    def can_form_weight_group(self) -> bool:
+        return not self.dead
+
+    async def join_weight_group(self, host: str, port: int, backend: str, timeout_s: float) -> bool:
+        """Have actor i join the broadcast group hosted by the learner's rank 0 as rank i + 1."""
+        world = len(self.workers) + 1
+        deadline = time.monotonic() + timeout_s
+
+        async def join(i: int, worker) -> None:
+            while True:
+                try:
+                    return await worker.join_weight_group.remote(host, port, i + 1, world, backend, timeout_s)
+                except ActorUnavailableError:  # still restarting
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        try:
+            await asyncio.gather(*(join(i, w) for i, w in enumerate(self.workers)))
+            self.group_ok = True
+        except Exception as e:  # noqa: BLE001 - publication falls back to the object store
+            self.group_ok = False
+            self.errors["weight_group"] = f"{type(e).__name__}: {e}"[:500]
+        return self.group_ok
+
+    def publish_broadcast(self, version: int, layout: list) -> bool:
+        """The one control call of a broadcast sync: if every actor is in the group, have each receive
+        `version` (the learner then broadcasts) and return True; else False (publish by object store)."""
+        self._check_newer(version)
+        if not self.group_ok or self.dead:
+            return False
+        self.version, self.weights = version, None
+        self.receiving = asyncio.get_running_loop().create_task(self._receive(version, layout))
+        return True
+
+    async def _receive(self, version: int, layout: list) -> None:
+        try:
+            await asyncio.gather(*(w.receive_weights.remote(version, layout) for w in self.workers))
+        except Exception as e:  # noqa: BLE001 - the next sync goes by object store and re-forms the group
+            self.group_ok = False
+            self.errors["weight_group"] = f"version {version}: {type(e).__name__}: {e}"[:500]
 
     async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
         """Up to `n` fresh samples, waiting at most `timeout_s` in all (None: until `n` arrive); stale ones
@@ -160,11 +216,13 @@ class RolloutPool:
             per_actor[name] = {"rollouts": s["rollouts"], "rollouts_per_s": s["rollouts"] / elapsed,
                                **{k: round(s[k], 4) for k in ("generate_s", "decode_s", "score_s", "load_weights_s")},
                                "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"],
+                               "weights_unavailable": s["weights_unavailable"],
                                "busy": i in self.in_flight, "dead": self.dead.get(i),
                                "last_error": self.errors.get(name)}
         return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
                 "delivered": self.delivered, "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
-                "videos": list(self.videos),
+                "videos": list(self.videos), "weight_group_ok": self.group_ok,
+                "weight_group_error": self.errors.get("weight_group"),
                 "elapsed_s": elapsed, "actors": per_actor}
 
     def state(self) -> dict:

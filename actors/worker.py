@@ -10,6 +10,7 @@ is never turned into a made-up reward), with the time spent in each stage.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ class Rollout:
     message: str = ""
 
 
+class WeightsUnavailable(RuntimeError):
+    """The published version went out by broadcast before this actor (re)joined the group; the pool hands
+    the prompt out again and the actor gets the next version from the object store."""
+
+
 class RolloutWorker:
     def __init__(self, config: dict, name: str):
         from core.pipeline import VideoPipeline
@@ -43,18 +49,47 @@ class RolloutWorker:
         self.reward = RewardHandleClient(self.cfg.actors.reward_app, timeout_s=self.cfg.actors.score_timeout_s,
                                          retries=self.cfg.actors.score_retries)
         self.version = 0
+        self.group = None  # core.weight_sync.BroadcastGroup, once joined
+        self.received: dict[int, asyncio.Future] = {}  # broadcast version -> its weights, staged
 
-    def _load_weights(self, version: int, weights: list) -> float:
-        """Switch to published weights `version` (an object-store ref to a state dict); seconds spent."""
-        if version == self.version or not weights or weights[0] is None:
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        from core.weight_sync import BroadcastGroup
+
+        self.group = BroadcastGroup(host, port, rank, world_size, backend, timeout_s)
+        self.timeout_s = timeout_s
+
+    def _staged(self, version: int) -> asyncio.Future:
+        return self.received.setdefault(version, asyncio.get_running_loop().create_future())
+
+    async def receive_weights(self, version: int, layout: list) -> None:
+        """Take part in the broadcast of `version` and stage it; the model switches at the next rollout."""
+        from core.weight_sync import numel, unpack
+
+        if self.group is None:
+            raise WeightsUnavailable(f"{self.name} is not in the weight broadcast group")
+        buffer = torch.empty(numel(layout), dtype=self.pipe.dtype, device=self.group.device)
+        self.group.broadcast(buffer)
+        self._staged(version).set_result(unpack(buffer, layout))
+
+    async def _load_weights(self, version: int, weights: list) -> float:
+        """Switch to published weights `version` (an object-store ref to a state dict, or [None] when it is
+        broadcast to the group); seconds spent."""
+        if version == self.version:
             return 0.0
         import ray
 
         from core.checkpoint import load_into
 
         start = time.perf_counter()
-        load_into(self.pipe.generator, ray.get(weights[0]))
+        if weights and weights[0] is not None:
+            state_dict = ray.get(weights[0])
+        elif self.group is None:
+            raise WeightsUnavailable(f"{self.name} missed the broadcast of version {version} (it joined no group)")
+        else:
+            state_dict = await asyncio.wait_for(self._staged(version), self.timeout_s)
+        load_into(self.pipe.generator, state_dict)
         self.version = version
+        self.received = {v: f for v, f in self.received.items() if v > version}
         return time.perf_counter() - start
 
     def _generate(self, item: WorkItem):
@@ -79,7 +114,7 @@ class RolloutWorker:
         """One scored sample; with `video_path` the decoded frames are also written there as an MP4."""
         from reward_service.client import RewardError
 
-        timings = {"load_weights_s": self._load_weights(version, weights)}
+        timings = {"load_weights_s": await self._load_weights(version, weights)}
         start = time.perf_counter()
         record = self._generate(item)
         timings["generate_s"] = time.perf_counter() - start

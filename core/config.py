@@ -357,6 +357,8 @@ class LearnerConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     critic_checkpoint: str | None = None
     publish_weights: Literal["raw", "ema"] = "raw"
+    publish_backend: Literal["object_store", "broadcast"] = "object_store"  # broadcast: NCCL/gloo group (learner/publish.py)
+    broadcast_timeout_s: float = 600.0
     sample_timeout_s: float = 600.0
     samples_parquet: str | None = None
     deterministic: bool = False

@@ -30,7 +30,7 @@ from core.sample import Sample
 from core.text_encoder import TextEncoder
 from learner import checkpointing
 from learner.engines import Models, build_models, full_weights
-from learner.publish import ObjectStorePublisher
+from learner.publish import BroadcastPublisher, ObjectStorePublisher
 from learner.samples import ParquetSamples, PoolSamples
 
 # Averaged over workers each iteration; the last entry carries rank 0's stop request to every rank.
@@ -57,11 +57,18 @@ class Learner:
         self.rng = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
         self.samples = (ParquetSamples(self.learner.samples_parquet, self.rank, self.world_size)
                         if self.learner.samples_parquet else PoolSamples(pool, self.learner.sample_timeout_s))
-        self.publisher = ObjectStorePublisher(pool, DTYPES[cfg.runtime.dtype]) if pool is not None else None
+        self.publisher = self._publisher(pool) if pool is not None and self.rank == 0 else None
         self.step, self.version, self.ema = 0, 0, None
         self.counters = {"samples": 0, "generator_updates": 0, "publish_s": 0.0}
         self.root = checkpointing.checkpoint_dir(self.learner.output_dir)
         self.last_saved: int | None = None
+
+    def _publisher(self, pool) -> ObjectStorePublisher | BroadcastPublisher:
+        dtype = DTYPES[self.cfg.runtime.dtype]
+        if self.learner.publish_backend == "object_store":
+            return ObjectStorePublisher(pool, dtype)
+        gpus = self.device.type == "cuda" and self.cfg.actors.num_gpus > 0
+        return BroadcastPublisher(pool, dtype, "nccl" if gpus else "gloo", self.learner.broadcast_timeout_s)
 
     # -------------------------------------------------------------------------------- state
 

@@ -164,14 +164,14 @@ def reward_app(serve_instance):
     serve.delete("learner_reward")
 
 
-def test_two_zero2_workers_train_and_actors_load_the_published_weights(reward_app, tmp_path):
+def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_app, tmp_path):
     from actors.pool import RolloutPool
     from learner.trainer import LearnerControl, build_trainer
 
     cfg = load_config(None, [*TINY, "actors.num_actors=2", "actors.num_cpus=0.25", f"actors.reward_app={reward_app}",
                              "actors.queue_size=4", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
                              "learner.zero_stage=2", "learner.max_steps=4", "learner.dfake_gen_update_ratio=2",
-                             "learner.generator_lr=1e-3", f"learner.output_dir={tmp_path}"])
+                             "learner.generator_lr=1e-3", "learner.publish_backend=broadcast", f"learner.output_dir={tmp_path}"])
     pool = RolloutPool.options(name="learner-test-pool").remote(cfg.model_dump(), "learner-test-pool")
     control = LearnerControl.remote()
     try:
