@@ -9,17 +9,16 @@ With a window set, memory stays bounded however long the stream runs.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from core.config import Config, ConfigError
-from core.rollout import SelfForcedRollout, gaussian_noise
+from core.rollout import SelfForcedRollout
 from core.scheduler import FlowMatchScheduler
 from core.text_encoder import TextEncoder
-from core.vae import WanVAE, to_uint8_frames
+from core.vae import WanVAE
 from core.wan.model import CausalWanModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -47,6 +46,7 @@ class VideoChunk:
     frames: torch.Tensor  # uint8 [T, H, W, 3]
     denoise_s: float
     decode_s: float
+    first_frame: int = 0  # index of frames[0] in the stream
 
 
 def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype | None = None) -> CausalWanModel:
@@ -83,29 +83,13 @@ class VideoPipeline:
         return cls(cfg, build_generator(cfg, device), TextEncoder.from_config(cfg, device, dtype),
                    WanVAE.from_config(cfg, device, dtype), device)
 
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    @torch.no_grad()
     def stream(self, prompt: str, seed: int, latent_frames: int | None = None) -> Iterator[VideoChunk]:
         """Decoded frames block by block; forever when `latent_frames` is None."""
+        from core.streaming import StreamSession
+
         fpb = self.cfg.stream.num_frame_per_block
         if latent_frames is not None and latent_frames % fpb:
             raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({fpb})")
-        lh, lw = self.cfg.video.latent_hw
-        context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        noise = gaussian_noise((1, fpb, self.cfg.model.in_dim, lh, lw), gen, self.dtype, self.device)
-        cache = self.generator.init_cache(1, (lh, lw))
-        decoder = self.vae.stream_decoder()
-        blocks = None if latent_frames is None else latent_frames // fpb
-        t0 = self._sync()
-        for block in self.rollout.stream(context, cache, noise, blocks):
-            t1 = self._sync()
-            video = decoder.decode(block.latents.transpose(1, 2))
-            frames = to_uint8_frames(video)
-            t2 = self._sync()
-            yield VideoChunk(block.index, frames, t1 - t0, t2 - t1)
-            t0 = self._sync()
+        session = StreamSession(self, prompt, seed)
+        while latent_frames is None or session.blocks < latent_frames // fpb:
+            yield session.next_chunk()

@@ -76,6 +76,13 @@ class KVCache:
             self.cross_kv = [None] * len(self.layers)
         self.evictions = 0
 
+    def restart_at(self, frame: int) -> None:
+        """Empty the window (and the prompt's cross-attention K/V) so the next write starts at absolute `frame`:
+        how a prompt switch rebuilds the cache from recent clean latents."""
+        for c in self.layers:
+            c.global_end, c.local_end = frame * self.tokens_per_frame, 0
+        self.cross_kv = [None] * len(self.layers)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's K/V for frames starting at `start_frame`; return the K/V to attend to."""
         c = self.layers[layer]
