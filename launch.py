@@ -3,6 +3,8 @@
 Commands:
   train          the distillation job: reward service + rollout actors + DeepSpeed learner on Ray,
                  to learner.max_steps, with checkpoints, metrics, TensorBoard and sample videos.
+  serve          streaming inference on Ray Serve: a WebSocket stream of JPEG frames, MP4 generation and a
+                 web page to watch it (local Ray, or --address to join).
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
@@ -94,6 +96,33 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     print_summary(run(cfg, args.address, args.wait_for_resources, args.config))
 
 
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
+    import time
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    svc = cfg.serve
+    cfg.check_paths()
+    app = build_app(cfg)
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": svc.host, "port": svc.port})
+    serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
+    url = f"http://{svc.host}:{svc.port}{svc.route_prefix.rstrip('/')}"
+    print(f"streaming generation ready: open {url}/  (WebSocket {url.replace('http', 'ws', 1)}/v1/stream, "
+          f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the streaming service")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
     import time
 
@@ -155,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
 
+    p = command("serve", "streaming inference on Ray Serve with a web page", "configs/serve.yaml")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
@@ -168,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
-    commands = {"train": cmd_train, "generate": cmd_generate, "reward-server": cmd_reward_server, "score": cmd_score}
+    commands = {"train": cmd_train, "serve": cmd_serve, "generate": cmd_generate, "reward-server": cmd_reward_server,
+                "score": cmd_score}
     try:
         cfg = load_config(args.config, overrides)
         commands[args.command](cfg, args)

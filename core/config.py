@@ -388,6 +388,51 @@ class LearnerConfig(_Section):
         return self
 
 
+class ServeConfig(_Section):
+    """The streaming inference deployment (serve/app.py, `launch.py serve`).
+
+    Each replica holds one pipeline and at most `max_sessions` streams (one per GPU replica);
+    a session beyond that is refused with 503 and Retry-After. `presets` name the offered
+    resolutions as [height, width] (multiples of VAE stride x patch). `lora` adapters are merged
+    into the generator at startup; `lora_adapters` are named adapters a session may ask for
+    (applied for that session only). `max_session_frames` 0 means unbounded streams.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "stream"
+    route_prefix: str = "/"
+    max_sessions: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    retry_after_s: float = 2.0
+    presets: dict[str, list[int]] = Field(default_factory=lambda: {"480p": [480, 832], "480p-portrait": [832, 480]})
+    default_preset: str = "480p"
+    max_session_frames: int = 0
+    max_generate_frames: int = 481
+    jpeg_quality: int = 85
+    start_timeout_s: float = 60.0
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+    lora: list[dict[str, Any]] = Field(default_factory=list)  # [{path, weight?, alpha?}]
+    lora_adapters: dict[str, str] = Field(default_factory=dict)  # name -> local path
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.max_sessions < 1 or not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("need serve.max_sessions >= 1 and 1 <= serve.min_replicas <= serve.max_replicas")
+        if self.default_preset not in self.presets:
+            raise ValueError(f"serve.default_preset {self.default_preset!r} is not one of serve.presets {sorted(self.presets)}")
+        bad = {k: v for k, v in self.presets.items() if len(v) != 2 or min(v) < 1}
+        if bad:
+            raise ValueError(f"serve.presets must map names to [height, width], got {bad}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("serve.jpeg_quality must be in [1, 100]")
+        return self
+
+
 class Config(_Section):
     model: WanArchConfig = Field(default_factory=WanArchConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -401,6 +446,7 @@ class Config(_Section):
     reward_service: RewardServiceConfig = Field(default_factory=RewardServiceConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -430,6 +476,9 @@ class Config(_Section):
                  "learner.teacher.checkpoint": self.learner.teacher.checkpoint,
                  "learner.critic_checkpoint": self.learner.critic_checkpoint,
                  "learner.samples_parquet": self.learner.samples_parquet,
+                 "serve.auth_token_file": self.serve.auth_token_file,
+                 **{f"serve.lora[{i}].path": spec.get("path") for i, spec in enumerate(self.serve.lora)},
+                 **{f"serve.lora_adapters.{k}": v for k, v in self.serve.lora_adapters.items()},
                  "reward_service.auth_token_file": self.reward_service.auth_token_file}
         missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
         if missing:
@@ -470,9 +519,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (the embedded tiny default when `path` is None) and apply overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config_data(path: Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config, its `include:` base merged in."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (configs live in {REPO_ROOT / 'configs'})")
     try:
@@ -481,7 +536,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    if "include" in data:  # a base file (relative to this one) that this file's sections refine
+        base = path.parent / str(data.pop("include"))
+        data = _deep_merge(load_config_data(base), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the embedded tiny default when `path` is None) and apply overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = apply_overrides(load_config_data(path), overrides or [])
     try:
         return Config.model_validate(data)
     except ValidationError as e:
