@@ -3,9 +3,10 @@
 Routes:
   WS   /v1/stream    send {"type": "start", "prompt", "seed"?, "preset"?, "max_frames"?, "lora"?}; receive one
                      binary message per frame (16-byte header: uint32 frame index, uint32 block, float64 seconds
-                     since the start; then a JPEG) and a JSON "block" message per block with its timings.
-                     Control while streaming: {"type": "switch", "prompt"}, "pause", "resume", "stop". A bad
-                     message gets {"type": "error"} and the stream goes on.
+                     from the start to when the frame's block was ready; then a JPEG) and a JSON "block"
+                     message per block with its timings. Control while streaming: {"type": "switch",
+                     "prompt"}, "pause", "resume", "stop". A bad message gets {"type": "error"} and the
+                     stream goes on.
   POST /v1/generate  {"prompt", "seed"?, "preset"?, "frames"?, "stream"?}: an MP4, or with stream=true a
                      fragmented MP4 sent fragment by fragment as the blocks are made.
   GET  /             the web page; GET /healthz, /v1/info, /v1/metrics.
@@ -118,7 +119,13 @@ class _Stream:
         await self.ws.send_json({"type": "error", "message": message})
 
     async def _receive_json(self) -> dict | None:
-        raw = await self.ws.receive_text()
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        raw = message.get("text")
+        if raw is None:
+            await self._error("binary messages are not understood: send JSON text")
+            return None
         try:
             msg = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -155,6 +162,12 @@ class _Stream:
                 await self._error(f"bad start message: {getattr(e, 'message', e)}")
 
     async def _read_controls(self) -> None:
+        try:
+            await self._read_controls_until_disconnect()
+        finally:
+            self.running.set()  # a paused producer wakes up and sees the disconnect
+
+    async def _read_controls_until_disconnect(self) -> None:
         while True:
             msg = await self._receive_json()
             if msg is None:
@@ -415,8 +428,8 @@ class StreamServer:
             await ws.send_denial_response(JSONResponse({"error": {"status": 503, "message": e.message}},
                                                        status_code=503, headers={"Retry-After": str(self.retry_after)}))
             return
-        await ws.accept()
         try:
+            await ws.accept()
             await _Stream(self, ws).run()
         except WebSocketDisconnect:
             self.stats["disconnects"] += 1

@@ -72,14 +72,15 @@ def test_stream_frames_switch_and_bad_messages(app_url):
             frames, errors = [], []
             first = await receive_until(ws, "block", frames)
             assert first["block"] == 0 and first["frames"] == 9
-            for bad in ("not json", json.dumps({"type": "bogus"}), json.dumps({"type": "switch"}), json.dumps([1])):
+            for bad in ("not json", json.dumps({"type": "bogus"}), json.dumps({"type": "switch"}), json.dumps([1]),
+                        b"\x00binary"):
                 await ws.send(bad)
             await ws.send(json.dumps({"type": "switch", "prompt": "a blue cube"}))
             switched = await receive_until(ws, "switched", frames, errors)
             assert switched["prompt"] == "a blue cube" and switched["at_frame"] >= 9
             end = await receive_until(ws, "end", frames, errors)
             assert end == {"type": "end", "frames": 60, "reason": "max_frames"}
-            assert len(errors) == 4 and all(e["type"] == "error" and not e.get("fatal") for e in errors)
+            assert len(errors) == 5 and all(e["type"] == "error" and not e.get("fatal") for e in errors)
             assert [f[0] for f in frames] == list(range(60))  # increasing indices, none lost
             assert all(a[2] <= b[2] for a, b in zip(frames, frames[1:]))
     asyncio.run(run())
@@ -93,7 +94,9 @@ def test_session_limit_refuses_with_503_and_frees_on_disconnect(app_url):
         with pytest.raises(InvalidStatus) as refused:
             await websockets.connect(ws_url(app_url))
         assert refused.value.response.status_code == 503 and refused.value.response.headers["Retry-After"] == "2"
-        await first.close()  # disconnect mid-stream frees the session
+        await first.send(json.dumps({"type": "pause"}))
+        await asyncio.sleep(0.5)
+        await first.close()  # a disconnect, even while paused, frees the session
         for _ in range(50):
             metrics = httpx.get(f"{app_url}/v1/metrics").json()
             if metrics["sessions_active"] == 0:
