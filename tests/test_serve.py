@@ -190,3 +190,13 @@ def test_startup_and_per_session_lora(serve_instance, tmp_path):
         assert again == plain  # and is gone once its session ends
     finally:
         serve.delete("stream_lora")
+
+
+def test_serve_deploy_file_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(open(REPO_ROOT / "deploy" / "serve_stream.yaml")))
+    app = spec.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    assert load_config(REPO_ROOT / app.args["config"], app.args["overrides"]).serve.num_gpus == 1.0
