@@ -1,0 +1,51 @@
+"""The toy world: deterministic clips with matching prompts, and measures that are exact on its clips."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from core.toyworld import (BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SPEEDS, Scene, clips, colour_of, direction_of,
+                           feature_distance, initial_frame_similarity, prompt_adherence, render, velocity_of)
+
+
+def test_clips_are_deterministic_by_seed_and_match_their_prompts():
+    a, b = clips(4, seed=10), clips(4, seed=10)
+    assert all(sa == sb and np.array_equal(va, vb) for (sa, va), (sb, vb) in zip(a, b))
+    assert not np.array_equal(a[0][1], clips(1, seed=11)[0][1])
+    scene, video = a[0]
+    assert video.shape == (21, 32, 32, 3) and video.dtype == np.uint8
+    assert scene.prompt.startswith(f"a {scene.colour} {scene.shape} ") and scene.background in scene.prompt
+    still = Scene("square", "red", "gray", "static", "quickly", 0.5, 0.5, 0.15)
+    assert still.prompt == "a red square stays still on a gray background"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_colour_and_direction_are_read_back_exactly_for_every_scene_kind(size):
+    backgrounds, speeds = itertools.cycle(BACKGROUNDS), itertools.cycle(SPEEDS)  # every one, over the loop
+    rng = np.random.default_rng(0)
+    for shape, colour, direction in itertools.product(SHAPES, COLOURS, DIRECTIONS):
+        background, speed = next(backgrounds), next(speeds)
+        x0, y0 = rng.choice([0.02, 0.5, 0.97]), rng.choice([0.03, 0.5, 0.96])  # starts across an edge too
+        scene = Scene(shape, colour, background, direction, speed, float(x0), float(y0), float(rng.uniform(0.12, 0.2)))
+        video = render(scene, 21, size, size)
+        assert prompt_adherence(video, scene) == {"colour": True, "direction": True}, scene
+        vx, vy = velocity_of(video)
+        ex, ey = scene.velocity(size)
+        assert abs(vx - ex) < 0.15 * size / 32 and abs(vy - ey) < 0.15 * size / 32, (scene, vx, vy)
+
+
+def test_measures_on_videos_outside_the_world():
+    blank = np.full((10, 32, 32, 3), 50, dtype=np.uint8)
+    assert colour_of(blank) is None and direction_of(blank) is None
+    still = render(Scene("circle", "blue", "black", "static", "slowly", 0.5, 0.5, 0.15))
+    moving = render(Scene("circle", "blue", "black", "right", "quickly", 0.5, 0.5, 0.15))
+    assert initial_frame_similarity(still) == 1.0
+    assert initial_frame_similarity(moving) < initial_frame_similarity(still)
+    noise = [np.random.default_rng(i).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8) for i in range(8)]
+    world_a = [v for _, v in clips(40, seed=0)]
+    world_b = [v for _, v in clips(40, seed=1000)]
+    assert feature_distance(world_a, world_a) == 0.0
+    assert feature_distance(world_a, world_b) < feature_distance(world_a, noise)
