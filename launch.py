@@ -57,13 +57,13 @@ def _output_paths(out: str, prompts: list[str], from_file: bool) -> list[Path]:
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from core.pipeline import VideoPipeline, latent_frames_for
+    from core.pipeline import VideoPipeline, latent_frames_for, video_frames_for
     from core.video_io import MP4Writer
 
     prompts = _read_prompts(args)
     fpb = cfg.stream.num_frame_per_block
-    video_frames = args.frames if args.frames is not None else 1 + 4 * (cfg.video.num_latent_frames - 1)
-    latent_frames = latent_frames_for(video_frames, fpb)
+    video_frames = args.frames if args.frames is not None else video_frames_for(cfg.video.num_latent_frames, cfg)
+    latent_frames = latent_frames_for(video_frames, cfg)
     pipe = VideoPipeline.from_config(cfg)
     print(f"generator on {pipe.device} ({cfg.runtime.dtype}); {latent_frames} latent frames -> "
           f"{video_frames} video frames at {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps")
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--prompt", help="the text prompt")
     what.add_argument("--prompts-file", help="a text file with one prompt per line (one video each)")
     p.add_argument("--frames", type=_positive_int, default=None,
-                   help="video frames to write (default: 1 + 4 * (video.num_latent_frames - 1), 81 for 21 latents)")
+                   help="video frames to write (default: what video.num_latent_frames decode to: 81 for 21 "
+                        "latents with the Wan VAE, 1 + 4 per later latent; 21 with vae.kind=patch, one each)")
     p.add_argument("--out", default="outputs/video.mp4", help="MP4 path (a folder for --prompts-file)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")

@@ -200,10 +200,17 @@ class TextEncoderConfig(_Section):
 
 
 class VAEConfig(_Section):
-    """Wan2.1 VAE (REFERENCE.md section 5): `checkpoint` is `Wan2.1_VAE.pth` or a diffusers
-    AutoencoderKLWan folder; None builds a randomly initialised VAE of width `base_dim`
-    (the embedded default; Wan's real VAE has base_dim 96)."""
+    """The video codec between pixels and the DiT's latents.
 
+    `kind` "wan": the Wan2.1 VAE (REFERENCE.md section 5); `checkpoint` is `Wan2.1_VAE.pth` or a
+    diffusers AutoencoderKLWan folder; None builds a randomly initialised VAE of width `base_dim`
+    (the embedded default; Wan's real VAE has base_dim 96).
+    `kind` "patch": the exact pixel-space codec of core/patch_codec.py (no weights): one latent frame
+    per video frame, each latent cell the s x s RGB patch under it as 3*s*s channels; needs
+    video.vae_stride [1, s, s] with 3*s*s <= model.in_dim (e.g. [1, 2, 2]) and no checkpoint.
+    """
+
+    kind: Literal["wan", "patch"] = "wan"
     checkpoint: str | None = None
     base_dim: int = 96
 
@@ -450,6 +457,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.vae.kind == "patch":
+            self._check_patch_codec()
         lh, lw = self.video.latent_hw
         _, ph, pw = self.model.patch_size
         if lh % ph or lw % pw:
@@ -467,6 +476,21 @@ class Config(_Section):
                 raise ValueError("learner.teacher.arch must share the student's latent, text and patch sizes: "
                                  + ", ".join(differ))
         return self
+
+    def _check_patch_codec(self) -> None:
+        st, sh, sw = self.video.vae_stride
+        if st != 1:
+            raise ValueError(f"vae.kind 'patch' maps each latent frame to one video frame: it needs "
+                             f"video.vae_stride[0] = 1, got video.vae_stride {self.video.vae_stride}")
+        if sh != sw:
+            raise ValueError(f"vae.kind 'patch' needs square patches, video.vae_stride[1] = video.vae_stride[2], "
+                             f"got video.vae_stride {self.video.vae_stride}")
+        if 3 * sh * sh > self.model.in_dim:
+            raise ValueError(f"vae.kind 'patch' stores each {sh}x{sh} RGB patch in 3 * {sh} * {sh} = {3 * sh * sh} "
+                             f"latent channels, more than model.in_dim ({self.model.in_dim}): lower "
+                             "video.vae_stride (e.g. [1, 2, 2]) or raise model.in_dim")
+        if self.vae.checkpoint:
+            raise ValueError(f"vae.kind 'patch' has no weights: unset vae.checkpoint (got {self.vae.checkpoint!r})")
 
     def check_paths(self) -> None:
         """Fail before anything is built when a configured weight path does not exist."""

@@ -1,4 +1,5 @@
-"""Text to streamed video frames: prompt -> umT5 -> causal generator blocks -> streaming VAE decode.
+"""Text to streamed video frames: prompt -> umT5 -> causal generator blocks -> streaming decode
+(the Wan VAE, or the exact patch codec with `vae.kind: patch`).
 
 `VideoPipeline.stream` yields each block's decoded frames as soon as they exist,
 with the time spent denoising and decoding it, so callers (the CLI, the serving
@@ -18,7 +19,7 @@ from core.config import Config, ConfigError
 from core.rollout import SelfForcedRollout
 from core.scheduler import FlowMatchScheduler
 from core.text_encoder import TextEncoder
-from core.vae import WanVAE
+from core.vae import Codec, build_codec, codec_class
 from core.wan.model import CausalWanModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -32,12 +33,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def latent_frames_for(video_frames: int, frames_per_block: int) -> int:
-    """Latent frames (whole blocks) that decode to at least `video_frames` frames (1 + 4 per later latent)."""
+def video_frames_for(latent_frames: int, cfg: Config) -> int:
+    """Video frames that `latent_frames` latent frames decode to with the codec `vae.kind` names:
+    the first latent gives one frame, every later one the codec's temporal stride (Wan's VAE:
+    1 + 4(n - 1), 81 for 21 latents; the patch codec: n)."""
+    if latent_frames < 1:
+        raise ValueError(f"the number of latent frames must be >= 1, got {latent_frames}")
+    return 1 + codec_class(cfg).temporal_stride * (latent_frames - 1)
+
+
+def latent_frames_for(video_frames: int, cfg: Config) -> int:
+    """Latent frames, in whole blocks of stream.num_frame_per_block, that decode to at least
+    `video_frames` frames with the codec `vae.kind` names (the inverse of video_frames_for, rounded up)."""
     if video_frames < 1:
         raise ValueError(f"the number of video frames must be >= 1, got {video_frames}")
-    latents = 1 + math.ceil((video_frames - 1) / 4)
-    return math.ceil(latents / frames_per_block) * frames_per_block
+    latents = 1 + math.ceil((video_frames - 1) / codec_class(cfg).temporal_stride)
+    fpb = cfg.stream.num_frame_per_block
+    return math.ceil(latents / fpb) * fpb
 
 
 @dataclass
@@ -63,7 +75,7 @@ def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype | None
 
 
 class VideoPipeline:
-    def __init__(self, cfg: Config, generator: CausalWanModel, text_encoder: TextEncoder, vae: WanVAE,
+    def __init__(self, cfg: Config, generator: CausalWanModel, text_encoder: TextEncoder, vae: Codec,
                  device: torch.device):
         self.cfg = cfg
         self.generator = generator
@@ -81,7 +93,7 @@ class VideoPipeline:
         device = resolve_device(cfg.runtime.device)
         dtype = DTYPES[cfg.runtime.dtype]
         return cls(cfg, build_generator(cfg, device), TextEncoder.from_config(cfg, device, dtype),
-                   WanVAE.from_config(cfg, device, dtype), device)
+                   build_codec(cfg, device, dtype), device)
 
     def stream(self, prompt: str, seed: int, latent_frames: int | None = None) -> Iterator[VideoChunk]:
         """Decoded frames block by block; forever when `latent_frames` is None."""

@@ -57,7 +57,8 @@ class StreamSession:
 
     @torch.no_grad()
     def next_chunk(self) -> VideoChunk:
-        """The next block's decoded frames (1 + 4 per later latent for the first block, 4 per latent after)."""
+        """The next block's decoded frames: with Wan's VAE 1 + 4 per later latent for the first block and 4 per
+        latent after, with the patch codec one per latent."""
         t0 = self._sync()
         # exhausting the one-block stream also runs the context re-run that writes the block's clean K/V
         (block,) = list(self.pipe.rollout.stream(self.context, self.cache, self.noise, num_blocks=1))

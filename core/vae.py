@@ -8,6 +8,9 @@
   convolutions keep their last two input frames per layer between calls, so decoding block by block
   gives exactly the full decode (the first latent -> 1 frame, each later latent -> 4 frames).
   diffusers' own `decode` clears that cache on every call (and clamps), so it cannot stream.
+* `build_codec` builds what `vae.kind` asks for: this VAE (`wan`) or the exact pixel-space
+  `core.patch_codec.PatchCodec` (`patch`); both have `encode`, `decode`, `stream_decoder` and
+  `temporal_stride` (latent frame n > 0 decodes to `temporal_stride` video frames, the first to one).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (AutoencoderKLWan, 
 
 from core.checkpoint import CheckpointError, mismatch_report
 from core.config import Config
+from core.patch_codec import PatchCodec
 
 StateDict = dict[str, torch.Tensor]
 
@@ -128,6 +132,8 @@ def _exact_float64_upsampling(model: AutoencoderKLWan) -> None:
 
 class WanVAE(nn.Module):
     """AutoencoderKLWan working on normalised latents, with a streaming decoder."""
+
+    temporal_stride = 4  # Wan2.1's: latent frame 0 -> 1 video frame, every later one -> 4
 
     def __init__(self, model: AutoencoderKLWan, latents_mean: Sequence[float] | torch.Tensor | None = None,
                  latents_std: Sequence[float] | torch.Tensor | None = None):
@@ -270,6 +276,29 @@ class StreamingDecoder:
             frames.append(model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self.latent_frames == 0))
             self.latent_frames += 1
         return torch.cat(frames, dim=2)
+
+
+Codec = WanVAE | PatchCodec
+CODECS: dict[str, type[WanVAE] | type[PatchCodec]] = {"wan": WanVAE, "patch": PatchCodec}
+
+
+def codec_class(cfg: Config) -> type[WanVAE] | type[PatchCodec]:
+    """The codec class `vae.kind` names (its `temporal_stride` is known before anything is built)."""
+    return CODECS[cfg.vae.kind]
+
+
+def build_codec(cfg: Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
+    """The video codec `vae.kind` asks for: the Wan2.1 VAE (`wan`) or the exact patch codec (`patch`)."""
+    return codec_class(cfg).from_config(cfg, device, dtype)
+
+
+def from_uint8_frames(frames, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] (numpy or torch) -> one video [1, 3, T, H, W] in [-1, 1] (pixel / 127.5 - 1),
+    the inverse of `to_uint8_frames`."""
+    frames = torch.as_tensor(frames)
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    return (frames.permute(3, 0, 1, 2)[None].double() / 127.5 - 1).to(dtype)
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
