@@ -5,6 +5,8 @@ Commands:
                  to learner.max_steps, with checkpoints, metrics, TensorBoard and sample videos.
   serve          streaming inference on Ray Serve: a WebSocket stream of JPEG frames, MP4 generation and a
                  web page to watch it (local Ray, or --address to join).
+  pretrain-teacher
+                 flow-matching pretraining of a small teacher on the toy world (configs/toyworld.yaml).
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
@@ -123,6 +125,37 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
+    import csv
+
+    from tqdm import tqdm
+
+    from core.checkpoint import save_wan_folder
+    from core.pretrain import pretrain_teacher
+
+    p = cfg.pretrain
+    out = Path(p.output)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=p.steps, unit="step", desc="pretrain-teacher")
+    with (out / "loss.csv").open("w", newline="") as f:
+        log = csv.writer(f)
+        log.writerow(["step", "loss"])
+
+        def on_step(step: int, loss: float) -> None:
+            log.writerow([step, f"{loss:.6f}"])
+            bar.update(1)
+            if step % p.log_every == 0:
+                f.flush()
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        model, losses = pretrain_teacher(cfg, on_step)
+    bar.close()
+    save_wan_folder(out / "teacher", model)
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+    print(f"wrote {out / 'teacher'} (Wan folder: config.json + safetensors) and {out / 'loss.csv'}; "
+          f"loss {sum(head) / len(head):.4f} (first 10%) -> {sum(tail) / len(tail):.4f} (last 10%)")
+
+
 def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
     import time
 
@@ -188,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p = command("serve", "streaming inference on Ray Serve with a web page", "configs/serve.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
+    command("pretrain-teacher", "train the toy-world teacher with flow matching", "configs/toyworld.yaml")
+
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
@@ -202,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
     commands = {"train": cmd_train, "serve": cmd_serve, "generate": cmd_generate, "reward-server": cmd_reward_server,
-                "score": cmd_score}
+                "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher}
     try:
         cfg = load_config(args.config, overrides)
         commands[args.command](cfg, args)

@@ -440,6 +440,23 @@ class ServeConfig(_Section):
         return self
 
 
+class PretrainConfig(_Section):
+    """Flow-matching pretraining of a small bidirectional teacher on the toy world (`launch.py pretrain-teacher`):
+    `num_clips` world clips (scene seeds `seed`.. `seed + num_clips - 1`), `steps` AdamW steps of `batch_size`
+    clips, the prompt dropped for `cfg_dropout` of them (so the teacher supports classifier-free guidance)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    num_clips: int = 4096
+    seed: int = 0
+    cfg_dropout: float = 0.1
+    grad_clip: float = 1.0
+    output: str = "runs/teacher"
+    log_every: int = 10
+
+
 class Config(_Section):
     model: WanArchConfig = Field(default_factory=WanArchConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -454,6 +471,7 @@ class Config(_Section):
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

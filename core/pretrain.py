@@ -1,0 +1,78 @@
+"""Flow-matching pretraining of a bidirectional Wan teacher on the toy world (core/toyworld.py).
+
+The teacher is what Reward Forcing distils from; on the embedded default it is a small WanModel
+trained here, on CPU, on exact patch-codec latents of world clips with their prompts. The loss is
+the flow-matching objective the Wan models were trained with: at a timestep drawn from the
+shifted table, predict the flow (noise - x0) of x_t = (1 - sigma) x0 + sigma noise. A fraction of
+prompts is replaced by the empty prompt so the teacher also learns the unconditional flow that
+classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.scheduler import FlowMatchScheduler
+from core.toyworld import Scene, render
+
+
+def world_latents(codec, scenes: list[Scene], frames: int, height: int, width: int) -> torch.Tensor:
+    """Patch-codec latents [B, F, C, h, w] of the scenes' clips."""
+    from core.vae import from_uint8_frames
+
+    videos = torch.cat([from_uint8_frames(render(s, frames, height, width)) for s in scenes])
+    return codec.encode(videos).transpose(1, 2)
+
+
+def flow_matching_loss(model: torch.nn.Module, sched: FlowMatchScheduler, x0: torch.Tensor, context: torch.Tensor,
+                       rng: torch.Generator) -> torch.Tensor:
+    """mse(model(x_t, t) - (noise - x0)) at one table timestep per clip, for x0 [B, F, C, H, W]."""
+    b, f = x0.shape[:2]
+    index = torch.randint(0, sched.num_train_timesteps, (b,), generator=rng)
+    t = sched.timesteps[index].to(x0.device)
+    noise = torch.randn(x0.shape, generator=rng).to(x0)
+    x_t = sched.add_noise(x0, noise, t)
+    flow = model(x_t.transpose(1, 2), t[:, None].expand(b, f), context).transpose(1, 2)
+    return F.mse_loss(flow.float(), (noise - x0).float())
+
+
+def scene_batch(rng: np.random.Generator, num_clips: int, seed: int, batch: int) -> list[Scene]:
+    return [Scene.from_seed(seed + int(i)) for i in rng.integers(0, num_clips, batch)]
+
+
+def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
+    """Train `cfg.model` as a bidirectional teacher on the toy world per `cfg.pretrain`; returns (model, losses).
+
+    `on_step(step, loss)` is called after every optimizer step (progress bars, logs)."""
+    from core.text_encoder import TextEncoder
+    from core.vae import build_codec
+    from core.wan.model import WanModel
+
+    p, video = cfg.pretrain, cfg.video
+    torch.manual_seed(cfg.runtime.seed)
+    model = WanModel(cfg.model)
+    model.attention_backend = cfg.runtime.attention_backend
+    model.train()
+    codec = build_codec(cfg)
+    encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
+    sched = FlowMatchScheduler.from_config(cfg.scheduler)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    scenes_rng, noise_rng = np.random.default_rng(p.seed), torch.Generator().manual_seed(p.seed)
+    losses = []
+    for step in range(p.steps):
+        scenes = scene_batch(scenes_rng, p.num_clips, p.seed, p.batch_size)
+        prompts = ["" if scenes_rng.random() < p.cfg_dropout else s.prompt for s in scenes]
+        with torch.no_grad():
+            x0 = world_latents(codec, scenes, video.num_latent_frames, video.height, video.width)
+            context = encoder.encode(prompts)
+        loss = flow_matching_loss(model, sched, x0, context, noise_rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    return model.eval(), losses
