@@ -154,6 +154,14 @@ def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
     print(f"wrote {out / 'teacher'} (Wan folder: config.json + safetensors) and {out / 'loss.csv'}; "
           f"loss {sum(head) / len(head):.4f} (first 10%) -> {sum(tail) / len(tail):.4f} (last 10%)")
+    if p.eval_clips:
+        from core.pretrain import evaluate_teacher
+
+        scores = evaluate_teacher(cfg, model, p.eval_clips, p.eval_steps, p.eval_guidance)
+        (out / "eval.json").write_text(json.dumps(scores, indent=2))
+        print(f"prompt adherence on {p.eval_clips} held-out scenes ({p.eval_steps} Euler steps, CFG {p.eval_guidance}): "
+              f"colour {scores['colour']:.2f} (chance {scores['colour_chance']:.2f}), "
+              f"direction {scores['direction']:.2f} (chance {scores['direction_chance']:.2f})")
 
 
 def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:

@@ -455,6 +455,9 @@ class PretrainConfig(_Section):
     grad_clip: float = 1.0
     output: str = "runs/teacher"
     log_every: int = 10
+    eval_clips: int = 24  # held-out scenes sampled at the end to measure prompt adherence (0: skip)
+    eval_steps: int = 20
+    eval_guidance: float = 3.0
 
 
 class Config(_Section):

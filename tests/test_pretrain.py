@@ -46,7 +46,7 @@ def test_flow_matching_loss_is_zero_for_the_true_flow():
 def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path, capsys):
     out = tmp_path / "teacher_run"
     args = ["pretrain-teacher", *SMALL, "pretrain.steps=30", "pretrain.batch_size=4", "pretrain.lr=3e-3",
-            f"pretrain.output={out}", "pretrain.num_clips=64"]
+            f"pretrain.output={out}", "pretrain.num_clips=64", "pretrain.eval_clips=2", "pretrain.eval_steps=2"]
     assert launch.main(args) == 0
     rows = list(csv.DictReader((out / "loss.csv").open()))
     losses = [float(r["loss"]) for r in rows]
@@ -57,4 +57,28 @@ def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path,
 
     teacher_model, critic = build_score_models(cfg)
     assert torch.equal(teacher_model.state_dict()["head.head.bias"], teacher["head.head.bias"])
-    assert "loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "loss" in printed and "prompt adherence on 2 held-out scenes" in printed and (out / "eval.json").is_file()
+
+
+def test_euler_sampler_lands_on_x0_with_the_true_flow_and_evaluation_runs():
+    from core.pretrain import evaluate_teacher, sample
+    from core.wan.model import WanModel
+
+    x0 = torch.randn(1, 2, 16, 2, 2, dtype=torch.float64)
+
+    class TrueFlow(torch.nn.Module):  # the exact flow toward x0: (x_t - x0) / sigma
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+        def forward(self, x, t, context):
+            sigma = t[0, 0] / 1000
+            return ((x.transpose(1, 2) - x0) / sigma).transpose(1, 2)
+
+    out = sample(TrueFlow(), FlowMatchScheduler(), None, None, (1, 2, 16, 2, 2), steps=8)
+    assert (out - x0).abs().max().item() < 1e-12
+    cfg = load_config(REPO_ROOT / "configs" / "toyworld.yaml", SMALL)
+    scores = evaluate_teacher(cfg, WanModel(cfg.model), num_clips=3, steps=2)
+    assert set(scores) == {"colour", "direction", "colour_chance", "direction_chance"}
+    assert 0 <= scores["colour"] <= 1 and scores["direction_chance"] == 0.2
