@@ -80,8 +80,9 @@ class RolloutPool:
             item = self.source.take()
             self.in_flight[i] = item
             video = self.video_requests.popleft() if self.video_requests else None
+            sent_version = self.version
             try:
-                result = await self.workers[i].rollout.remote(item, self.version, [self.weights], video)
+                result = await self.workers[i].rollout.remote(item, sent_version, [self.weights], video)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 # The rollout died with its actor: hand the prompt out again. An actor that keeps
                 # dying past its restarts is retired so its loop stops taking prompts.
@@ -101,7 +102,8 @@ class RolloutPool:
                 self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
                 if isinstance(cause, WeightsUnavailable):  # the next version comes by object store: retry then
                     stats["weights_unavailable"] += 1
-                    self.group_ok = False
+                    if sent_version == self.version:  # not news from before a newer version and group
+                        self.group_ok = False
                     self.source.release(item)
                     await asyncio.sleep(0.5)
                     continue
