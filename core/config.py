@@ -536,6 +536,23 @@ class Config(_Section):
         return (lh // self.model.patch_size[1]) * (lw // self.model.patch_size[2])
 
 
+def load_bearer_token(section: str, env: str | None, file: str | None) -> str | None:
+    """The bearer token a service section names by `auth_token_env` or `auth_token_file`; None turns auth off."""
+    import os
+
+    if env:
+        token = os.environ.get(env, "").strip()
+        if not token:
+            raise ConfigError(f"{section}.auth_token_env is {env!r} but that variable is unset or empty")
+        return token
+    if file:
+        token = Path(file).read_text().strip()
+        if not token:
+            raise ConfigError(f"{section}.auth_token_file {file} is empty")
+        return token
+    return None
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():

@@ -11,16 +11,14 @@ with uint8 frames (no HTTP, no re-encoding).
 
 import asyncio
 import hmac
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from core.config import Config, ConfigError, RewardServiceConfig, load_config
+from core.config import Config, load_bearer_token, load_config
 from core.reward.base import RewardScore, VideoInput
 from reward_service.inputs import InputError, Limits, parse_score_request
 
@@ -29,21 +27,6 @@ api = FastAPI(
     description="Scores videos on visual quality (VQ), motion quality (MQ) and text alignment (TA).",
     version="1",
 )
-
-
-def load_token(cfg: RewardServiceConfig) -> str | None:
-    """The bearer token from `auth_token_env` or `auth_token_file`; None turns auth off."""
-    if cfg.auth_token_env:
-        token = os.environ.get(cfg.auth_token_env, "").strip()
-        if not token:
-            raise ConfigError(f"reward_service.auth_token_env is {cfg.auth_token_env!r} but that variable is unset or empty")
-        return token
-    if cfg.auth_token_file:
-        token = Path(cfg.auth_token_file).read_text().strip()
-        if not token:
-            raise ConfigError(f"reward_service.auth_token_file {cfg.auth_token_file} is empty")
-        return token
-    return None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -125,7 +108,8 @@ class RewardServer:
 def build_app(cfg: Config) -> serve.Application:
     """The Serve application for `cfg`, with its replica, back-pressure and autoscaling settings."""
     svc = cfg.reward_service
-    token = load_token(svc)  # read where the app is built, so replicas on other nodes need no env or file
+    # read where the app is built, so replicas on other nodes need no env or file
+    token = load_bearer_token("reward_service", svc.auth_token_env, svc.auth_token_file)
     options = dict(
         max_ongoing_requests=svc.max_ongoing_requests,
         max_queued_requests=svc.max_queued_requests,

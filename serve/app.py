@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.background import BackgroundTask
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, load_bearer_token, load_config
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 FRAME_HEADER = struct.Struct("<IId")  # frame index, block, seconds since the stream started
@@ -68,22 +68,6 @@ class RequestError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
-
-
-def load_token(env: str | None, file: str | None) -> str | None:
-    import os
-
-    if env:
-        token = os.environ.get(env, "").strip()
-        if not token:
-            raise ConfigError(f"serve.auth_token_env is {env!r} but that variable is unset or empty")
-        return token
-    if file:
-        token = Path(file).read_text().strip()
-        if not token:
-            raise ConfigError(f"serve.auth_token_file {file} is empty")
-        return token
-    return None
 
 
 def _jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -446,7 +430,7 @@ class StreamServer:
 
 def build_app(cfg: Config) -> serve.Application:
     svc = cfg.serve
-    token = load_token(svc.auth_token_env, svc.auth_token_file)
+    token = load_bearer_token("serve", svc.auth_token_env, svc.auth_token_file)
     options = dict(max_ongoing_requests=svc.max_sessions + 8,  # room for health, info and control besides sessions
                    ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus})
     if svc.max_replicas > svc.min_replicas:
