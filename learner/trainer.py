@@ -70,6 +70,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.get(control.finish.remote(result | {"export": {k: str(v) for k, v in (result["export"] or {}).items()}}))
 
 
+# local paths a learner worker opens; Ray Train runs workers in their own working directories
+WORKER_PATHS = ("learner.output_dir", "learner.teacher.checkpoint", "learner.critic_checkpoint", "learner.samples_parquet",
+                "checkpoint.generator", "text_encoder.checkpoint", "text_encoder.tokenizer")
+
+
+def worker_config(cfg: Config) -> dict:
+    """`cfg` as the workers get it: a plain dict with the WORKER_PATHS made absolute (relative to this process)."""
+    data = cfg.model_dump()
+    for key in WORKER_PATHS:
+        *parents, leaf = key.split(".")
+        node = data
+        for name in parents:
+            node = node[name]
+        if node.get(leaf):
+            node[leaf] = str(Path(node[leaf]).resolve())
+    return data
+
+
 def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
                   control: ray.actor.ActorHandle | None = None) -> TorchTrainer:
     """A TorchTrainer running the learner; `pool` is the RolloutPool (None with learner.samples_parquet);
@@ -77,12 +95,11 @@ def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
     learner = cfg.learner
     if pool is None and not learner.samples_parquet:
         raise ValueError("the learner needs a RolloutPool, or learner.samples_parquet to train on recorded samples")
-    output_dir = Path(learner.output_dir).resolve()  # workers run in their own working directories
-    cfg = cfg.model_copy(update={"learner": learner.model_copy(update={"output_dir": str(output_dir)})})
+    output_dir = Path(learner.output_dir).resolve()
     resources = {"CPU": learner.cpus_per_worker} | ({"GPU": 1} if learner.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "pool": pool, "control": control},
+        train_loop_config={"config": worker_config(cfg), "pool": pool, "control": control},
         scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
