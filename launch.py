@@ -7,6 +7,9 @@ Commands:
                  web page to watch it (local Ray, or --address to join).
   pretrain-teacher
                  flow-matching pretraining of a small teacher on the toy world (configs/toyworld.yaml).
+  ode-init       regression of the causal student on the teacher's ODE trajectories (Self Forcing's ode_init.pt).
+  evaluate       toy-world measures of a student: motion reward, fidelity to the teacher, prompt adherence,
+                 initial-frame copying on long rollouts.
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
@@ -18,6 +21,7 @@ With no --config the embedded tiny default (configs/tiny.yaml) is used: CPU, no 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -125,35 +129,44 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+class _LossLog:
+    """loss.csv in `out` plus a tqdm bar with the latest loss, for the toy-world training commands."""
+
+    def __init__(self, out: Path, total: int, desc: str, log_every: int):
+        from tqdm import tqdm
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = (out / "loss.csv").open("w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(["step", "loss"])
+        self.bar, self.log_every, self.step = tqdm(total=total, unit="step", desc=desc), log_every, 0
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.step = step
+        self.csv.writerow([step, f"{loss:.6f}"])
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self, losses: list[float]) -> str:
+        self.bar.close()
+        self.file.close()
+        head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+        return f"loss {sum(head) / len(head):.4f} (first 10%) -> {sum(tail) / len(tail):.4f} (last 10%)"
+
+
 def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
-    import csv
-
-    from tqdm import tqdm
-
     from core.checkpoint import save_wan_folder
     from core.pretrain import pretrain_teacher
 
     p = cfg.pretrain
     out = Path(p.output)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=p.steps, unit="step", desc="pretrain-teacher")
-    with (out / "loss.csv").open("w", newline="") as f:
-        log = csv.writer(f)
-        log.writerow(["step", "loss"])
-
-        def on_step(step: int, loss: float) -> None:
-            log.writerow([step, f"{loss:.6f}"])
-            bar.update(1)
-            if step % p.log_every == 0:
-                f.flush()
-                bar.set_postfix(loss=f"{loss:.4f}")
-
-        model, losses = pretrain_teacher(cfg, on_step)
-    bar.close()
+    log = _LossLog(out, p.steps, "pretrain-teacher", p.log_every)
+    model, losses = pretrain_teacher(cfg, log)
+    summary = log.close(losses)
     save_wan_folder(out / "teacher", model)
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    print(f"wrote {out / 'teacher'} (Wan folder: config.json + safetensors) and {out / 'loss.csv'}; "
-          f"loss {sum(head) / len(head):.4f} (first 10%) -> {sum(tail) / len(tail):.4f} (last 10%)")
+    print(f"wrote {out / 'teacher'} (Wan folder: config.json + safetensors) and {out / 'loss.csv'}; {summary}")
     if p.eval_clips:
         from core.pretrain import evaluate_teacher
 
@@ -162,6 +175,71 @@ def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
         print(f"prompt adherence on {p.eval_clips} held-out scenes ({p.eval_steps} Euler steps, CFG {p.eval_guidance}): "
               f"colour {scores['colour']:.2f} (chance {scores['colour_chance']:.2f}), "
               f"direction {scores['direction']:.2f} (chance {scores['direction_chance']:.2f})")
+
+
+def cmd_ode_init(cfg: Config, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from core.checkpoint import save_self_forcing
+    from core.ode_init import ode_init
+
+    o = cfg.ode_init
+    out = Path(o.output)
+    stages: dict = {}
+
+    def on_stage(name: str, total: int) -> None:
+        if "bar" in stages:
+            stages.pop("bar").close()
+        if name == "regression":
+            stages["log"] = _LossLog(out, total, "ode-init: regression", o.log_every)
+        else:
+            stages["bar"] = tqdm(total=total, unit="clip", desc=f"ode-init: teacher {name}")
+
+    def on_step(n: int, loss: float | None) -> None:
+        if loss is None:
+            stages["bar"].update(n)
+        else:
+            stages["log"](stages["log"].step + 1, loss)
+
+    student, losses = ode_init(cfg, on_stage, on_step)
+    summary = stages["log"].close(losses)
+    save_self_forcing(out / "ode_init.pt", student.state_dict())
+    print(f"wrote {out / 'ode_init.pt'} (checkpoint.generator loads it) and {out / 'loss.csv'}; {summary}")
+    if o.eval_clips:
+        scores = _evaluate(cfg, student, o.eval_clips, seed=1_000_000, long_prompts=0)
+        (out / "eval.json").write_text(json.dumps(scores, indent=2))
+
+
+def _evaluate(cfg: Config, generator=None, prompts: int = 32, seed: int = 1_000_000, long_frames: int = 63,
+              long_prompts: int = 8) -> dict:
+    """core.evaluate on `generator` (default: checkpoint.generator), printed as a table."""
+    from core.evaluate import evaluate_config
+    from core.toyworld import COLOURS, DIRECTIONS
+
+    scores = evaluate_config(cfg, generator, prompts, seed, long_frames, long_prompts)
+    rows = [("motion reward (" + cfg.learner.reward_axis + ")", scores["motion_reward"], scores["motion_reward_world"]),
+            ("colour adherence", scores["colour_adherence"], 1 / len(COLOURS)),
+            ("direction adherence", scores["direction_adherence"], 1 / len(DIRECTIONS)),
+            ("feature distance to the world", scores["feature_distance"], 0.0)]
+    if "teacher_loss" in scores:
+        rows.append(("teacher flow loss", scores["teacher_loss"], scores["teacher_loss_world"]))
+    if "initial_frame_copy" in scores:
+        rows.append((f"initial-frame copy ({long_frames} latents)", scores["initial_frame_copy"],
+                     scores["initial_frame_copy_world"]))
+    print(f"{'measure (' + str(prompts) + ' held-out prompts)':<40} {'student':>9} {'reference':>10}")
+    for name, value, ref in rows:
+        print(f"{name:<40} {value:>9.3f} {ref:>10.3f}")
+    print("reference: world clips of the same scenes (chance for adherence)")
+    return scores
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    cfg.check_paths()
+    scores = _evaluate(cfg, None, args.prompts, args.seed, args.long_frames, args.long_prompts)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(scores, indent=2))
+        print(f"wrote {args.out}")
 
 
 def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
@@ -230,6 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
     command("pretrain-teacher", "train the toy-world teacher with flow matching", "configs/toyworld.yaml")
+    command("ode-init", "initialise the causal student by regression on teacher ODE trajectories",
+            "configs/toyworld.yaml")
+
+    p = command("evaluate", "toy-world measures of a student: motion reward, fidelity, adherence, copying",
+                "configs/toyworld.yaml")
+    p.add_argument("--checkpoint", default=None, help="student weights (sets checkpoint.generator)")
+    p.add_argument("--prompts", type=_positive_int, default=32, help="held-out world prompts (default 32)")
+    p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (default 1000000, held out)")
+    p.add_argument("--long-frames", type=_positive_int, default=63, help="latent frames of the long rollouts")
+    p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (0: skip)")
+    p.add_argument("--out", default=None, help="write the measures as JSON here")
 
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
@@ -245,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
     commands = {"train": cmd_train, "serve": cmd_serve, "generate": cmd_generate, "reward-server": cmd_reward_server,
-                "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher}
+                "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher, "ode-init": cmd_ode_init,
+                "evaluate": cmd_evaluate}
     try:
         cfg = load_config(args.config, overrides)
         commands[args.command](cfg, args)

@@ -2,13 +2,15 @@
 
 The teacher is what Reward Forcing distils from; on the embedded default it is a small WanModel
 trained here, on CPU, on exact patch-codec latents of world clips with their prompts. The loss is
-the flow-matching objective the Wan models were trained with: at a timestep drawn from the
-shifted table, predict the flow (noise - x0) of x_t = (1 - sigma) x0 + sigma noise. A fraction of
+the flow-matching objective the Wan models were trained with: at a timestep drawn from a shifted
+table (the recipe's shift), predict the flow (noise - x0) of x_t = (1 - sigma) x0 + sigma noise. A fraction of
 prompts is replaced by the empty prompt so the teacher also learns the unconditional flow that
 classifier-free guidance needs.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -38,6 +40,29 @@ def flow_matching_loss(model: torch.nn.Module, sched: FlowMatchScheduler, x0: to
     return F.mse_loss(flow.float(), (noise - x0).float())
 
 
+class RecipeOptimizer:
+    """AdamW with a linear warmup then a cosine down to a tenth of `lr`, and gradient-norm clipping: the
+    optimiser of the toy-world recipes (teacher pretraining, ODE init)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                 grad_clip: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+            * (0.55 + 0.45 * math.cos(math.pi * step / total_steps)))
+        self.grad_clip = grad_clip
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One update on `loss`; returns its value."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.schedule.step()
+        return loss.item()
+
+
 def scene_batch(rng: np.random.Generator, num_clips: int, seed: int, batch: int) -> list[Scene]:
     return [Scene.from_seed(seed + int(i)) for i in rng.integers(0, num_clips, batch)]
 
@@ -57,8 +82,8 @@ def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
     model.train()
     codec = build_codec(cfg)
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
-    sched = FlowMatchScheduler.from_config(cfg.scheduler)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    sched = FlowMatchScheduler(p.shift, cfg.scheduler.num_train_timesteps)
+    opt = RecipeOptimizer(model, p.lr, p.weight_decay, p.warmup_steps, p.steps, p.grad_clip)
     scenes_rng, noise_rng = np.random.default_rng(p.seed), torch.Generator().manual_seed(p.seed)
     losses = []
     for step in range(p.steps):
@@ -67,39 +92,58 @@ def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
         with torch.no_grad():
             x0 = world_latents(codec, scenes, video.num_latent_frames, video.height, video.width)
             context = encoder.encode(prompts)
-        loss = flow_matching_loss(model, sched, x0, context, noise_rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(opt.step(flow_matching_loss(model, sched, x0, context, noise_rng)))
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return model.eval(), losses
 
 
+def ode_grid(sched: FlowMatchScheduler, steps: int) -> torch.Tensor:
+    """float64 sigmas of an Euler solve in `steps` steps: every (n / steps)-th entry of the shifted table, then 0."""
+    index = torch.arange(steps) * sched.num_train_timesteps // steps
+    return torch.cat([sched.sigmas[index], torch.zeros(1)]).double()
+
+
 @torch.no_grad()
-def sample(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor, uncond: torch.Tensor | None,
-           shape: tuple[int, ...], steps: int = 20, guidance: float = 3.0,
-           rng: torch.Generator | None = None) -> torch.Tensor:
-    """Euler integration of the teacher's flow ODE from noise (sigma 1) to x0 (sigma 0): x0 [B, F, C, H, W].
+def ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor, uncond: torch.Tensor | None,
+                   shape: tuple[int, ...], steps: int = 20, guidance: float = 3.0, rng: torch.Generator | None = None,
+                   keep: tuple[float, ...] = ()) -> list[torch.Tensor]:
+    """Euler integration of the teacher's flow ODE from noise (sigma 1) to x0 (sigma 0) on `ode_grid`.
 
     dx/dsigma is the predicted flow (noise - x0); with `uncond` it is classifier-free guided,
-    v_u + guidance * (v_c - v_u). The sigmas are `steps` points of the shifted table, then 0.
+    v_u + guidance * (v_c - v_u). Returns the states [B, F, C, H, W] at the timesteps `keep` (each must
+    lie on the grid, as the few-step student timesteps do when `steps` is a multiple of their count),
+    followed by x0.
     """
     b, f = shape[:2]
-    index = torch.linspace(0, sched.num_train_timesteps - 1, steps).round().long()
-    sigmas = torch.cat([sched.sigmas[index], torch.zeros(1)]).double()
+    sigmas = ode_grid(sched, steps)
+    grid_t = (sigmas[:-1] * sched.num_train_timesteps).float()
+    keep_at = []
+    for t in keep:
+        match = (grid_t - t).abs() < 1e-3
+        if not match.any():
+            raise ValueError(f"timestep {t:.3f} is not on the {steps}-step ODE grid; use a number of ODE steps that "
+                             f"is a multiple of the student's denoising steps")
+        keep_at.append(int(match.nonzero()[0]))
     x = torch.randn(shape, generator=rng).double()
     dtype = next(model.parameters()).dtype
+    states = {}
     for i in range(steps):
-        t = torch.full((b, f), float(sigmas[i] * sched.num_train_timesteps))
+        states[i] = x.to(dtype)
+        t = torch.full((b, f), float(grid_t[i]))
         flow = model(x.to(dtype).transpose(1, 2), t, context).transpose(1, 2).double()
         if uncond is not None:
             flow_u = model(x.to(dtype).transpose(1, 2), t, uncond).transpose(1, 2).double()
             flow = flow_u + guidance * (flow - flow_u)
         x = x + (sigmas[i + 1] - sigmas[i]) * flow
-    return x.to(dtype)
+    return [states[i] for i in keep_at] + [x.to(dtype)]
+
+
+def sample(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor, uncond: torch.Tensor | None,
+           shape: tuple[int, ...], steps: int = 20, guidance: float = 3.0,
+           rng: torch.Generator | None = None) -> torch.Tensor:
+    """Teacher samples x0 [B, F, C, H, W]: the end of `ode_trajectory`."""
+    return ode_trajectory(model, sched, context, uncond, shape, steps, guidance, rng)[-1]
 
 
 def evaluate_teacher(cfg, model: torch.nn.Module, num_clips: int = 24, steps: int = 20, guidance: float = 3.0,

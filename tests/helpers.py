@@ -37,3 +37,16 @@ def recorded_samples(cfg, n: int, seed: int = 0, weight_version: int = 0) -> lis
             samples.append(Sample.from_rollout(record, score=score, sample_id=f"e0-i{i}", prompt_id=i, prompt=prompt,
                                                epoch=0, seed=seed + i, weight_version=weight_version, actor="test"))
     return samples
+
+
+class TrueFlow(torch.nn.Module):
+    """A 'teacher' that returns the exact flow toward `x0` [B, F, C, H, W]: (x_t - x0) / sigma."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x0 = x0
+        self.p = torch.nn.Parameter(torch.zeros(1, dtype=x0.dtype))  # samplers read the dtype off a parameter
+
+    def forward(self, x, t, context):
+        sigma = t[0, 0] / 1000
+        return ((x.transpose(1, 2) - self.x0) / sigma).transpose(1, 2)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 import launch
+from helpers import TrueFlow
 from core.checkpoint import load_wan_state_dict
 from core.config import REPO_ROOT, load_config
 from core.pretrain import flow_matching_loss, world_latents
@@ -16,11 +17,13 @@ from core.scheduler import FlowMatchScheduler
 from core.toyworld import Scene, render
 from core.vae import build_codec, to_uint8_frames
 
+WORLD = REPO_ROOT / "configs" / "toyworld.yaml"
+
 SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6"]
 
 
 def test_world_latents_decode_to_the_world_clip_exactly():
-    cfg = load_config(REPO_ROOT / "configs" / "toyworld.yaml")
+    cfg = load_config(WORLD)
     scene = Scene.from_seed(3)
     x0 = world_latents(build_codec(cfg), [scene], 6, 32, 32)
     assert x0.shape == (1, 6, 16, 16, 16)
@@ -46,13 +49,14 @@ def test_flow_matching_loss_is_zero_for_the_true_flow():
 def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path, capsys):
     out = tmp_path / "teacher_run"
     args = ["pretrain-teacher", *SMALL, "pretrain.steps=30", "pretrain.batch_size=4", "pretrain.lr=3e-3",
-            f"pretrain.output={out}", "pretrain.num_clips=64", "pretrain.eval_clips=2", "pretrain.eval_steps=2"]
+            "pretrain.warmup_steps=1", f"pretrain.output={out}", "pretrain.num_clips=64", "pretrain.eval_clips=2",
+            "pretrain.eval_steps=2"]
     assert launch.main(args) == 0
     rows = list(csv.DictReader((out / "loss.csv").open()))
     losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     teacher = load_wan_state_dict(out / "teacher")
-    cfg = load_config(REPO_ROOT / "configs" / "toyworld.yaml", [*SMALL, f"learner.teacher.checkpoint={out / 'teacher'}"])
+    cfg = load_config(WORLD, [*SMALL, f"learner.teacher.checkpoint={out / 'teacher'}"])
     from core.distill import build_score_models
 
     teacher_model, critic = build_score_models(cfg)
@@ -66,19 +70,9 @@ def test_euler_sampler_lands_on_x0_with_the_true_flow_and_evaluation_runs():
     from core.wan.model import WanModel
 
     x0 = torch.randn(1, 2, 16, 2, 2, dtype=torch.float64)
-
-    class TrueFlow(torch.nn.Module):  # the exact flow toward x0: (x_t - x0) / sigma
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-
-        def forward(self, x, t, context):
-            sigma = t[0, 0] / 1000
-            return ((x.transpose(1, 2) - x0) / sigma).transpose(1, 2)
-
-    out = sample(TrueFlow(), FlowMatchScheduler(), None, None, (1, 2, 16, 2, 2), steps=8)
+    out = sample(TrueFlow(x0), FlowMatchScheduler(), None, None, (1, 2, 16, 2, 2), steps=8)
     assert (out - x0).abs().max().item() < 1e-12
-    cfg = load_config(REPO_ROOT / "configs" / "toyworld.yaml", SMALL)
+    cfg = load_config(WORLD, SMALL)
     scores = evaluate_teacher(cfg, WanModel(cfg.model), num_clips=3, steps=2)
     assert set(scores) == {"colour", "direction", "colour_chance", "direction_chance"}
     assert 0 <= scores["colour"] <= 1 and scores["direction_chance"] == 0.2

@@ -1,0 +1,132 @@
+"""ODE-regression initialisation of the causal student from teacher trajectories (CausVid, Self Forcing).
+
+Distribution matching starts from a student that already makes videos in a few steps: Self Forcing's
+`ode_init.pt`. It is made by integrating the teacher's guided flow ODE from noise and keeping the
+states at the student's few-step timesteps; the student (initialised from the teacher's weights) then
+learns to map each of those states straight to the ODE's end point. Here the student is trained through
+the same path the learner uses: a trajectory becomes a `RolloutRecord` whose exit step is one of the
+student's timesteps, with the ODE's clean end as the cached context, and `replay_exit_steps` gives the
+predictions with grad. No Ray; `launch.py ode-init` drives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.config import Config, ConfigError
+from core.pretrain import RecipeOptimizer, ode_trajectory
+from core.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout
+from core.scheduler import FlowMatchScheduler
+from core.toyworld import Scene
+from core.wan.model import CausalWanModel, WanModel
+
+
+@dataclass
+class OdePairs:
+    prompts: list[str]
+    states: torch.Tensor  # [N, K, F, C, H, W]: the trajectory at each of the student's K timesteps
+    clean: torch.Tensor  # [N, F, C, H, W]: where the ODE ends
+
+
+def student_timesteps(cfg: Config) -> torch.Tensor:
+    sched = FlowMatchScheduler.from_config(cfg.scheduler)
+    return sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
+
+
+@torch.no_grad()
+def teacher_trajectories(cfg: Config, teacher: WanModel, encoder, prompts: list[str], seed: int,
+                         on_batch=None) -> OdePairs:
+    """Guided ODE solves of `teacher` for `prompts`, `ode_init.batch_size` at a time (seeded per batch)."""
+    o, lh_lw = cfg.ode_init, cfg.video.latent_hw
+    sched = FlowMatchScheduler.from_config(cfg.scheduler)
+    keep = tuple(student_timesteps(cfg).tolist())
+    states, clean = [], []
+    for start in range(0, len(prompts), o.batch_size):
+        chunk = prompts[start:start + o.batch_size]
+        context, uncond = encoder.encode(chunk), encoder.encode([""] * len(chunk))
+        shape = (len(chunk), cfg.video.num_latent_frames, cfg.model.in_dim, *lh_lw)
+        *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance,
+                                       torch.Generator().manual_seed(seed + start), keep)
+        states.append(torch.stack(at_steps, dim=1))
+        clean.append(x0)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return OdePairs(prompts, torch.cat(states), torch.cat(clean))
+
+
+def regression_record(states: torch.Tensor, clean: torch.Tensor, exit_index: int, exit_timestep: float,
+                      frames_per_block: int, context_timestep: float = 0.0) -> RolloutRecord:
+    """A batch of trajectories as a rollout that exits at `exit_index`, with the ODE's end as each block's context.
+
+    `states` [B, K, F, C, H, W], `clean` [B, F, C, H, W]."""
+    record = RolloutRecord(exit_index, exit_timestep, context_timestep)
+    for start in range(0, clean.shape[1], frames_per_block):
+        end = start + frames_per_block
+        record.blocks.append(ReplayBlock(start, states[:, exit_index, start:end], clean[:, start:end]))
+    return record
+
+
+def ode_regression_loss(generator: CausalWanModel, sched: FlowMatchScheduler, timesteps: torch.Tensor,
+                        states: torch.Tensor, clean: torch.Tensor, context: torch.Tensor, exit_index: int,
+                        context_noise: int = 0) -> torch.Tensor:
+    """mse(student's x0 from the trajectory state at timestep `exit_index`, the ODE's end), over every block."""
+    rollout = SelfForcedRollout(generator, sched, timesteps, context_noise)
+    record = regression_record(states, clean, exit_index, float(timesteps[exit_index]),
+                               generator.stream.num_frame_per_block, float(context_noise))
+    cache = generator.init_cache(clean.shape[0], tuple(clean.shape[-2:]), device=clean.device, dtype=clean.dtype)
+    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), clean)
+
+
+def ode_init(cfg: Config, on_stage=None, on_step=None) -> tuple[CausalWanModel, list[float]]:
+    """Train the causal student, started from the teacher's weights (same architecture), on teacher
+    trajectories per `cfg.ode_init`; returns (student, losses).
+
+    `on_stage(name, total)` announces "trajectories" (in clips) and "regression" (in steps); `on_step(n, loss)`
+    reports progress within a stage (loss None while solving trajectories)."""
+    from core.checkpoint import load_into, load_wan_state_dict
+    from core.text_encoder import TextEncoder
+
+    o = cfg.ode_init
+    if cfg.learner.teacher.checkpoint is None:
+        raise ConfigError("ode_init needs a trained teacher: set learner.teacher.checkpoint to its folder "
+                          "(python launch.py pretrain-teacher makes one)")
+    if cfg.video.num_latent_frames % cfg.stream.num_frame_per_block:
+        raise ConfigError(f"video.num_latent_frames ({cfg.video.num_latent_frames}) must be a multiple of "
+                          f"stream.num_frame_per_block ({cfg.stream.num_frame_per_block})")
+    weights = load_wan_state_dict(cfg.learner.teacher.checkpoint)
+    teacher = load_into(WanModel(cfg.model), weights).eval()
+    teacher.attention_backend = cfg.runtime.attention_backend
+    encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
+    prompts = [Scene.from_seed(o.seed + i).prompt for i in range(o.num_clips)]
+    if on_stage is not None:
+        on_stage("trajectories", o.num_clips)
+    pairs = teacher_trajectories(cfg, teacher, encoder, prompts, o.seed,
+                                 None if on_step is None else lambda n: on_step(n, None))
+    del teacher
+
+    torch.manual_seed(cfg.runtime.seed)
+    student = CausalWanModel(cfg.model, cfg.stream)
+    load_into(student, weights)
+    student.attention_backend = cfg.runtime.attention_backend
+    student.train()
+    sched = FlowMatchScheduler.from_config(cfg.scheduler)
+    timesteps = student_timesteps(cfg)
+    opt = RecipeOptimizer(student, o.lr, o.weight_decay, o.warmup_steps, o.steps, o.grad_clip)
+    rng = np.random.default_rng(o.seed)
+    if on_stage is not None:
+        on_stage("regression", o.steps)
+    losses = []
+    for step in range(o.steps):
+        pick = torch.as_tensor(rng.choice(o.num_clips, size=min(o.batch_size, o.num_clips), replace=False))
+        exit_index = int(rng.integers(len(timesteps)))
+        with torch.no_grad():
+            context = encoder.encode([pairs.prompts[i] for i in pick.tolist()])
+        losses.append(opt.step(ode_regression_loss(student, sched, timesteps, pairs.states[pick], pairs.clean[pick],
+                                                   context, exit_index, cfg.scheduler.context_noise)))
+        if on_step is not None:
+            on_step(1, losses[-1])
+    return student.eval(), losses

@@ -1,0 +1,104 @@
+"""ODE-regression init and toy-world evaluation: the trajectory states are the right ones, the regression
+learns through the learner's replay path, and the commands write what the learner and `evaluate` load."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import launch
+from core.checkpoint import load_wan_state_dict, save_wan_folder
+from core.config import REPO_ROOT, load_config
+from core.ode_init import ode_regression_loss, regression_record, student_timesteps, teacher_trajectories
+from core.pipeline import build_generator
+from core.pretrain import ode_trajectory
+from core.scheduler import FlowMatchScheduler
+from core.text_encoder import TextEncoder
+from core.wan.model import CausalWanModel, WanModel
+from helpers import TrueFlow
+
+WORLD = REPO_ROOT / "configs" / "toyworld.yaml"
+
+SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6",
+         "checkpoint.generator=null"]
+
+
+def test_trajectory_states_at_the_student_timesteps_are_exact_with_the_true_flow():
+    cfg = load_config(WORLD)
+    keep = tuple(student_timesteps(cfg).tolist())
+    shape = (2, 6, 16, 2, 2)
+    x0 = torch.randn(shape, dtype=torch.float64)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7)).double()
+    *states, end = ode_trajectory(TrueFlow(x0), FlowMatchScheduler(cfg.scheduler.shift), None, None, shape, 12,
+                                  rng=torch.Generator().manual_seed(7), keep=keep)
+    assert len(states) == 4 and (end - x0).abs().max().item() < 1e-12
+    for t, state in zip(keep, states):  # the timesteps are float32: sigma = t / 1000 up to float32 rounding
+        sigma = t / 1000
+        assert (state - ((1 - sigma) * x0 + sigma * noise)).abs().max().item() < 1e-7, t
+    with pytest.raises(ValueError, match="not on the 10-step ODE grid"):
+        ode_trajectory(TrueFlow(x0), FlowMatchScheduler(cfg.scheduler.shift), None, None, shape, 10, keep=keep)
+
+
+def test_regression_record_slices_blocks_at_the_exit_step():
+    states, clean = torch.randn(2, 4, 6, 16, 2, 2), torch.randn(2, 6, 16, 2, 2)
+    record = regression_record(states, clean, 2, 500.0, frames_per_block=3)
+    assert [b.start_frame for b in record.blocks] == [0, 3] and record.exit_timestep == 500.0
+    assert torch.equal(record.blocks[1].noisy, states[:, 2, 3:6]) and torch.equal(record.blocks[1].clean, clean[:, 3:6])
+
+
+def test_regression_through_the_replay_path_fits_teacher_trajectories():
+    cfg = load_config(WORLD, [*SMALL, "ode_init.num_clips=2", "ode_init.ode_steps=4", "ode_init.batch_size=2"])
+    torch.manual_seed(0)
+    teacher = WanModel(cfg.model).eval()
+    encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
+    prompts = ["a red circle moves left across a gray background", "a white square stays still on a black background"]
+    pairs = teacher_trajectories(cfg, teacher, encoder, prompts, seed=0)
+    assert pairs.states.shape == (2, 4, 6, 16, 16, 16) and pairs.clean.shape == (2, 6, 16, 16, 16)
+    student = CausalWanModel(cfg.model, cfg.stream)
+    student.load_state_dict(teacher.state_dict())
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    sched, timesteps, context = FlowMatchScheduler.from_config(cfg.scheduler), student_timesteps(cfg), encoder.encode(prompts)
+    losses = []
+    for _ in range(15):
+        loss = ode_regression_loss(student, sched, timesteps, pairs.states, pairs.clean, context, exit_index=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_load(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = load_config(WORLD, SMALL)
+    save_wan_folder(tmp_path / "teacher", WanModel(cfg.model))
+    out = tmp_path / "ode"
+    args = ["ode-init", *SMALL, f"learner.teacher.checkpoint={tmp_path / 'teacher'}", "ode_init.num_clips=3",
+            "ode_init.ode_steps=4", "ode_init.steps=4", "ode_init.batch_size=2", "ode_init.eval_clips=2",
+            f"ode_init.output={out}"]
+    assert launch.main(args) == 0
+    assert len(list(csv.DictReader((out / "loss.csv").open()))) == 4
+    saved = load_wan_state_dict(out / "ode_init.pt")
+    generator = build_generator(load_config(WORLD, [*SMALL, f"checkpoint.generator={out / 'ode_init.pt'}"]), "cpu")
+    assert all(torch.equal(generator.state_dict()[k], v) for k, v in saved.items())
+    assert json.loads((out / "eval.json").read_text())["prompts"] == 2
+
+    report = tmp_path / "eval.json"
+    args = ["evaluate", *SMALL, f"checkpoint.generator={out / 'ode_init.pt'}",
+            f"learner.teacher.checkpoint={tmp_path / 'teacher'}",
+            "--prompts", "3", "--long-frames", "12", "--long-prompts", "2", "--out", str(report)]
+    assert launch.main(args) == 0
+    scores = json.loads(report.read_text())
+    assert {"motion_reward", "motion_reward_world", "colour_adherence", "direction_adherence", "feature_distance",
+            "teacher_loss", "teacher_loss_world", "initial_frame_copy", "initial_frame_copy_world"} <= set(scores)
+    assert 0 <= scores["colour_adherence"] <= 1 and scores["long_frames"] == 12
+    assert scores["colour_adherence_world"] == scores["direction_adherence_world"] == 1.0  # exact on true clips
+    printed = capsys.readouterr().out
+    assert "initial-frame copy (12 latents)" in printed and "teacher flow loss" in printed
+
+
+def test_ode_init_refuses_a_config_without_a_teacher():
+    assert launch.main(["ode-init", *SMALL, "learner.teacher.checkpoint=null"]) == 2
