@@ -1,0 +1,150 @@
+"""What distillation does on the toy world: Re-DMD vs DMD, and the EMA sink vs a plain sink.
+
+What it measures
+----------------
+Every run is the real job, `python launch.py train --config configs/toyworld.yaml` (the toy-world
+teacher and ODE-initialised student that `pretrain-teacher` and `ode-init` wrote, the motion reward),
+for --steps learner steps from the same start, followed by `core.evaluate` on the exported student over
+--prompts held-out world
+prompts (scene seeds 1000000..), using the raw generator weights (a 40-step run's EMA would mostly hold
+the weights at ema_start_step):
+
+--study reward: Re-DMD (learner.beta=2) against vanilla DMD (learner.beta=0). The paper's claim is more
+  motion at equal fidelity: compare the motion reward (the MQ axis the learner weights by) with the
+  fidelity columns (the teacher's flow loss on the student's videos, the feature distance to world clips)
+  and prompt adherence.
+--study sink: the student trained and rolled out with an EMA sink of alpha 0.999, one of alpha 0.9, and a
+  plain (static) sink, each measured on --long-frames latent frames (past the 12-frame window) by the
+  initial-frame copy measure: how much the last quarter of a long video looks like its first frames
+  (lower: less copying), next to the same measure on true world clips.
+
+Each setting runs once per seed in --seeds (the seed sets runtime.seed and actors.prompt_seed), and the
+table gives mean and standard deviation over seeds, plus the starting student's numbers for reference.
+The numbers are what they are: BENCHMARKS.md records them with the machine and the command.
+
+    python benchmarks/toyworld_learning.py --study reward --steps 40 --seeds 0,1,2
+    python benchmarks/toyworld_learning.py --study sink --steps 40 --seeds 0,1 --json sink.json
+    python benchmarks/toyworld_learning.py learner.teacher.checkpoint=my/teacher   # overrides for every run
+
+Needs what `launch.py train` needs (Ray with Serve and Train, DeepSpeed, torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+from benchmarks.common import cpu_model, finish, free_port, load_1m, physical_cores  # noqa: E402
+
+STUDIES = {
+    "reward": {"Re-DMD (beta 2)": ["learner.beta=2.0"], "DMD (beta 0)": ["learner.beta=0.0"]},
+    "sink": {"EMA sink 0.999": ["stream.sink_mode=ema", "stream.compression_alpha=0.999"],
+             "EMA sink 0.9": ["stream.sink_mode=ema", "stream.compression_alpha=0.9"],
+             "plain sink": ["stream.sink_mode=static"]},
+}
+MEASURES = ("motion_reward", "teacher_loss", "feature_distance", "colour_adherence", "direction_adherence",
+            "initial_frame_copy")
+
+
+def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float]:
+    """One `launch.py train` run; returns its export (reward_forcing.pt) and the wall time."""
+    cmd = [sys.executable, "launch.py", "train", "--config", args.config, "--address", "local", *overrides,
+           f"runtime.seed={seed}",
+           f"actors.prompt_seed={seed}", f"learner.max_steps={args.steps}", f"learner.output_dir={out}",
+           "learner.video_every=0", "learner.checkpoint_every=100000", f"reward_service.port={free_port()}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.run_timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.splitlines()[-40:])
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}; stderr tail:\n{tail}")
+    summary = json.loads((out / "summary.json").read_text())
+    return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0
+
+
+def evaluate(overrides: list[str], checkpoint: str, args) -> dict:
+    from core.config import load_config
+    from core.evaluate import evaluate_config
+
+    cfg = load_config(args.config, [*overrides, f"checkpoint.generator={json.dumps(checkpoint)}", "checkpoint.use_ema=false"])
+    return evaluate_config(cfg, None, args.prompts, args.eval_seed, args.long_frames, args.long_prompts)
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study", choices=sorted(STUDIES), default="reward")
+    p.add_argument("--config", default="configs/toyworld.yaml", help="YAML config (default: configs/toyworld.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. learner.generator_lr=1e-5")
+    p.add_argument("--steps", type=int, default=40, help="learner.max_steps per run (default 40)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one run per setting each (default 0,1)")
+    p.add_argument("--prompts", type=int, default=32, help="held-out evaluation prompts (default 32)")
+    p.add_argument("--eval-seed", type=int, default=1_000_000, help="first held-out scene seed (default 1000000)")
+    p.add_argument("--long-frames", type=int, default=63, help="latent frames of the long rollouts (default 63)")
+    p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (default 8)")
+    p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds per training run (default 1800)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds or args.steps < 1:
+        p.error("--seeds needs at least one seed and --steps must be >= 1")
+
+    import torch
+
+    machine = {"cpu": cpu_model(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
+               "torch": torch.__version__, "loadavg_1m_at_start": load_1m()}
+    print(f"machine: {machine['cpu']}, {machine['physical_cores']} physical cores; load avg "
+          f"{machine['loadavg_1m_at_start']} at start", flush=True)
+    settings = STUDIES[args.study]
+    results: dict = {"machine": machine, "args": vars(args), "runs": []}
+    settings = {name: [*args.overrides, *overrides] for name, overrides in settings.items()}
+    start_overrides = next(iter(settings.values()))
+    from core.config import load_config
+
+    start = load_config(args.config, args.overrides).checkpoint.generator
+    results["start"] = evaluate(start_overrides, start, args)
+    print(f"start ({start}): " + ", ".join(f"{k} {results['start'][k]:.3f}" for k in MEASURES), flush=True)
+    with tempfile.TemporaryDirectory(prefix="toyworld_bench_") as tmp:
+        for seed in seeds:
+            for name, overrides in settings.items():
+                out = Path(tmp) / f"{name.replace(' ', '_')}_{seed}"
+                export, wall = train(overrides, seed, args, out)
+                scores = evaluate(overrides, str(export), args)
+                results["runs"].append({"setting": name, "seed": seed, "train_s": wall, **scores})
+                print(f"  {name}, seed {seed} ({wall:.0f} s): " + ", ".join(f"{k} {scores[k]:.3f}" for k in MEASURES),
+                      flush=True)
+
+    print(f"\n{args.study} study: {args.steps} learner steps from the ODE-init student, seeds {seeds}, "
+          f"{args.prompts} held-out prompts, copy measure on {args.long_frames} latent frames (mean ± std over seeds)")
+    print(f"{'setting':<18}" + "".join(f"{k:>24}" for k in MEASURES))
+    print(f"{'start':<18}" + "".join(f"{results['start'][k]:>24.3f}" for k in MEASURES))
+    results["summary"] = {}
+    for name in settings:
+        runs = [r for r in results["runs"] if r["setting"] == name]
+        results["summary"][name] = {k: [r[k] for r in runs] for k in MEASURES}
+        print(f"{name:<18}" + "".join(f"{spread([r[k] for r in runs]):>24}" for k in MEASURES))
+    world = results["start"]
+    print(f"{'world clips':<18}{world['motion_reward_world']:>24.3f}{world['teacher_loss_world']:>24.3f}{0.0:>24.3f}"
+          f"{world['colour_adherence_world']:>24.3f}{world['direction_adherence_world']:>24.3f}"
+          f"{world['initial_frame_copy_world']:>24.3f}")
+    finish(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
