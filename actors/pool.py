@@ -49,6 +49,7 @@ class RolloutPool:
         self.changed = asyncio.Condition()
         self.version, self.weights = 0, None
         self.group_ok = False  # every actor is in the current weight broadcast group
+        self.group_epoch = 0  # groups formed so far: a rollout lost before the current one formed says nothing of it
         self.receiving: asyncio.Task | None = None
         self.drops: Counter[str] = Counter()
         self.delivered = self.duplicates = 0
@@ -80,15 +81,17 @@ class RolloutPool:
             item = self.source.take()
             self.in_flight[i] = item
             video = self.video_requests.popleft() if self.video_requests else None
-            sent_version = self.version
+            sent_version, sent_epoch = self.version, self.group_epoch
             try:
                 result = await self.workers[i].rollout.remote(item, sent_version, [self.weights], video)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 # The rollout died with its actor: hand the prompt out again. An actor that keeps
                 # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
-                stats["lost_in_a_row"] += 1
-                self.group_ok = False  # a restarted actor is in no broadcast group
+                if not isinstance(e, ActorUnavailableError):  # "restarting" is not another death: wait it out
+                    stats["lost_in_a_row"] += 1
+                if sent_epoch == self.group_epoch:  # a restarted actor is in no broadcast group formed before
+                    self.group_ok = False
                 self.source.release(item)
                 if video:
                     self.video_requests.appendleft(video)
@@ -163,6 +166,7 @@ class RolloutPool:
         try:
             await asyncio.gather(*(join(i, w) for i, w in enumerate(self.workers)))
             self.group_ok = True
+            self.group_epoch += 1
         except Exception as e:  # noqa: BLE001 - publication falls back to the object store
             self.group_ok = False
             self.errors["weight_group"] = f"{type(e).__name__}: {e}"[:500]
