@@ -78,6 +78,7 @@ def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
     p, video = cfg.pretrain, cfg.video
     torch.manual_seed(cfg.runtime.seed)
     model = WanModel(cfg.model)
+    model.init_weights()
     model.attention_backend = cfg.runtime.attention_backend
     model.train()
     codec = build_codec(cfg)

@@ -219,6 +219,21 @@ class _WanBase(nn.Module):
         self.gradient_checkpointing = False
         self.attention_backend = "auto"
 
+    def init_weights(self) -> None:
+        """Wan's from-scratch initialisation (every checkpoint overwrites it): Xavier-uniform linears and patch
+        embedding with zero biases, N(0, 0.02) text and time embeddings, and a zero output layer, so a new
+        model starts by predicting a zero flow instead of PyTorch's default-initialised noise."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in [*self.text_embedding.modules(), *self.time_embedding.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
     def _apply(self, fn, recurse=True):
         # Model dtype casts (model.to(bfloat16)) must not round the float64 RoPE table.
         rope = self.rope
