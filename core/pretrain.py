@@ -153,7 +153,8 @@ def evaluate_teacher(cfg, model: torch.nn.Module, num_clips: int = 24, steps: in
     colour and whose direction the exact world classifiers read back, against chance (1/6 and 1/5)."""
     from core.text_encoder import TextEncoder
     from core.toyworld import COLOURS, DIRECTIONS, prompt_adherence
-    from core.vae import build_codec, to_uint8_frames
+    from core.evaluate import decode_videos
+    from core.vae import build_codec
 
     scenes = [Scene.from_seed(seed + i) for i in range(num_clips)]
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
@@ -162,8 +163,7 @@ def evaluate_teacher(cfg, model: torch.nn.Module, num_clips: int = 24, steps: in
     x0 = sample(model, FlowMatchScheduler.from_config(cfg.scheduler), context, uncond,
                 (num_clips, cfg.video.num_latent_frames, cfg.model.in_dim, lh, lw), steps, guidance,
                 torch.Generator().manual_seed(seed))
-    decoded = build_codec(cfg).decode(x0.transpose(1, 2).float())
-    videos = [to_uint8_frames(v).numpy() for v in decoded]
+    videos = decode_videos(build_codec(cfg), x0)
     hits = [prompt_adherence(v, s) for v, s in zip(videos, scenes)]
     return {"colour": float(np.mean([h["colour"] for h in hits])),
             "direction": float(np.mean([h["direction"] for h in hits])),
