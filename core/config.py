@@ -470,7 +470,9 @@ class PretrainConfig(_RecipeConfig):
     the prompt dropped for `cfg_dropout` of the clips (so the teacher supports classifier-free guidance).
     Training timesteps come from a table of its own `shift`: at 32 px a shift-5 table spends most steps at
     noise levels where no shape is visible, so the teacher would learn backgrounds long before shapes. The
-    held-out samples are drawn with `eval_steps` Euler steps at CFG `eval_guidance`."""
+    teacher is the exponential moving average of the weights (`ema_decay`; 0 keeps the last weights): with
+    batches of a few clips the last weights are noisy. The held-out samples are drawn with `eval_steps`
+    Euler steps at CFG `eval_guidance`."""
 
     steps: int = 2000
     lr: float = 5e-4
@@ -481,6 +483,7 @@ class PretrainConfig(_RecipeConfig):
     output: str = "runs/teacher"
     shift: float = 1.0
     cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
     eval_steps: int = 20
     eval_guidance: float = 3.0
 

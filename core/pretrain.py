@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.ema import EMA
 from core.scheduler import FlowMatchScheduler
 from core.toyworld import Scene, render
 
@@ -68,7 +69,8 @@ def scene_batch(rng: np.random.Generator, num_clips: int, seed: int, batch: int)
 
 
 def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
-    """Train `cfg.model` as a bidirectional teacher on the toy world per `cfg.pretrain`; returns (model, losses).
+    """Train `cfg.model` as a bidirectional teacher on the toy world per `cfg.pretrain`; returns (model, losses),
+    the model being the exponential moving average of the weights (`ema_decay`; 0: the last weights).
 
     `on_step(step, loss)` is called after every optimizer step (progress bars, logs)."""
     from core.text_encoder import TextEncoder
@@ -81,6 +83,7 @@ def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
     model.init_weights()
     model.attention_backend = cfg.runtime.attention_backend
     model.train()
+    ema = EMA(dict(model.named_parameters()), p.ema_decay) if p.ema_decay else None
     codec = build_codec(cfg)
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
     sched = FlowMatchScheduler(p.shift, cfg.scheduler.num_train_timesteps)
@@ -94,8 +97,14 @@ def pretrain_teacher(cfg, on_step=None) -> tuple[torch.nn.Module, list[float]]:
             x0 = world_latents(codec, scenes, video.num_latent_frames, video.height, video.width)
             context = encoder.encode(prompts)
         losses.append(opt.step(flow_matching_loss(model, sched, x0, context, noise_rng)))
+        if ema is not None:
+            ema.update(dict(model.named_parameters()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
+    if ema is not None:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                weight.copy_(ema.shadow[name])
     return model.eval(), losses
 
 

@@ -12,6 +12,7 @@ rendered with hard edges, so the colour and the motion of a clip can be read bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -89,6 +90,30 @@ def render(scene: Scene, frames: int = 21, height: int = 32, width: int = 32) ->
 def clips(n: int, seed: int = 0, frames: int = 21, height: int = 32, width: int = 32) -> list[tuple[Scene, np.ndarray]]:
     """`n` (scene, video) pairs; clip i is rendered from scene seed `seed + i`."""
     return [(s, render(s, frames, height, width)) for s in (Scene.from_seed(seed + i) for i in range(n))]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+VOCABULARY = ("a", "moves", "across", "background", "stays", "still", "on",
+              *COLOURS, *BACKGROUNDS, *SHAPES, *DIRECTIONS, *SPEEDS)
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: umT5's pad, eos and unk ids
+
+
+def write_tokenizer(folder: str | Path) -> None:
+    """A word-level Hugging Face tokenizer of the world's prompts (one id per word, lower-cased, eos appended)
+    into `folder`, for `text_encoder.tokenizer`. With the byte tokenizer, a colour word of another length
+    shifts every later byte, so a small teacher must learn to spell before it can read the prompt; one id
+    per word makes the prompt's attributes directly visible to cross-attention. Unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *sorted(set(VOCABULARY))))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
 
 
 # ------------------------------------------------------------------------------------------------ measures

@@ -49,3 +49,25 @@ def test_measures_on_videos_outside_the_world():
     world_b = [v for _, v in clips(40, seed=1000)]
     assert feature_distance(world_a, world_a) == 0.0
     assert feature_distance(world_a, world_b) < feature_distance(world_a, noise)
+
+
+def test_world_tokenizer_gives_one_id_per_word_and_the_shipped_copy_is_current(tmp_path):
+    from core.config import REPO_ROOT
+    from core.text_encoder import load_tokenizer
+    from core.toyworld import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    shipped = REPO_ROOT / "assets" / "toyworld" / "tokenizer"
+    assert (tmp_path / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text(), \
+        "assets/toyworld/tokenizer is stale: rewrite it with core.toyworld.write_tokenizer"
+    tokenizer = load_tokenizer(shipped)
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    prompts = [Scene.from_seed(i).prompt for i in range(200)]
+    batch = tokenizer(prompts, max_length=16, padding="max_length", truncation=True, return_tensors="pt")
+    for prompt, ids, mask in zip(prompts, batch["input_ids"], batch["attention_mask"]):
+        words = prompt.split()
+        assert int(mask.sum()) == len(words) + 1 and int(ids[len(words)]) == tokenizer.eos_token_id
+        assert unk not in ids.tolist() and tokenizer.convert_ids_to_tokens(ids[:len(words)].tolist()) == words
+    red, blue = tokenizer(["a red circle", "a blue circle"])["input_ids"]
+    assert red[0] == blue[0] and red[2:] == blue[2:] and red[1] != blue[1]  # a colour word changes one id only
+    assert tokenizer(["A RED cat"])["input_ids"][0][:3] == [red[0], red[1], unk]
