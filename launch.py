@@ -6,7 +6,7 @@ Commands:
   serve          streaming inference on Ray Serve: a WebSocket stream of JPEG frames, MP4 generation and a
                  web page to watch it (local Ray, or --address to join).
   pretrain-teacher
-                 flow-matching pretraining of a small teacher on the toy world (configs/toyworld.yaml).
+                 flow-matching pretraining of the toy world's small teacher (the embedded default's).
   ode-init       regression of the causal student on the teacher's ODE trajectories (Self Forcing's ode_init.pt).
   evaluate       toy-world measures of a student: motion reward, fidelity to the teacher, prompt adherence,
                  initial-frame copying on long rollouts.
@@ -15,7 +15,8 @@ Commands:
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
   score          score a video file with a running reward service (HTTP client).
 
-With no --config the embedded tiny default (configs/tiny.yaml) is used: CPU, no downloads.
+With no --config the embedded default (configs/tiny.yaml) is used: the toy world with its shipped teacher
+and student, CPU, no downloads. configs/plumbing.yaml is the same machinery with random tiny weights.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. stream.sink_size=3")
         return p
 
-    p = command("train", "the Reward Forcing distillation job (embedded default: tiny CPU run)")
+    p = command("train", "the Reward Forcing distillation job (embedded default: the toy world on CPU)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, as under `ray job submit`, else a new local Ray)")
     p.add_argument("--wait-for-resources", action="store_true",
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--prompts-file", help="a text file with one prompt per line (one video each)")
     p.add_argument("--frames", type=_positive_int, default=None,
                    help="video frames to write (default: what video.num_latent_frames decode to: 81 for 21 "
-                        "latents with the Wan VAE, 1 + 4 per later latent; 21 with vae.kind=patch, one each)")
+                        "latents with the Wan VAE, 1 + 4 per later latent; one per latent with vae.kind=patch)")
     p.add_argument("--out", default="outputs/video.mp4", help="MP4 path (a folder for --prompts-file)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
@@ -307,12 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     p = command("serve", "streaming inference on Ray Serve with a web page", "configs/serve.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
-    command("pretrain-teacher", "train the toy-world teacher with flow matching", "configs/toyworld.yaml")
-    command("ode-init", "initialise the causal student by regression on teacher ODE trajectories",
-            "configs/toyworld.yaml")
+    command("pretrain-teacher", "train the toy-world teacher with flow matching")
+    command("ode-init", "initialise the causal student by regression on teacher ODE trajectories")
 
-    p = command("evaluate", "toy-world measures of a student: motion reward, fidelity, adherence, copying",
-                "configs/toyworld.yaml")
+    p = command("evaluate", "toy-world measures of a student: motion reward, fidelity, adherence, copying")
     p.add_argument("--checkpoint", default=None, help="student weights (sets checkpoint.generator)")
     p.add_argument("--prompts", type=_positive_int, default=32, help="held-out world prompts (default 32)")
     p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (default 1000000, held out)")

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-On one config (default: the embedded tiny config, `core.config.load_config(None, ...)`: 21
+On one config (default: the plumbing config, `configs/plumbing.yaml`: 21
 latent frames = 7 blocks of 3, 4 denoising steps, EMA-sink window), for each exit index
 e in --exits (default 0,1,2,3), the learner side of one generator update on one video:
 
@@ -70,7 +70,7 @@ from core.losses import reward_weights  # noqa: E402
 from core.pipeline import DTYPES, build_generator  # noqa: E402
 from core.rollout import RolloutRecord, SelfForcedRollout, gaussian_noise  # noqa: E402
 
-# --arch presets: config overrides on top of the embedded tiny config (architecture and video size)
+# --arch presets: config overrides on top of --config (architecture and video size)
 ARCHS = {
     "tiny": [],
     # Wan2.1-T2V-1.3B architecture (core.config.WanArchConfig defaults), 480x832 video, random weights
@@ -161,7 +161,7 @@ def machine_info(device: torch.device) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="tiny", help="tiny (default; CPU) or wan-1.3b (CUDA)")
-    ap.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
+    ap.add_argument("--config", default="configs/plumbing.yaml", help="YAML config (default: configs/plumbing.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -202,7 +202,7 @@ def main() -> int:
           + (f" | GPU {machine['gpu']}" if "gpu" in machine else "")
           + f"; load avg {machine['loadavg_1m_at_start']} at start; Python {machine['python']}, torch {machine['torch']}, "
           f"{machine['torch_threads']} torch threads")
-    print(f"config {args.config or 'tiny (embedded)'} --arch {args.arch}: dim {arch.dim}, {arch.num_layers} layers; "
+    print(f"config {args.config} --arch {args.arch}: dim {arch.dim}, {arch.num_layers} layers; "
           f"{cfg.video.num_latent_frames} latent frames = {num_blocks} blocks of {fpb}, latent {latent_hw[0]}x{latent_hw[1]}, "
           f"{n_steps} denoising steps, context_noise {cfg.scheduler.context_noise}; {str(dtype).removeprefix('torch.')} on "
           f"{device}; {args.warmup} warm-up + {args.repeats} timed repeats per exit and path")

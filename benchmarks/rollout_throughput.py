@@ -5,9 +5,9 @@ What it measures
 One local Ray (`ray.init(address="local", num_cpus=--num-cpus)`, default 4 *logical* CPUs:
 Ray only uses the number to place actors, it does not pin or create cores) with Serve's HTTP
 proxy on a free localhost port and the reward application of `reward_service.app.build_app`
-(motion backend, one replica of --reward-cpus logical CPUs). On the embedded tiny config
-(`load_config(None, ...)`, `video.num_latent_frames` = --latent-frames, default 9, i.e. three
-3-frame blocks and 33 decoded 64x64 frames; the tiny default of 21 works too but a sample
+(motion backend, one replica of --reward-cpus logical CPUs). On the plumbing config
+(configs/plumbing.yaml, `video.num_latent_frames` = --latent-frames, default 9, i.e. three
+3-frame blocks and 33 decoded 64x64 frames; its default of 21 works too but a sample
 then takes ~3 s of CPU) it runs, one after another in the same Ray:
 
 * for each N in --actors (default 1,2,4): a `RolloutPool` of N actors (`actors.num_cpus` =
@@ -86,9 +86,9 @@ def run_pool(args, label: str, n_actors: int, queue_size: int, consumer_rate: fl
     import ray
 
     from actors.pool import RolloutPool
-    from core.config import load_config
+    from core.config import PLUMBING_CONFIG, load_config
 
-    cfg = load_config(None, [f"video.num_latent_frames={args.latent_frames}", f"actors.num_actors={n_actors}",
+    cfg = load_config(PLUMBING_CONFIG, [f"video.num_latent_frames={args.latent_frames}", f"actors.num_actors={n_actors}",
                              f"actors.num_cpus={args.actor_cpus}", f"actors.queue_size={queue_size}",
                              f"actors.reward_app={APP}"])
     name = f"bench-{label}"
@@ -197,7 +197,7 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from core.config import load_config
+    from core.config import PLUMBING_CONFIG, load_config
     from reward_service.app import build_app
 
     torch.set_num_threads(1)
@@ -219,7 +219,7 @@ def main() -> int:
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(local_ray_serve(args.num_cpus, 120, {"OMP_NUM_THREADS": "1"}))
-        reward_cfg = load_config(None, ["reward.backend=motion", "reward.device=cpu", f"reward_service.app_name={APP}",
+        reward_cfg = load_config(PLUMBING_CONFIG, ["reward.backend=motion", "reward.device=cpu", f"reward_service.app_name={APP}",
                                         f"reward_service.num_cpus={args.reward_cpus}"])
         serve.run(build_app(reward_cfg), name=APP, route_prefix=f"/{APP}")
 

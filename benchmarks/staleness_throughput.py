@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-The whole job, `python launch.py train` on the embedded tiny config (configs/tiny.yaml: the
+The whole job, `python launch.py train` on the plumbing config (configs/plumbing.yaml: the
 reward service on Ray Serve, 2 rollout actors, 1 DeepSpeed learner worker on Ray Train, all on
 CPU), run as a subprocess for each `actors.max_staleness` setting (--settings, default 0,1),
 the settings alternating --repeats times (default 2: 0,1,0,1) to spread drift over both. Each
@@ -110,7 +110,8 @@ def analyse(out: Path, skip: int) -> dict:
 
 
 def run_job(staleness: int, args, out: Path) -> dict:
-    cmd = [sys.executable, "launch.py", "train", "--address", "local", f"actors.max_staleness={staleness}",
+    cmd = [sys.executable, "launch.py", "train", "--config", "configs/plumbing.yaml", "--address", "local",
+           f"actors.max_staleness={staleness}",
            f"learner.max_steps={args.steps}", f"learner.output_dir={out}", "learner.video_every=0",
            "learner.checkpoint_every=100000", f"reward_service.port={free_port()}"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -165,7 +166,7 @@ def main() -> int:
     print(f"machine: {machine['cpu']}, {machine['physical_cores']} physical cores, {machine['logical_cpus']} logical "
           f"CPUs; load avg {machine['loadavg_1m_at_start']} at start; Python {machine['python']}, torch "
           f"{machine['torch']}, ray {machine['ray']}", flush=True)
-    print(f"`launch.py train` (embedded tiny config: reward service + 2 rollout actors + 1 DeepSpeed learner worker), "
+    print(f"`launch.py train` (plumbing config: reward service + 2 rollout actors + 1 DeepSpeed learner worker), "
           f"learner.max_steps={args.steps}, no videos, final checkpoint only; actors.max_staleness in {settings}, "
           f"alternating, {args.repeats} run(s) each; steady state = steps {args.skip + 1}..last", flush=True)
 

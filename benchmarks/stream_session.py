@@ -49,7 +49,7 @@ host (9 video frames for the first block, 12 for each later one). The script bui
    encoder's time for other new prompts is reported separately.
 4. one more fresh session: the warm time to first frame is the median of 3 (with step 2's two).
 
-`--arch tiny` (default): the embedded tiny config (configs/tiny.yaml: dim 64, 2 layers, 64x64
+`--arch tiny` (default): the plumbing config (configs/plumbing.yaml: dim 64, 2 layers, 64x64
 video, EMA-sink window 12 / sink 3) in float32, on CPU unless `--device cuda`.
 
 `--arch wan-1.3b` (CUDA only): the full Wan2.1-T2V-1.3B transformer (dim 1536, 30 layers, 12
@@ -90,7 +90,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, finish, load_1m, physical_cores  # noqa: E402
 from core.attention import BACKENDS  # noqa: E402
-from core.config import Config, load_config  # noqa: E402
+from core.config import PLUMBING_CONFIG, Config, load_config  # noqa: E402
 from core.pipeline import DTYPES, VideoPipeline  # noqa: E402
 from core.streaming import StreamSession  # noqa: E402
 from core.text_encoder import TextEncoder  # noqa: E402
@@ -259,7 +259,7 @@ def main() -> None:
         ap.error("need 0 <= --near-frame < --far-frame")
     dtype_name = args.dtype or ("bfloat16" if args.arch == "wan-1.3b" else "float32")
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, ARCHS[args.arch] + [f"runtime.device={device.type}", f"runtime.dtype={dtype_name}",
+    cfg = load_config(PLUMBING_CONFIG, ARCHS[args.arch] + [f"runtime.device={device.type}", f"runtime.dtype={dtype_name}",
                                                 f"runtime.seed={args.seed}",
                                                 f"runtime.attention_backend={args.attention_backend}"] + args.set)
     cuda = device.type == "cuda"

@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-Every run is the real job, `python launch.py train --config configs/toyworld.yaml` (the toy-world
+Every run is the real job, `python launch.py train` on the embedded default (the toy-world
 teacher and ODE-initialised student that `pretrain-teacher` and `ode-init` wrote, the motion reward),
 for --steps learner steps from the same start, followed by `core.evaluate` on the exported student over
 --prompts held-out world
@@ -20,10 +20,14 @@ the weights at ema_start_step):
 
 Each setting runs once per seed in --seeds (the seed sets runtime.seed and actors.prompt_seed), and the
 table gives mean and standard deviation over seeds, plus the starting student's numbers for reference.
+With --steps 0 nothing is trained: each setting is evaluated on the starting student, and a seed s moves
+the held-out scenes (and their noise) to --eval-seed + 10000 s. That is the sink study's fair form when
+training rollouts are shorter than the attention window (the embedded default's 9 frames in a 12-frame
+window never evict, so the sink setting cannot change what is learnt, only how long rollouts run).
 The numbers are what they are: BENCHMARKS.md records them with the machine and the command.
 
     python benchmarks/toyworld_learning.py --study reward --steps 40 --seeds 0,1,2
-    python benchmarks/toyworld_learning.py --study sink --steps 40 --seeds 0,1 --json sink.json
+    python benchmarks/toyworld_learning.py --study sink --steps 0 --seeds 0,1,2,3 --json sink.json
     python benchmarks/toyworld_learning.py learner.teacher.checkpoint=my/teacher   # overrides for every run
 
 Needs what `launch.py train` needs (Ray with Serve and Train, DeepSpeed, torch).
@@ -73,12 +77,13 @@ def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float
     return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0
 
 
-def evaluate(overrides: list[str], checkpoint: str, args) -> dict:
+def evaluate(overrides: list[str], checkpoint: str, args, eval_seed: int | None = None) -> dict:
     from core.config import load_config
     from core.evaluate import evaluate_config
 
     cfg = load_config(args.config, [*overrides, f"checkpoint.generator={json.dumps(checkpoint)}", "checkpoint.use_ema=false"])
-    return evaluate_config(cfg, None, args.prompts, args.eval_seed, args.long_frames, args.long_prompts)
+    return evaluate_config(cfg, None, args.prompts, args.eval_seed if eval_seed is None else eval_seed,
+                           args.long_frames, args.long_prompts)
 
 
 def spread(values: list[float]) -> str:
@@ -89,9 +94,9 @@ def spread(values: list[float]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), default="reward")
-    p.add_argument("--config", default="configs/toyworld.yaml", help="YAML config (default: configs/toyworld.yaml)")
+    p.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: the embedded toy world)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. learner.generator_lr=1e-5")
-    p.add_argument("--steps", type=int, default=40, help="learner.max_steps per run (default 40)")
+    p.add_argument("--steps", type=int, default=40, help="learner.max_steps per run (default 40; 0: evaluate the start)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one run per setting each (default 0,1)")
     p.add_argument("--prompts", type=int, default=32, help="held-out evaluation prompts (default 32)")
     p.add_argument("--eval-seed", type=int, default=1_000_000, help="first held-out scene seed (default 1000000)")
@@ -101,8 +106,8 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if not seeds or args.steps < 1:
-        p.error("--seeds needs at least one seed and --steps must be >= 1")
+    if not seeds or args.steps < 0:
+        p.error("--seeds needs at least one seed and --steps must be >= 0")
 
     import torch
 
@@ -122,9 +127,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="toyworld_bench_") as tmp:
         for seed in seeds:
             for name, overrides in settings.items():
-                out = Path(tmp) / f"{name.replace(' ', '_')}_{seed}"
-                export, wall = train(overrides, seed, args, out)
-                scores = evaluate(overrides, str(export), args)
+                if args.steps == 0:
+                    export, wall, eval_seed = start, 0.0, args.eval_seed + 10_000 * seed
+                else:
+                    export, wall = train(overrides, seed, args, Path(tmp) / f"{name.replace(' ', '_')}_{seed}")
+                    eval_seed = args.eval_seed
+                scores = evaluate(overrides, str(export), args, eval_seed)
                 results["runs"].append({"setting": name, "seed": seed, "train_s": wall, **scores})
                 print(f"  {name}, seed {seed} ({wall:.0f} s): " + ", ".join(f"{k} {scores[k]:.3f}" for k in MEASURES),
                       flush=True)

@@ -30,7 +30,7 @@ Times are wall seconds in the driver from before the put to the end of the load 
 call (median of --repeats after --warmup untimed ones), with the receiver's own get, load /
 touch times reported alongside. Ratio = ours / baseline per size (target <= 1.2x).
 
-Sizes (fp32; MB = 10^6 bytes): tiny = the embedded tiny config's generator (dim 64, 2 layers,
+Sizes (fp32; MB = 10^6 bytes): tiny = the plumbing config's generator (dim 64, 2 layers,
 0.59 MB); medium = dim 1024, ffn 4096, 8 heads, 4 layers (321 MB); large = the same with 8
 layers (590 MB); wan-1.3b = Wan2.1-T2V-1.3B (5.7 GB; needs that much free memory several
 times over: driver, object store, receiver).
@@ -65,10 +65,10 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def arch_for(size: str):
-    from core.config import WAN_1_3B, WanArchConfig, load_config
+    from core.config import PLUMBING_CONFIG, WAN_1_3B, WanArchConfig, load_config
 
     if size == "tiny":
-        return load_config(None, []).model
+        return load_config(PLUMBING_CONFIG, []).model
     if size == "medium":
         return WanArchConfig(dim=1024, ffn_dim=4096, num_heads=8, num_layers=4)
     if size == "large":
@@ -148,13 +148,13 @@ def run_size(args, size: str, Receiver) -> dict:
     import ray
     import torch
 
-    from core.config import load_config
+    from core.config import PLUMBING_CONFIG, load_config
     from core.wan.model import CausalWanModel
     from learner.publish import ObjectStorePublisher
 
     dtype = getattr(torch, args.dtype)
     arch = arch_for(size)
-    stream = load_config(None, []).stream
+    stream = load_config(PLUMBING_CONFIG, []).stream
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model = CausalWanModel(arch, stream)

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"  # the toy world with its shipped weights
+PLUMBING_CONFIG = REPO_ROOT / "configs" / "plumbing.yaml"  # random tiny weights, no files: tests and speed benchmarks
 
 
 class _YAMLLoader(yaml.SafeLoader):

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from core.config import REPO_ROOT, load_config
+from core.config import PLUMBING_CONFIG, REPO_ROOT, load_config
 from core.sample import from_record_batch
 from core.text_encoder import TextEncoder
 from core.wan.model import CausalWanModel
@@ -31,7 +31,7 @@ def reward_app(serve_instance):
 def make_pool(name: str, prompts, reward_app: str, overrides: list[str]):
     from actors.pool import RolloutPool
 
-    cfg = load_config(None, BASE + [f"actors.prompts={prompts}", f"actors.reward_app={reward_app}", *overrides])
+    cfg = load_config(PLUMBING_CONFIG, BASE + [f"actors.prompts={prompts}", f"actors.reward_app={reward_app}", *overrides])
     pool = RolloutPool.options(name=name).remote(cfg.model_dump(), name)
     ray.get(pool.start.remote())
     return cfg, pool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import DEFAULT_CONFIG, ConfigError, load_config
+from core.config import DEFAULT_CONFIG, PLUMBING_CONFIG, ConfigError, load_config
 
 REPO = DEFAULT_CONFIG.parent.parent
 
@@ -14,9 +14,12 @@ def test_shipped_configs_load(path):
     load_config(path)
 
 
-def test_default_is_tiny_and_tokens_per_frame_derived():
+def test_default_is_the_toy_world_on_plumbing_and_tokens_per_frame_derived():
     cfg = load_config()
-    assert cfg.model.dim == 64 and cfg.tokens_per_frame == 16
+    assert cfg.vae.kind == "patch" and cfg.model.in_dim == 12 and cfg.tokens_per_frame == 64  # 32x32 -> 8x8 tokens
+    assert cfg.learner.teacher.checkpoint and cfg.checkpoint.generator  # the shipped world weights
+    plumbing = load_config(PLUMBING_CONFIG)
+    assert plumbing.model.dim == 64 and plumbing.tokens_per_frame == 16 and plumbing.checkpoint.generator is None
     big = load_config(REPO / "configs" / "reward_forcing_1.3b_stream.yaml")
     assert big.tokens_per_frame == 1560  # 480x832 -> latent 60x104 -> 30x52 tokens
 
@@ -37,7 +40,7 @@ def test_overrides_are_typed():
     ("stream.local_attn_size=5", "stream", "must hold the sink plus one block"),
     ("stream.rope=absolute", "stream", "set stream.rope=window"),
     ("stream.compression_alpha=1.5", "stream", "[0, 1]"),
-    ("video.height=60", "video", "multiple of the VAE stride"),
+    ("video.height=33", "video", "multiple of the VAE stride"),
     ("video.num_latent_frames=20", "<config>", "multiple of stream.num_frame_per_block"),
     ("model.num_heads=3", "model", "divisible"),
 ])
@@ -69,7 +72,8 @@ def test_missing_weight_paths_are_listed_by_key(tmp_path):
     msg = str(err.value)
     assert "text_encoder.checkpoint: checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth" in msg
     assert "text_encoder.tokenizer:" in msg and "vae.checkpoint" not in msg  # tmp_path exists
-    load_config().check_paths()  # the embedded default needs no files
+    load_config().check_paths()  # the embedded default's weights are in the repository
+    load_config(PLUMBING_CONFIG).check_paths()  # plumbing needs no files
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config():

@@ -7,14 +7,19 @@ import torch
 
 import launch
 from core.checkpoint import save_self_forcing
-from core.config import load_config
+from core.config import PLUMBING_CONFIG, load_config
 from core.video_io import read_video_file
 from core.wan.model import CausalWanModel
 
 
+def generate(*args: str) -> int:
+    """`launch.py generate` on the plumbing config (random tiny weights, 64x64 through the Wan VAE)."""
+    return launch.main(["generate", "--config", str(PLUMBING_CONFIG), *args])
+
+
 def test_generate_writes_a_playable_mp4(tmp_path, capsys):
     out = tmp_path / "video.mp4"
-    assert launch.main(["generate", "--prompt", "a red circle moves left", "--frames", "33", "--out", str(out)]) == 0
+    assert generate("--prompt", "a red circle moves left", "--frames", "33", "--out", str(out)) == 0
     video = read_video_file(out)
     assert video.frames.shape == (33, 64, 64, 3) and video.fps == 16
     printed = capsys.readouterr().out
@@ -25,8 +30,8 @@ def test_generate_writes_a_playable_mp4(tmp_path, capsys):
 def test_generate_prompts_file_and_frame_trimming(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue square\n\na blue square\n")
-    assert launch.main(["generate", "--prompts-file", str(prompts), "--frames", "10", "--out", str(tmp_path / "vids"),
-                        "video.fps=8"]) == 0
+    assert generate("--prompts-file", str(prompts), "--frames", "10", "--out", str(tmp_path / "vids"),
+                    "video.fps=8") == 0
     files = sorted((tmp_path / "vids").glob("*.mp4"))
     assert [f.name for f in files] == ["000_a_blue_square.mp4", "001_a_blue_square.mp4"]
     first, second = (read_video_file(f) for f in files)
@@ -36,7 +41,7 @@ def test_generate_prompts_file_and_frame_trimming(tmp_path, capsys):
 
 
 def test_generate_loads_a_generator_checkpoint(tmp_path):
-    cfg = load_config()
+    cfg = load_config(PLUMBING_CONFIG)
     torch.manual_seed(123)
     sd = CausalWanModel(cfg.model, cfg.stream).state_dict()
     ckpt = tmp_path / "gen.pt"
@@ -44,25 +49,25 @@ def test_generate_loads_a_generator_checkpoint(tmp_path):
     videos = []
     for extra in ([], ["checkpoint.use_ema=true"]):
         out = tmp_path / f"v{len(videos)}.mp4"
-        args = ["generate", "--prompt", "x", "--frames", "9", "--out", str(out), "--checkpoint", str(ckpt), *extra]
-        assert launch.main(args) == 0
+        args = ["--prompt", "x", "--frames", "9", "--out", str(out), "--checkpoint", str(ckpt), *extra]
+        assert generate(*args) == 0
         videos.append(read_video_file(out).frames)
     assert not (videos[0] == videos[1]).all()  # generator and generator_ema really differ
 
 
 def test_generate_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        launch.main(["generate", "--prompt", "x", "--frames", "0"])
+        generate("--prompt", "x", "--frames", "0")
     assert "must be >= 1" in capsys.readouterr().err
-    assert launch.main(["generate", "--prompt", "x", "stream.sink_sise=3"]) == 2
+    assert generate("--prompt", "x", "stream.sink_sise=3") == 2
     assert "stream.sink_sise: unknown key" in capsys.readouterr().err
-    assert launch.main(["generate", "--prompt", "x", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert generate("--prompt", "x", "--checkpoint", str(tmp_path / "nope.pt")) == 2
     assert f"checkpoint.generator: {tmp_path / 'nope.pt'}" in capsys.readouterr().err
-    assert launch.main(["generate", "--prompt", "x", "vae.checkpoint=" + str(tmp_path / "vae.pth")]) == 2
+    assert generate("--prompt", "x", "vae.checkpoint=" + str(tmp_path / "vae.pth")) == 2
     assert f"vae.checkpoint: {tmp_path / 'vae.pth'}" in capsys.readouterr().err
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    assert launch.main(["generate", "--prompt", "x", "vae.checkpoint=" + str(tmp_path / "garbage.pth")]) == 2
+    assert generate("--prompt", "x", "vae.checkpoint=" + str(tmp_path / "garbage.pth")) == 2
     assert "garbage.pth" in capsys.readouterr().err
-    assert launch.main(["generate", "--prompt", "x", "--frames", "200", "stream.local_attn_size=-1", "stream.sink_mode=static",
-                        "stream.rope=absolute", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert generate("--prompt", "x", "--frames", "200", "stream.local_attn_size=-1", "stream.sink_mode=static",
+                    "stream.rope=absolute", "--out", str(tmp_path / "x.mp4")) == 2
     assert "set stream.local_attn_size" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from core.checkpoint import load_wan_state_dict
-from core.config import REPO_ROOT, ConfigError, load_config
+from core.config import PLUMBING_CONFIG, REPO_ROOT, ConfigError, load_config
 from core.distill import ReDMD
 from core.pipeline import build_generator
 from core.sample import from_record_batch, to_record_batch, write_parquet
@@ -31,7 +31,7 @@ ROPE_VARIANTS = {
 @pytest.mark.parametrize("variant", ROPE_VARIANTS, ids=list(ROPE_VARIANTS))
 def test_learner_replay_equals_the_rollouts_clean_outputs(variant):
     """Unchanged weights: the learner's replay of an Arrow round-tripped sample reproduces the actor's outputs."""
-    cfg = load_config(None, ["video.num_latent_frames=12", "runtime.dtype=float64", *ROPE_VARIANTS[variant]])
+    cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=12", "runtime.dtype=float64", *ROPE_VARIANTS[variant]])
     sample = from_record_batch(to_record_batch(recorded_samples(cfg, 1, seed=3)))[0]
     generator = build_generator(cfg, torch.device("cpu")).requires_grad_(True)
     context = TextEncoder.from_config(cfg, "cpu", torch.float64).encode([sample.prompt])
@@ -64,12 +64,12 @@ def one_rank():
 @pytest.fixture(scope="module")
 def samples_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("samples") / "samples.parquet"
-    write_parquet(path, recorded_samples(load_config(None, TINY), 4))
+    write_parquet(path, recorded_samples(load_config(PLUMBING_CONFIG, TINY), 4))
     return path
 
 
 def learner_config(samples_file, out, max_steps: int, *extra: str):
-    return load_config(None, [*TINY, f"learner.samples_parquet={samples_file}", f"learner.output_dir={out}",
+    return load_config(PLUMBING_CONFIG, [*TINY, f"learner.samples_parquet={samples_file}", f"learner.output_dir={out}",
                               f"learner.max_steps={max_steps}", "learner.batch_size=2", "learner.dfake_gen_update_ratio=2",
                               "learner.checkpoint_every=3", "learner.keep_last=2", "learner.ema_start_step=2",
                               "learner.generator_lr=1e-3", "learner.critic_lr=1e-3", "learner.deterministic=true", *extra])
@@ -114,7 +114,7 @@ def test_resumed_run_reaches_the_same_parameters_and_exports(one_rank, samples_f
     raw = load_wan_state_dict(export["self_forcing_pt"], role="generator")
     assert all(torch.equal(raw[k], v) for k, v in resumed.models.generator_module.state_dict().items())
     assert load_wan_state_dict(export["self_forcing_pt"], use_ema=True).keys() == ema.keys()
-    cfg = load_config(None, [*TINY, f"checkpoint.generator={export['safetensors']}"])
+    cfg = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={export['safetensors']}"])
     assert torch.equal(build_generator(cfg, torch.device("cpu")).state_dict()["head.head.bias"], ema["head.head.bias"])
 
 
@@ -134,14 +134,14 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint(one_rank, samples_file, tmp
 
 def test_learner_config_errors():
     with pytest.raises(ConfigError, match="learner.zero_stage"):
-        load_config(None, ["learner.zero_stage=1"])
+        load_config(PLUMBING_CONFIG, ["learner.zero_stage=1"])
     with pytest.raises(ConfigError, match="teacher.arch must share"):
-        load_config(None, ["learner.teacher.arch={text_dim: 4096}"])
+        load_config(PLUMBING_CONFIG, ["learner.teacher.arch={text_dim: 4096}"])
     with pytest.raises(ConfigError, match="reward_weight_clip"):
-        load_config(None, ["learner.reward_weight_clip=0.5"])
-    assert load_config(None, ["learner.generator_lr=2e-6"]).learner.generator_lr == 2e-6  # YAML 1.2 floats
-    cfg = load_config(None, ["learner.teacher.arch={dim: 128, ffn_dim: 128, num_heads: 2, num_layers: 1, freq_dim: 32, "
-                             "text_dim: 32, text_len: 16}"])
+        load_config(PLUMBING_CONFIG, ["learner.reward_weight_clip=0.5"])
+    assert load_config(PLUMBING_CONFIG, ["learner.generator_lr=2e-6"]).learner.generator_lr == 2e-6  # YAML 1.2 floats
+    cfg = load_config(PLUMBING_CONFIG, ["learner.teacher.arch={dim: 128, ffn_dim: 128, num_heads: 2, num_layers: 1, "
+                                        "freq_dim: 32, text_dim: 32, text_len: 16}"])
     from core.distill import build_score_models
 
     with pytest.raises(ConfigError, match="critic_checkpoint is required"):
@@ -168,7 +168,7 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
     from actors.pool import RolloutPool
     from learner.trainer import LearnerControl, build_trainer
 
-    cfg = load_config(None, [*TINY, "actors.num_actors=2", "actors.num_cpus=0.25", f"actors.reward_app={reward_app}",
+    cfg = load_config(PLUMBING_CONFIG, [*TINY, "actors.num_actors=2", "actors.num_cpus=0.25", f"actors.reward_app={reward_app}",
                              "actors.queue_size=4", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
                              "learner.zero_stage=2", "learner.max_steps=4", "learner.dfake_gen_update_ratio=2",
                              "learner.generator_lr=1e-3", "learner.publish_backend=broadcast", f"learner.output_dir={tmp_path}"])
@@ -187,7 +187,7 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
         # reproduces it: the actor loaded exactly what the learner published
         sample = from_record_batch(ray.get(pool.get.remote(1, timeout_s=120))[0])[0]
         assert sample.weight_version == 2
-        exported = load_config(None, [*TINY, f"checkpoint.generator={summary['export']['safetensors']}"])
+        exported = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={summary['export']['safetensors']}"])
         generator = build_generator(exported, torch.device("cpu"))
         context = TextEncoder.from_config(exported, "cpu", torch.float32).encode([sample.prompt])
         with torch.no_grad():
@@ -213,7 +213,7 @@ def test_zero3_shards_and_trains_like_zero2(ray_instance, samples_file, tmp_path
         summary = ray.get(control.summary.remote())
         assert summary["step"] == 3 and summary["version"] == 2
         exported[stage] = load_wan_state_dict(summary["export"]["self_forcing_pt"], role="generator")
-    initial = build_generator(load_config(None, TINY), torch.device("cpu")).state_dict()
+    initial = build_generator(load_config(PLUMBING_CONFIG, TINY), torch.device("cpu")).state_dict()
     assert any(not torch.allclose(initial[k], v) for k, v in exported[2].items())
     worst = max((exported[2][k] - exported[3][k]).abs().max().item() for k in exported[2])
     assert worst < 1e-6, f"ZeRO-3 differs from ZeRO-2 by {worst:.2e}"
@@ -224,7 +224,7 @@ def test_workers_get_absolute_weight_paths(tmp_path, monkeypatch):
     from learner.trainer import worker_config
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["learner.teacher.checkpoint=weights/teacher", "checkpoint.generator=ode_init.pt",
+    cfg = load_config(PLUMBING_CONFIG, ["learner.teacher.checkpoint=weights/teacher", "checkpoint.generator=ode_init.pt",
                              "learner.output_dir=runs/x"])
     data = worker_config(cfg)
     assert data["learner"]["teacher"]["checkpoint"] == str(tmp_path / "weights" / "teacher")

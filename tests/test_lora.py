@@ -13,12 +13,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from core.config import load_config
+from core.config import PLUMBING_CONFIG, load_config
 from core.lora import LoraAdapter, LoraError, applied, merge, unmerge
 from core.wan.model import CausalWanModel, WanModel
 from tests.helpers import assert_close
 
-ARCH = load_config(None).model
+ARCH = load_config(PLUMBING_CONFIG).model
 ATOL = 1e-12  # float64: the merged weights differ from PEFT's two-matmul path by rounding only
 
 

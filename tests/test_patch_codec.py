@@ -7,13 +7,18 @@ import pytest
 import torch
 
 import launch
-from core.config import ConfigError, load_config
+from core.config import PLUMBING_CONFIG, ConfigError, load_config
 from core.patch_codec import PatchCodec
 from core.pipeline import VideoPipeline, latent_frames_for, video_frames_for
 from core.vae import WanVAE, build_codec, from_uint8_frames, to_uint8_frames
 from core.video_io import read_video_file
 
 PATCH = ["vae.kind=patch", "video.height=32", "video.width=32", "video.vae_stride=[1,2,2]"]
+
+
+def generate(*args: str) -> int:
+    """`launch.py generate` on the plumbing config (random tiny weights)."""
+    return launch.main(["generate", "--config", str(PLUMBING_CONFIG), *args])
 
 
 def uint8_video(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -90,12 +95,12 @@ def test_shape_errors():
 
 
 def test_config_and_factory():
-    assert load_config().vae.kind == "wan"
-    assert isinstance(build_codec(load_config()), WanVAE)
-    cfg = load_config(overrides=PATCH)
+    assert load_config(PLUMBING_CONFIG).vae.kind == "wan"
+    assert isinstance(build_codec(load_config(PLUMBING_CONFIG)), WanVAE)
+    cfg = load_config(PLUMBING_CONFIG, overrides=PATCH)
     codec = build_codec(cfg, "cpu", torch.float64)
     assert isinstance(codec, PatchCodec) and (codec.stride, codec.channels, codec.dtype) == (2, 16, torch.float64)
-    assert load_config(overrides=["vae.kind=patch", "video.vae_stride=[1,1,1]"]).vae.kind == "patch"
+    assert load_config(PLUMBING_CONFIG, overrides=["vae.kind=patch", "video.vae_stride=[1,1,1]"]).vae.kind == "patch"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -107,11 +112,11 @@ def test_config_and_factory():
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=overrides)
+        load_config(PLUMBING_CONFIG, overrides=overrides)
 
 
 def test_frame_counting_depends_on_the_codec():
-    wan, patch = load_config(), load_config(overrides=PATCH)
+    wan, patch = load_config(PLUMBING_CONFIG), load_config(PLUMBING_CONFIG, overrides=PATCH)
     assert video_frames_for(21, wan) == 81 and video_frames_for(21, patch) == 21
     assert video_frames_for(1, wan) == video_frames_for(1, patch) == 1
     for cfg in (wan, patch):  # the default length needs exactly the configured latent frames
@@ -127,7 +132,7 @@ def test_pipeline_streams_patch_decoded_blocks():
     """Each block decodes to one frame per latent, exactly the block's latents as pixels."""
     from core.streaming import StreamSession
 
-    pipe = VideoPipeline.from_config(load_config(overrides=PATCH))
+    pipe = VideoPipeline.from_config(load_config(PLUMBING_CONFIG, overrides=PATCH))
     assert isinstance(pipe.vae, PatchCodec)
     session = StreamSession(pipe, "a red circle", seed=0)
     for block in range(2):
@@ -147,11 +152,11 @@ def to_latent_grid(frames: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
 
 def test_generate_with_the_patch_codec(tmp_path, capsys):
     out = tmp_path / "video.mp4"
-    assert launch.main(["generate", "--prompt", "a red circle moves left", "--out", str(out), *PATCH]) == 0
+    assert generate("--prompt", "a red circle moves left", "--out", str(out), *PATCH) == 0
     video = read_video_file(out)
     assert video.frames.shape == (21, 32, 32, 3)
     assert f"wrote {out}: 21 frames 32x32" in capsys.readouterr().out
     out = tmp_path / "short.mp4"
-    assert launch.main(["generate", "--prompt", "x", "--frames", "4", "--out", str(out), *PATCH]) == 0
+    assert generate("--prompt", "x", "--frames", "4", "--out", str(out), *PATCH) == 0
     assert read_video_file(out).frames.shape == (4, 32, 32, 3)
     assert "6 latent frames -> 4 video frames" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import load_config
+from core.config import PLUMBING_CONFIG, load_config
 from core.pipeline import VideoPipeline
 from core.rollout import gaussian_noise
 from core.streaming import StreamSession
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("no_grad")
 
 @pytest.fixture(scope="module")
 def pipe():
-    return VideoPipeline.from_config(load_config(None, ["runtime.dtype=float64"]))
+    return VideoPipeline.from_config(load_config(PLUMBING_CONFIG, ["runtime.dtype=float64"]))
 
 
 def test_session_blocks_equal_the_offline_rollout_and_full_decode(pipe):

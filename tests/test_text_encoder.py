@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5LayerNorm
 
 from core.checkpoint import CheckpointError
-from core.config import ConfigError, load_config
+from core.config import PLUMBING_CONFIG, ConfigError, load_config
 from core.text_encoder import (ByteTokenizer, TextEncoder, exact_rms_norms, load_tokenizer, load_umt5,
                                to_wan_state_dict, umt5_config)
 from helpers import assert_close
@@ -23,7 +23,7 @@ def run(model: UMT5EncoderModel, ids: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def tiny_encoder(*overrides: str, dtype: torch.dtype = torch.float32) -> TextEncoder:
-    return TextEncoder.from_config(load_config(None, list(overrides)), "cpu", dtype)
+    return TextEncoder.from_config(load_config(PLUMBING_CONFIG, list(overrides)), "cpu", dtype)
 
 
 def word_tokenizer_folder(folder) -> None:

@@ -15,7 +15,8 @@ from core.config import REPO_ROOT, ConfigError, load_config
 from core.video_io import read_video_file
 from learner.job import check_resources, required_resources
 
-JOB = ["video.num_latent_frames=6", "actors.num_actors=2", "actors.num_cpus=0.25", "actors.reward_app=train_job_reward",
+JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors.num_actors=2", "actors.num_cpus=0.25",
+       "actors.reward_app=train_job_reward",
        "reward_service.num_cpus=0.1", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
        "learner.dfake_gen_update_ratio=2", "learner.checkpoint_every=2", "learner.video_every=2"]
 

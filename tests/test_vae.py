@@ -11,7 +11,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from core.checkpoint import CheckpointError
-from core.config import load_config
+from core.config import PLUMBING_CONFIG, load_config
 from core.vae import WanVAE, to_uint8_frames, wan_arch_from_state_dict
 from helpers import assert_close
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("no_grad")
 @pytest.fixture(scope="module")
 def tiny_vae() -> WanVAE:
     """The embedded default's VAE (random, seeded), in float64."""
-    return WanVAE.from_config(load_config(), "cpu", torch.float64)
+    return WanVAE.from_config(load_config(PLUMBING_CONFIG), "cpu", torch.float64)
 
 
 def video(frames: int, height: int = 32, width: int = 32, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -119,12 +119,12 @@ def test_encode_decode_shapes():
 
 
 def test_from_config_random_is_wan21_at_tiny_width():
-    cfg = load_config()
+    cfg = load_config(PLUMBING_CONFIG)
     rng = torch.get_rng_state()
     a, b = WanVAE.from_config(cfg), WanVAE.from_config(cfg)
     assert torch.equal(torch.get_rng_state(), rng), "building the VAE must not move the global RNG"
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
-    other = WanVAE.from_config(load_config(overrides=["runtime.seed=1"]))
+    other = WanVAE.from_config(load_config(PLUMBING_CONFIG, overrides=["runtime.seed=1"]))
     assert not torch.equal(a.model.decoder.conv_in.weight, other.model.decoder.conv_in.weight)
     # Wan2.1_VAE.pth's architecture, only narrower
     expected = dict(z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
@@ -149,7 +149,7 @@ def test_wan_key_mapping_agrees_with_diffusers_converter(tiny_vae):
 def test_wan_pth_round_trip(tmp_path, tiny_vae):
     path = tmp_path / "Wan2.1_VAE.pth"
     torch.save({k: v.float() for k, v in tiny_vae.wan_state_dict().items()}, path)
-    cfg = load_config(overrides=[f"vae.checkpoint={path}", "vae.base_dim=96"])  # the file sets the width
+    cfg = load_config(PLUMBING_CONFIG, overrides=[f"vae.checkpoint={path}", "vae.base_dim=96"])  # the file sets the width
     loaded = WanVAE.from_config(cfg, "cpu", torch.float64)
     assert wan_arch_from_state_dict(torch.load(path))["base_dim"] == tiny_vae.model.config.base_dim
     for key, value in tiny_vae.model.state_dict().items():

@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from core.config import REPO_ROOT, load_config
+from core.config import PLUMBING_CONFIG, REPO_ROOT, load_config
 from core.distill import ReDMD
 from core.sample import from_record_batch
 from core.text_encoder import TextEncoder
@@ -58,7 +58,7 @@ def test_broadcast_sync_and_fallback_after_an_actor_restarts(reward_app):
     from actors.pool import RolloutPool
     from learner.publish import BroadcastPublisher
 
-    cfg = load_config(None, ["video.num_latent_frames=3", "actors.num_actors=2", "actors.num_cpus=0.25",
+    cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=2", "actors.num_cpus=0.25",
                              f"actors.reward_app={reward_app}", "actors.queue_size=2", "actors.max_staleness=0"])
     pool = RolloutPool.options(name="sync-pool").remote(cfg.model_dump(), "sync-pool")
     try:
