@@ -74,3 +74,20 @@ def test_euler_sampler_lands_on_x0_with_the_true_flow_and_evaluation_runs():
     scores = evaluate_teacher(cfg, WanModel(cfg.model), num_clips=3, steps=2)
     assert set(scores) == {"colour", "direction", "colour_chance", "direction_chance"}
     assert 0 <= scores["colour"] <= 1 and scores["direction_chance"] == 0.2
+
+
+def test_the_teacher_is_the_moving_average_of_its_weights():
+    from core.pretrain import pretrain_teacher
+    from core.wan.model import WanModel
+
+    small = [*SMALL, "pretrain.steps=3", "pretrain.batch_size=1", "pretrain.lr=1e-2", "pretrain.warmup_steps=1"]
+    last, _ = pretrain_teacher(load_config(None, [*small, "pretrain.ema_decay=0"]))
+    averaged, _ = pretrain_teacher(load_config(None, [*small, "pretrain.ema_decay=0.9"]))
+    cfg = load_config(None, small)
+    torch.manual_seed(cfg.runtime.seed)
+    init = WanModel(cfg.model)
+    init.init_weights()
+    start, end, ema = (dict(m.named_parameters())["blocks.0.ffn.0.weight"].detach() for m in (init, last, averaged))
+    # three steps of decay 0.9 keep 0.9^3 of the start: ema = 0.729 start + (the steps' weights, weighted 0.271)
+    assert (ema - start).norm() < 0.5 * (end - start).norm()
+    assert not torch.equal(ema, start)
