@@ -94,9 +94,6 @@ def ode_init(cfg: Config, on_stage=None, on_step=None) -> tuple[CausalWanModel, 
     if cfg.learner.teacher.checkpoint is None:
         raise ConfigError("ode_init needs a trained teacher: set learner.teacher.checkpoint to its folder "
                           "(python launch.py pretrain-teacher makes one)")
-    if cfg.video.num_latent_frames % cfg.stream.num_frame_per_block:
-        raise ConfigError(f"video.num_latent_frames ({cfg.video.num_latent_frames}) must be a multiple of "
-                          f"stream.num_frame_per_block ({cfg.stream.num_frame_per_block})")
     weights = load_wan_state_dict(cfg.learner.teacher.checkpoint)
     teacher = load_into(WanModel(cfg.model), weights).eval()
     teacher.attention_backend = cfg.runtime.attention_backend
