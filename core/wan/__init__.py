@@ -1,1 +1,0 @@
-"""Wan2.1 transformer and its streaming KV cache."""
