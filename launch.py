@@ -26,12 +26,30 @@ import csv
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
-from core.checkpoint import CheckpointError
-from core.config import Config, ConfigError, load_config
-from core.wan.kv_cache import StreamLimitError
-from reward_service.client import RewardError
+import ray
+from ray import serve
+from tqdm import tqdm
+
+from core.codecs.video import latent_frames_for, video_frames_for
+from core.config import ConfigError
+from core.model.kv_cache import StreamLimitError
+from core.records.checkpoint import CheckpointError, save_self_forcing, save_wan_folder
+from core.records.video_io import MP4Writer
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession
+from job.cluster import start_ray, start_serve
+from job.train import print_summary, run
+from reward_service.app import build_app as build_reward_app
+from reward_service.client import RewardError, RewardHTTPClient
+from serve.app import build_app as build_stream_app
+from toyworld.config import WorldConfig, load_world_config
+from toyworld.evaluate import evaluate_config, evaluate_teacher
+from toyworld.ode_init import ode_init
+from toyworld.pretrain import pretrain_teacher
+from toyworld.world import COLOURS, DIRECTIONS
 
 
 def _positive_int(text: str) -> int:
@@ -61,12 +79,7 @@ def _output_paths(out: str, prompts: list[str], from_file: bool) -> list[Path]:
     return [folder / f"{i:03d}_{re.sub(r'[^a-z0-9]+', '_', p.lower())[:48].strip('_')}.mp4" for i, p in enumerate(prompts)]
 
 
-def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from core.pipeline import VideoPipeline, latent_frames_for, video_frames_for
-    from core.video_io import MP4Writer
-
+def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     prompts = _read_prompts(args)
     fpb = cfg.stream.num_frame_per_block
     video_frames = args.frames if args.frames is not None else video_frames_for(cfg.video.num_latent_frames, cfg)
@@ -80,7 +93,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
         written, denoise_s, decode_s = 0, 0.0, 0.0
         bar = tqdm(total=latent_frames // fpb, unit="block", desc=f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
         with MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer:
-            for chunk in pipe.stream(prompt, seed, latent_frames):
+            for chunk in StreamSession(pipe, prompt, seed).chunks(latent_frames):
                 frames = chunk.frames[: video_frames - written]
                 writer.write(frames)
                 written += len(frames)
@@ -97,45 +110,38 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     print(f"text encoder cache: {hits} hits, {misses} misses")
 
 
-def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
-    from learner.job import print_summary, run
-
+def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
     print_summary(run(cfg, args.address, args.wait_for_resources, args.config))
 
 
-def cmd_serve(cfg: Config, args: argparse.Namespace) -> None:
-    import time
-
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-
-    svc = cfg.serve
-    cfg.check_paths()
-    app = build_app(cfg)
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": svc.host, "port": svc.port})
-    serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
-    url = f"http://{svc.host}:{svc.port}{svc.route_prefix.rstrip('/')}"
-    print(f"streaming generation ready: open {url}/  (WebSocket {url.replace('http', 'ws', 1)}/v1/stream, "
-          f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C stops it", flush=True)
+def _serve_until_stopped(what: str) -> None:
+    """Block until Ctrl-C, then shut Serve and Ray down."""
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping the streaming service")
+        print(f"stopping the {what}")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
+    svc = cfg.serve
+    cfg.check_paths()
+    app = build_stream_app(cfg)
+    start_ray(args.address)
+    url = start_serve(svc.host, svc.port) + svc.route_prefix.rstrip("/")
+    serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
+    print(f"streaming generation ready: open {url}/  (WebSocket {url.replace('http', 'ws', 1)}/v1/stream, "
+          f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C stops it", flush=True)
+    _serve_until_stopped("streaming service")
 
 
 class _LossLog:
     """loss.csv in `out` plus a tqdm bar with the latest loss, for the toy-world training commands."""
 
     def __init__(self, out: Path, total: int, desc: str, log_every: int):
-        from tqdm import tqdm
-
         out.mkdir(parents=True, exist_ok=True)
         self.file = (out / "loss.csv").open("w", newline="")
         self.csv = csv.writer(self.file)
@@ -157,10 +163,7 @@ class _LossLog:
         return f"loss {sum(head) / len(head):.4f} (first 10%) -> {sum(tail) / len(tail):.4f} (last 10%)"
 
 
-def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
-    from core.checkpoint import save_wan_folder
-    from core.pretrain import pretrain_teacher
-
+def cmd_pretrain_teacher(cfg: WorldConfig, args: argparse.Namespace) -> None:
     p = cfg.pretrain
     out = Path(p.output)
     log = _LossLog(out, p.steps, "pretrain-teacher", p.log_every)
@@ -169,8 +172,6 @@ def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
     save_wan_folder(out / "teacher", model)
     print(f"wrote {out / 'teacher'} (Wan folder: config.json + safetensors) and {out / 'loss.csv'}; {summary}")
     if p.eval_clips:
-        from core.pretrain import evaluate_teacher
-
         scores = evaluate_teacher(cfg, model, p.eval_clips, p.eval_steps, p.eval_guidance)
         (out / "eval.json").write_text(json.dumps(scores, indent=2))
         print(f"prompt adherence on {p.eval_clips} held-out scenes ({p.eval_steps} Euler steps, CFG {p.eval_guidance}): "
@@ -178,12 +179,7 @@ def cmd_pretrain_teacher(cfg: Config, args: argparse.Namespace) -> None:
               f"direction {scores['direction']:.2f} (chance {scores['direction_chance']:.2f})")
 
 
-def cmd_ode_init(cfg: Config, args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from core.checkpoint import save_self_forcing
-    from core.ode_init import ode_init
-
+def cmd_ode_init(cfg: WorldConfig, args: argparse.Namespace) -> None:
     o = cfg.ode_init
     out = Path(o.output)
     stages: dict = {}
@@ -211,12 +207,9 @@ def cmd_ode_init(cfg: Config, args: argparse.Namespace) -> None:
         (out / "eval.json").write_text(json.dumps(scores, indent=2))
 
 
-def _evaluate(cfg: Config, generator=None, prompts: int = 32, seed: int = 1_000_000, long_frames: int = 63,
+def _evaluate(cfg: WorldConfig, generator=None, prompts: int = 32, seed: int = 1_000_000, long_frames: int = 63,
               long_prompts: int = 8) -> dict:
-    """core.evaluate on `generator` (default: checkpoint.generator), printed as a table."""
-    from core.evaluate import evaluate_config
-    from core.toyworld import COLOURS, DIRECTIONS
-
+    """toyworld.evaluate on `generator` (default: checkpoint.generator), printed as a table."""
     scores = evaluate_config(cfg, generator, prompts, seed, long_frames, long_prompts)
     rows = [("motion reward (" + cfg.learner.reward_axis + ")", scores["motion_reward"], scores["motion_reward_world"]),
             ("colour adherence", scores["colour_adherence"], 1 / len(COLOURS)),
@@ -234,7 +227,7 @@ def _evaluate(cfg: Config, generator=None, prompts: int = 32, seed: int = 1_000_
     return scores
 
 
-def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     cfg.check_paths()
     scores = _evaluate(cfg, None, args.prompts, args.seed, args.long_frames, args.long_prompts)
     if args.out:
@@ -243,35 +236,18 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def cmd_reward_server(cfg: Config, args: argparse.Namespace) -> None:
-    import time
-
-    import ray
-    from ray import serve
-
-    from reward_service.app import build_app
-
+def cmd_reward_server(cfg: WorldConfig, args: argparse.Namespace) -> None:
     svc = cfg.reward_service
-    app = build_app(cfg)
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": svc.host, "port": svc.port, "request_timeout_s": svc.request_timeout_s})
+    app = build_reward_app(cfg)
+    start_ray(args.address)
+    url = start_serve(svc.host, svc.port, svc.request_timeout_s)
     serve.run(app, name=svc.app_name, route_prefix="/")
-    url = f"http://{svc.host}:{svc.port}"
     print(f"reward service ({cfg.reward.backend}) ready at {url}  (POST {url}/v1/score, docs {url}/docs); Ctrl-C stops it",
           flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping the reward service")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    _serve_until_stopped("reward service")
 
 
-def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
-    from reward_service.client import RewardHTTPClient
-
+def cmd_score(cfg: WorldConfig, args: argparse.Namespace) -> None:
     url = args.url or f"http://{cfg.reward_service.host}:{cfg.reward_service.port}"
     with RewardHTTPClient(url, token=args.token, timeout_s=cfg.reward_service.client_timeout_s,
                           retries=cfg.reward_service.client_retries) as client:
@@ -336,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher, "ode-init": cmd_ode_init,
                 "evaluate": cmd_evaluate}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_world_config(args.config, overrides)
         commands[args.command](cfg, args)
     except (ConfigError, CheckpointError, StreamLimitError) as e:
         print(f"error: {e}", file=sys.stderr)

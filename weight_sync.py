@@ -1,19 +1,57 @@
-"""A broadcast group of its own from the learner's rank 0 to the rollout actors, for weight syncs.
+"""Generator weights from the learner to the rollout actors: the whole protocol in one module.
 
-The group has its own TCPStore, so it lives beside the learner's Ray Train process group and
-spans processes Ray Train does not know about. A sync packs the whole state dict into one
-contiguous buffer and broadcasts it once (NCCL on GPUs, gloo on CPUs): one collective per
-sync, never one per parameter. Ray-free, like the rest of `core`; Ray code decides who joins.
+Three parties, one class each:
+
+    WeightPublisher   learner rank 0    makes each new version available: by broadcast when the group is
+                                        formed, else by object store; re-forms a broken group
+    WeightRelay       in RolloutPool    the published version and how actors get it; the group's state;
+                                        counts every fallback with its reason (pool metrics `weight_sync`)
+    WeightSubscriber  in RolloutWorker  joins the group, stages broadcast versions, hands the actor the
+                                        weights of a version between rollouts (never inside one)
+
+Transports, one control call per version, never one per parameter:
+- object store (everywhere; `learner.publish_backend: object_store`): one `ray.put` of the state dict in the
+  actors' dtype; each actor pulls it before its next rollout;
+- broadcast (`learner.publish_backend: broadcast`; NCCL on GPUs, gloo on CPUs): rank 0 and the actors form a
+  process group of their own (its own TCPStore, beside Ray Train's group); a version is one packed buffer
+  broadcast once, which actors stage and switch to between rollouts.
+
+Group states (`WeightRelay.state`):
+
+    object_store  no group: publishing is configured as object store, or no group has formed yet
+    formed        every actor joined the current group: versions go by broadcast
+    broken        an actor restarted or died, a member failed a broadcast, or a join failed: the next
+                  version goes by object store (a fallback, with its reason) and the publisher re-forms
+                  the group for the one after
+
+Everything Ray-free (packing, the group itself) is at the top; the parties use Ray handles.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
+from ray.exceptions import ActorUnavailableError
+
+log = logging.getLogger(__name__)
 
 Layout = list[tuple[str, list[int]]]
+
+
+class WeightsUnavailable(RuntimeError):
+    """The published version went out by broadcast before this actor (re)joined the group; the pool hands
+    the prompt out again and the actor gets the next version from the object store."""
+
+
+# ---------------------------------------------------------------------------------------------- transport
 
 
 def pack(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, Layout]:
@@ -42,8 +80,10 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 class BroadcastGroup:
+    """A process group of its own from the learner's rank 0 to the actors (rank 0 hosts its TCPStore)."""
+
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float):
-        """Join the group (rank 0 hosts its store); blocks until all `world_size` members have joined."""
+        """Join the group; blocks until all `world_size` members have joined (or `timeout_s` passes)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"broadcast backend must be gloo or nccl, got {backend!r}")
         timeout = timedelta(seconds=timeout_s)
@@ -63,3 +103,213 @@ class BroadcastGroup:
         opts.rootRank = 0
         self.pg.broadcast([buffer], opts).wait()
         return buffer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _describe(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e  # the remote exception inside Ray's RayTaskError
+    return f"{type(cause).__name__}: {cause}"[:300]
+
+
+# ---------------------------------------------------------------------------------------------- learner side
+
+
+class WeightPublisher:
+    """Learner rank 0: `publish(version, weights)` makes `weights` the actors' weights of `version`."""
+
+    def __init__(self, pool: ray.actor.ActorHandle, dtype: torch.dtype, broadcast: bool = False,
+                 group_backend: str = "gloo", timeout_s: float = 600.0):
+        self.pool, self.dtype = pool, dtype
+        self.broadcast, self.group_backend, self.timeout_s = broadcast, group_backend, timeout_s
+        self.group: BroadcastGroup | None = None
+        self.not_formed = ""  # why the last attempt to form a group failed
+        self.syncs: Counter[str] = Counter()  # versions sent per transport
+        if broadcast:
+            self._form()
+
+    def _form(self) -> None:
+        """Form a new group with every actor (rank 0 hosted here); on failure, say why."""
+        self.group, self.not_formed = None, ""
+        host, port = ray.util.get_node_ip_address(), _free_port()
+        world = ray.get(self.pool.num_actors.remote()) + 1
+        joined = self.pool.form_weight_group.remote(host, port, self.group_backend, self.timeout_s)
+        try:
+            group = BroadcastGroup(host, port, 0, world, self.group_backend, self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - an actor that cannot join: versions go by object store
+            group, self.not_formed = None, f"group_not_formed: {_describe(e)}"
+        refusal = ray.get(joined)
+        if refusal is not None:
+            self.not_formed = refusal
+        elif group is not None:
+            self.group = group
+        if self.not_formed:
+            log.warning("weight broadcast group not formed (%s); versions go by object store", self.not_formed)
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> float:
+        """Send `version` by broadcast if the group is formed, else by object store (a counted fallback when
+        broadcast is configured); returns the seconds spent."""
+        start = time.perf_counter()
+        reason = None
+        if self.group is not None:
+            buffer, layout = pack(weights, self.dtype, self.group.device)
+            reason = ray.get(self.pool.begin_broadcast.remote(version, layout))
+            if reason is None:
+                try:
+                    self.group.broadcast(buffer)
+                    self.syncs["broadcast"] += 1
+                    return time.perf_counter() - start
+                except Exception as e:  # noqa: BLE001 - a member vanished mid-sync (timeout): resend by object store
+                    reason = f"broadcast_failed: {_describe(e)}"
+        elif self.broadcast:
+            reason = self.not_formed or "group_not_formed"
+        ref = ray.put({k: v.to(self.dtype) for k, v in weights.items()})
+        ray.get(self.pool.publish.remote(version, [ref], reason))
+        self.syncs["object_store"] += 1
+        if self.broadcast:  # the group is stale or missing: re-form it for the next version
+            self._form()
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- pool side
+
+
+class WeightRelay:
+    """The pool's record of the published version and of the broadcast group; no Ray actor of its own."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.ref = None  # object-store ref of the current version; None when it went (or goes) by broadcast
+        self.state = "object_store"
+        self.epoch = 0  # groups formed so far: a rollout lost before the current one formed says nothing of it
+        self.fallbacks: Counter[str] = Counter()  # object-store publishes that should have been broadcasts, by reason
+        self.broken_by = ""
+        self.receiving: asyncio.Task | None = None
+
+    def _check_newer(self, version: int) -> None:
+        if version == self.version and self.ref is None and version > 0:
+            return  # resending by object store a version whose broadcast did not complete
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than the published {self.version}")
+
+    def publish(self, version: int, ref, reason: str | None = None) -> None:
+        """`ref` (an object-store ref to a state dict) is the weights of `version`; `reason` says why it was
+        not broadcast (None: object store is the configured transport)."""
+        self._check_newer(version)
+        self.version, self.ref = version, ref
+        if reason is not None:
+            kind = reason.split(":", 1)[0]
+            self.fallbacks[kind] += 1
+            log.warning("weight version %d goes by object store instead of broadcast: %s", version, reason)
+
+    def _break(self, why: str) -> None:
+        if self.state == "formed":
+            self.state, self.broken_by = "broken", why
+            log.warning("weight broadcast group broken: %s", why)
+
+    async def form(self, workers: list, dead: bool, host: str, port: int, backend: str, timeout_s: float) -> str | None:
+        """Have actor i join the group hosted by the learner's rank 0 as rank i + 1; None when formed, else why not."""
+        if dead:
+            self.state, self.broken_by = "broken", "dead_actor"
+            return "dead_actor: an actor died past its restarts; it cannot join a group"
+        world = len(workers) + 1
+        deadline = time.monotonic() + timeout_s
+
+        async def join(i: int, worker) -> None:
+            while True:
+                try:
+                    return await worker.join_weight_group.remote(host, port, i + 1, world, backend, timeout_s)
+                except ActorUnavailableError:  # still restarting
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        try:
+            await asyncio.gather(*(join(i, w) for i, w in enumerate(workers)))
+        except Exception as e:  # noqa: BLE001 - publication falls back to the object store
+            self.state, self.broken_by = "broken", f"group_not_formed: {_describe(e)}"
+            return self.broken_by
+        self.state, self.broken_by = "formed", ""
+        self.epoch += 1
+        return None
+
+    def begin_broadcast(self, version: int, layout: Layout, workers: list) -> str | None:
+        """The one control call of a broadcast sync: if the group is formed, have every actor receive `version`
+        (the learner then broadcasts it) and return None; else return why not (the learner then publishes by
+        object store)."""
+        self._check_newer(version)
+        if self.state != "formed":
+            return self.broken_by or "group_not_formed"
+        self.version, self.ref = version, None
+        self.receiving = asyncio.get_running_loop().create_task(self._receive(version, layout, workers))
+        return None
+
+    async def _receive(self, version: int, layout: Layout, workers: list) -> None:
+        try:
+            await asyncio.gather(*(w.receive_weights.remote(version, layout) for w in workers))
+        except Exception as e:  # noqa: BLE001 - the next version goes by object store and re-forms the group
+            self._break(f"broadcast_failed: version {version}: {_describe(e)}")
+
+    def on_actor_lost(self, sent_epoch: int) -> None:
+        """A rollout died with its actor: a restarted actor is in no group formed before it restarted."""
+        if sent_epoch == self.epoch:
+            self._break("actor_restarted")
+
+    def on_weights_unavailable(self, sent_version: int) -> None:
+        """An actor had no broadcast of `sent_version` (it joined no group): unless a newer version has gone out
+        since, the group is missing a member."""
+        if sent_version == self.version:
+            self._break("actor_missed_broadcast")
+
+    def metrics(self) -> dict:
+        return {"version": self.version, "state": self.state, "broken_by": self.broken_by or None,
+                "groups_formed": self.epoch, "fallbacks": dict(self.fallbacks)}
+
+
+# ---------------------------------------------------------------------------------------------- actor side
+
+
+class WeightSubscriber:
+    """An actor's side: which version its model holds, the group it is in, and broadcast versions staged."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+        self.version = 0
+        self.group: BroadcastGroup | None = None
+        self.timeout_s = 0.0
+        self.staged: dict[int, asyncio.Future] = {}
+
+    def join(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self.group = BroadcastGroup(host, port, rank, world_size, backend, timeout_s)
+        self.timeout_s = timeout_s
+
+    def _future(self, version: int) -> asyncio.Future:
+        return self.staged.setdefault(version, asyncio.get_running_loop().create_future())
+
+    async def receive(self, version: int, layout: Layout) -> None:
+        """Take part in the broadcast of `version` and stage it; the model switches at the next rollout."""
+        if self.group is None:
+            raise WeightsUnavailable(f"{self.name} is not in the weight broadcast group")
+        buffer = torch.empty(numel(layout), dtype=self.dtype, device=self.group.device)
+        self.group.broadcast(buffer)
+        self._future(version).set_result(unpack(buffer, layout))
+
+    async def weights_of(self, version: int, refs: list) -> dict[str, torch.Tensor] | None:
+        """The state dict of `version` when the model holds another one (None: nothing to load): from the
+        object store when `refs[0]` is a ref, else the staged broadcast."""
+        if version == self.version:
+            return None
+        if refs and refs[0] is not None:
+            return await refs[0]
+        if self.group is None:
+            raise WeightsUnavailable(f"{self.name} missed the broadcast of version {version} (it joined no group)")
+        return await asyncio.wait_for(self._future(version), self.timeout_s)
+
+    def loaded(self, version: int) -> None:
+        """The model now holds `version`; staged older versions are dropped."""
+        self.version = version
+        self.staged = {v: f for v, f in self.staged.items() if v > version}

@@ -1,12 +1,12 @@
 """The rollout actor pool: hands out prompts, keeps a bounded sample queue, and loses nothing.
 
 `RolloutPool` is an async Ray actor. One dispatch loop per rollout actor takes the next prompt
-(`core.prompts.PromptSource`) whenever fewer than `queue_size` samples exist (queued or being
+(`core.records.prompts.PromptSource`) whenever fewer than `queue_size` samples exist (queued or being
 made), so a learner that falls behind makes actors wait rather than samples drop. A rollout
 lost with its actor (the actor restarts, up to `max_restarts`) is released and handed out
 again; a prompt is acknowledged only once its sample is consumed or dropped for a counted
-reason, so none is lost or duplicated. Weights are published as one object-store ref per
-version, or broadcast to a group the actors join (`learner.publish`); actors switch only between
+reason, so none is lost or duplicated. The pool relays published weights to its actors
+(`weight_sync.WeightRelay`: object store or broadcast group); actors switch only between
 rollouts, and samples older than `max_staleness` versions are dropped by `get` and counted.
 """
 
@@ -21,9 +21,10 @@ import pyarrow as pa
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.worker import RolloutWorker, WeightsUnavailable
+from actors.worker import RolloutWorker
 from core.config import REPO_ROOT, Config
-from core.prompts import PromptSource, WorkItem
+from core.records.prompts import PromptSource, WorkItem
+from weight_sync import Layout, WeightRelay, WeightsUnavailable
 
 
 def _prompts_path(path: str) -> Path:
@@ -33,24 +34,21 @@ def _prompts_path(path: str) -> Path:
 
 @ray.remote(num_cpus=0)
 class RolloutPool:
-    def __init__(self, config: dict, name: str = "rollout", prompt_state: dict | None = None):
-        self.cfg = Config.model_validate(config)
-        a = self.cfg.actors
+    def __init__(self, cfg: Config, name: str = "rollout", prompt_state: dict | None = None):
+        self.cfg = cfg
+        a = cfg.actors
         path = _prompts_path(a.prompts)
         self.source = (PromptSource.from_state(path, a.prompt_seed, (0, 1), prompt_state) if prompt_state
                        else PromptSource(path, seed=a.prompt_seed))
         worker_cls = ray.remote(RolloutWorker)
         self.names = [f"{name}-actor-{i}" for i in range(a.num_actors)]
         self.workers = [worker_cls.options(name=n, num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
-                                           max_task_retries=0).remote(config, n) for n in self.names]
+                                           max_task_retries=0).remote(cfg, n) for n in self.names]
         self.queue: deque[tuple[pa.RecordBatch, WorkItem]] = deque()
         self.in_flight: dict[int, WorkItem] = {}
         self.waiting_since: dict[int, float] = {}  # actors idle because the queue is full
         self.changed = asyncio.Condition()
-        self.version, self.weights = 0, None
-        self.group_ok = False  # every actor is in the current weight broadcast group
-        self.group_epoch = 0  # groups formed so far: a rollout lost before the current one formed says nothing of it
-        self.receiving: asyncio.Task | None = None
+        self.weights = WeightRelay()
         self.drops: Counter[str] = Counter()
         self.delivered = self.duplicates = 0
         self.errors: dict[str, str] = {}  # last worker error per actor
@@ -81,17 +79,16 @@ class RolloutPool:
             item = self.source.take()
             self.in_flight[i] = item
             video = self.video_requests.popleft() if self.video_requests else None
-            sent_version, sent_epoch = self.version, self.group_epoch
+            sent_version, sent_epoch = self.weights.version, self.weights.epoch
             try:
-                result = await self.workers[i].rollout.remote(item, sent_version, [self.weights], video)
+                result = await self.workers[i].rollout.remote(item, sent_version, [self.weights.ref], video)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 # The rollout died with its actor: hand the prompt out again. An actor that keeps
                 # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
                 if not isinstance(e, ActorUnavailableError):  # "restarting" is not another death: wait it out
                     stats["lost_in_a_row"] += 1
-                if sent_epoch == self.group_epoch:  # a restarted actor is in no broadcast group formed before
-                    self.group_ok = False
+                self.weights.on_actor_lost(sent_epoch)
                 self.source.release(item)
                 if video:
                     self.video_requests.appendleft(video)
@@ -105,8 +102,7 @@ class RolloutPool:
                 self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
                 if isinstance(cause, WeightsUnavailable):  # the next version comes by object store: retry then
                     stats["weights_unavailable"] += 1
-                    if sent_version == self.version:  # not news from before a newer version and group
-                        self.group_ok = False
+                    self.weights.on_weights_unavailable(sent_version)
                     self.source.release(item)
                     await asyncio.sleep(0.5)
                     continue
@@ -135,59 +131,21 @@ class RolloutPool:
         """Have the next rollout also write its decoded frames to the MP4 `path` (a look at the current policy)."""
         self.video_requests.append(path)
 
-    def publish(self, version: int, weights: list) -> None:
-        """Make `weights[0]` (an object-store ref to a state dict) the weights of `version`."""
-        self._check_newer(version)
-        self.version, self.weights = version, weights[0]
+    def num_actors(self) -> int:
+        return len(self.workers)
 
-    def _check_newer(self, version: int) -> None:
-        if version == self.version and self.weights is None and version > 0:
-            return  # resending by object store a version whose broadcast did not complete
-        if version <= self.version:
-            raise ValueError(f"weight version {version} is not newer than the published {self.version}")
+    def publish(self, version: int, refs: list, reason: str | None = None) -> None:
+        """Make `refs[0]` (an object-store ref to a state dict) the weights of `version`; `reason` says why it was
+        not broadcast (None: the object store is the configured transport)."""
+        self.weights.publish(version, refs[0], reason)
 
-    def can_form_weight_group(self) -> bool:
-        return not self.dead
+    async def form_weight_group(self, host: str, port: int, backend: str, timeout_s: float) -> str | None:
+        """Have every actor join the broadcast group hosted by the learner's rank 0; None, or why it did not form."""
+        return await self.weights.form(self.workers, bool(self.dead), host, port, backend, timeout_s)
 
-    async def join_weight_group(self, host: str, port: int, backend: str, timeout_s: float) -> bool:
-        """Have actor i join the broadcast group hosted by the learner's rank 0 as rank i + 1."""
-        world = len(self.workers) + 1
-        deadline = time.monotonic() + timeout_s
-
-        async def join(i: int, worker) -> None:
-            while True:
-                try:
-                    return await worker.join_weight_group.remote(host, port, i + 1, world, backend, timeout_s)
-                except ActorUnavailableError:  # still restarting
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
-
-        try:
-            await asyncio.gather(*(join(i, w) for i, w in enumerate(self.workers)))
-            self.group_ok = True
-            self.group_epoch += 1
-        except Exception as e:  # noqa: BLE001 - publication falls back to the object store
-            self.group_ok = False
-            self.errors["weight_group"] = f"{type(e).__name__}: {e}"[:500]
-        return self.group_ok
-
-    def publish_broadcast(self, version: int, layout: list) -> bool:
-        """The one control call of a broadcast sync: if every actor is in the group, have each receive
-        `version` (the learner then broadcasts) and return True; else False (publish by object store)."""
-        self._check_newer(version)
-        if not self.group_ok or self.dead:
-            return False
-        self.version, self.weights = version, None
-        self.receiving = asyncio.get_running_loop().create_task(self._receive(version, layout))
-        return True
-
-    async def _receive(self, version: int, layout: list) -> None:
-        try:
-            await asyncio.gather(*(w.receive_weights.remote(version, layout) for w in self.workers))
-        except Exception as e:  # noqa: BLE001 - the next sync goes by object store and re-forms the group
-            self.group_ok = False
-            self.errors["weight_group"] = f"version {version}: {type(e).__name__}: {e}"[:500]
+    def begin_broadcast(self, version: int, layout: Layout) -> str | None:
+        """The one control call of a broadcast sync: None when every actor will receive `version`, else why not."""
+        return self.weights.begin_broadcast(version, layout, self.workers)
 
     async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
         """Up to `n` fresh samples, waiting at most `timeout_s` in all (None: until `n` arrive); stale ones
@@ -206,7 +164,7 @@ class RolloutPool:
             if not self.source.ack(item):  # already acknowledged: a second copy of the same prompt
                 self.duplicates += 1
                 continue
-            if self.version - batch.column("weight_version")[0].as_py() > self.cfg.actors.max_staleness:
+            if self.weights.version - batch.column("weight_version")[0].as_py() > self.cfg.actors.max_staleness:
                 self.drops["stale"] += 1
                 continue
             self.delivered += 1
@@ -223,12 +181,11 @@ class RolloutPool:
                                **{k: round(s[k], 4) for k in ("generate_s", "decode_s", "score_s", "load_weights_s")},
                                "wait_s": round(s["wait_s"] + waiting, 4), "lost_rollouts": s["lost_rollouts"],
                                "weights_unavailable": s["weights_unavailable"],
-                               "busy": i in self.in_flight, "dead": self.dead.get(i),
+                               "busy": i in self.in_flight, "waiting": i in self.waiting_since, "dead": self.dead.get(i),
                                "last_error": self.errors.get(name)}
-        return {"version": self.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
+        return {"version": self.weights.version, "queue_depth": len(self.queue), "in_flight": len(self.in_flight),
                 "delivered": self.delivered, "drops": dict(self.drops), "duplicates_suppressed": self.duplicates,
-                "videos": list(self.videos), "weight_group_ok": self.group_ok,
-                "weight_group_error": self.errors.get("weight_group"),
+                "videos": list(self.videos), "weight_sync": self.weights.metrics(),
                 "elapsed_s": elapsed, "actors": per_actor}
 
     def state(self) -> dict:

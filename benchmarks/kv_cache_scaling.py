@@ -30,7 +30,7 @@ flat over a stream in both cases; the baseline's growth shows in its allocation
 size (proportional to the video length), its held K/V and its attended frames.
 
 Weights are random (speed does not depend on their values); the text context is
-random [1, text_len, text_dim]; noise is `core.rollout.gaussian_noise`.
+random [1, text_len, text_dim]; noise is `core.algo.rollout.gaussian_noise`.
 
 How to run (from the repository root)
 -------------------------------------
@@ -57,19 +57,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model  # noqa: E402
-from core.attention import BACKENDS  # noqa: E402
+from core.algo.rollout import SelfForcedRollout, gaussian_noise  # noqa: E402
+from core.algo.scheduler import FlowMatchScheduler  # noqa: E402
 from core.config import WAN_1_3B, StreamConfig, WanArchConfig  # noqa: E402
-from core.rollout import SelfForcedRollout, gaussian_noise  # noqa: E402
-from core.scheduler import FlowMatchScheduler  # noqa: E402
-from core.wan.kv_cache import KVCache  # noqa: E402
-from core.wan.model import ROPE_POSITIONS, CausalWanModel  # noqa: E402
+from core.model.attention import BACKENDS  # noqa: E402
+from core.model.kv_cache import KVCache  # noqa: E402
+from core.model.wan import ROPE_POSITIONS, CausalWanModel  # noqa: E402
+from core.runtime import DTYPES  # noqa: E402
 
 # --arch presets: (architecture, latent H x W). Tiny: 8x8 latent -> 4x4 = 16 tokens per frame.
 ARCHS = {
     "tiny": (WanArchConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16), (8, 8)),
     "wan-1.3b": (WAN_1_3B, (60, 104)),  # 480x832 video through the 8x VAE
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DENOISING_STEPS = [1000, 750, 500, 250]  # 4-step list, warped onto the shift-5 schedule
 NEAR_FRAME = 30
 MiB = 2**20

@@ -8,7 +8,7 @@ e in --exits (default 0,1,2,3), the learner side of one generator update on one 
 
 * replay (ours, `learner/loop.py::Learner.generator_update`): a sample recorded beforehand
   by `SelfForcedRollout.training_rollout` under no_grad (what a rollout actor sends) is
-  replayed with grad by `core.distill.ReDMD(cfg).replay(generator, record, context)`: per
+  replayed with grad by `core.algo.distill.ReDMD(cfg).replay(generator, record, context)`: per
   block one exit-step forward with grad and the context re-run without grad. Then
   `ReDMD.generator_loss(...)` (critic + teacher with CFG, from `build_score_models`) and
   `loss.backward()`.
@@ -64,11 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, finish, load_1m, physical_cores  # noqa: E402
+from core.algo.distill import ReDMD, build_score_models  # noqa: E402
+from core.algo.losses import reward_weights  # noqa: E402
+from core.algo.rollout import RolloutRecord, SelfForcedRollout, gaussian_noise  # noqa: E402
 from core.config import load_config  # noqa: E402
-from core.distill import ReDMD, build_score_models  # noqa: E402
-from core.losses import reward_weights  # noqa: E402
-from core.pipeline import DTYPES, build_generator  # noqa: E402
-from core.rollout import RolloutRecord, SelfForcedRollout, gaussian_noise  # noqa: E402
+from core.runtime import DTYPES  # noqa: E402
+from core.stream.pipeline import build_generator  # noqa: E402
 
 # --arch presets: config overrides on top of --config (architecture and video size)
 ARCHS = {

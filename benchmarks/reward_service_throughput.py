@@ -42,9 +42,8 @@ Backends
 --------
 `--backend videoreward` (default): a tiny random Qwen2-VL VideoReward checkpoint in the released
 folder layout (model_config.json + checkpoint-<step>/model.pth with a LoRA-wrapped state dict,
-tokenizer, config.json), written to a temporary folder by the `release` fixture of
-`tests/test_videoreward.py`, which this script imports with importlib from the tests folder (it
-needs pytest, peft and transformers) and calls with a small stand-in for `tmp_path_factory`.
+tokenizer, config.json), written to a temporary folder by `write_release` of
+`tests/videoreward_release.py` (what the tests use; it needs peft and transformers).
 The backend runs on CPU in float32 (`reward.device=cpu reward.dtype=float32`). Note that the
 release's sampling rules upscale small frames to at least 128*28*28 pixels: a 64x64 video is
 read as 4 frames of 336x336 (288 video tokens + the ~780-token prompt); with `--size 96` or more
@@ -69,9 +68,8 @@ processes from oversubscribing the cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
-import importlib.util
+import contextlib
 import logging
 import os
 import platform
@@ -112,27 +110,19 @@ def machine_info(threads: int) -> dict:
 
 
 def build_tiny_videoreward(root: Path) -> Path:
-    """A tiny random VideoReward release folder under `root`, made by tests/test_videoreward.py's `release`."""
-    path = REPO_ROOT / "tests" / "test_videoreward.py"
-    spec = importlib.util.spec_from_file_location("_bench_test_videoreward", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fixture = module.release
-    build = (getattr(fixture, "__wrapped__", None)  # pytest >= 8.4: FixtureFunctionDefinition
-             or getattr(getattr(fixture, "__pytest_wrapped__", None), "obj", None)  # older pytest
-             or fixture)
+    """A tiny random VideoReward release folder under `root` (tests/videoreward_release.py, what the tests use)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from videoreward_release import write_release
 
-    class TmpPathFactory:  # the part of pytest's tmp_path_factory the fixture uses
-        def mktemp(self, basename: str, numbered: bool = True) -> Path:
-            folder = Path(tempfile.mkdtemp(prefix=f"{basename}-", dir=root))
-            return folder
-
-    return Path(build(TmpPathFactory()).root)
+    folder = Path(tempfile.mkdtemp(prefix="VideoReward-", dir=root))
+    return write_release(folder).root
 
 
 def overrides_for(args, checkpoint: Path | None, app: str, batch: int) -> list[str]:
-    out = [f"reward.backend={args.backend}", "reward.device=cpu", "reward.dtype=float32",
-           f"reward_service.app_name={app}", f"reward_service.max_batch_size={batch}",
+    backend = [f"reward.backend={args.backend}"]
+    if args.backend != "motion":  # the model backends run on CPU in float32 here; motion has no settings
+        backend += ["reward.dtype=float32"] + (["reward.device=cpu"] if args.backend == "videoreward" else [])
+    out = [*backend, f"reward_service.app_name={app}", f"reward_service.max_batch_size={batch}",
            f"reward_service.batch_wait_timeout_s={args.batch_wait}", "reward_service.num_cpus=1",
            f"reward_service.max_ongoing_requests={max(16, 2 * args.clients)}",
            f"reward_service.max_queued_requests={max(32, 4 * args.clients)}"]
@@ -272,7 +262,7 @@ def main() -> int:
     from ray import serve
 
     from core.config import load_config
-    from core.reward.backends import build_backend
+    from core.reward.registry import build_backend
     from reward_service.app import build_app
 
     torch.set_num_threads(args.threads)
@@ -301,7 +291,7 @@ def main() -> int:
         if args.backend == "videoreward":
             t = time.perf_counter()
             checkpoint = build_tiny_videoreward(workdir)
-            print(f"tiny VideoReward checkpoint (tests/test_videoreward.py `release`) at {checkpoint} "
+            print(f"tiny VideoReward checkpoint (tests/videoreward_release.py) at {checkpoint} "
                   f"in {time.perf_counter() - t:.1f} s", flush=True)
 
         base = stack.enter_context(local_ray_serve(4, 300, {"OMP_NUM_THREADS": str(args.threads)}))

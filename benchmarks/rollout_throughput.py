@@ -93,7 +93,7 @@ def run_pool(args, label: str, n_actors: int, queue_size: int, consumer_rate: fl
                              f"actors.reward_app={APP}"])
     name = f"bench-{label}"
     t_create = time.perf_counter()
-    pool = RolloutPool.options(name=name).remote(cfg.model_dump(), name)
+    pool = RolloutPool.options(name=name).remote(cfg, name)
     try:
         ray.get(pool.start.remote())
         # warm-up: every actor has started, built its models and delivered a sample
@@ -219,7 +219,7 @@ def main() -> int:
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(local_ray_serve(args.num_cpus, 120, {"OMP_NUM_THREADS": "1"}))
-        reward_cfg = load_config(PLUMBING_CONFIG, ["reward.backend=motion", "reward.device=cpu", f"reward_service.app_name={APP}",
+        reward_cfg = load_config(PLUMBING_CONFIG, ["reward.backend=motion", f"reward_service.app_name={APP}",
                                         f"reward_service.num_cpus={args.reward_cpus}"])
         serve.run(build_app(reward_cfg), name=APP, route_prefix=f"/{APP}")
 

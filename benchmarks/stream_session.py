@@ -2,7 +2,7 @@
 
 What it measures
 ----------------
-`core.streaming.StreamSession` is the unit the CLI and the serving deployment stream with:
+`core.stream.session.StreamSession` is the unit the CLI and the serving deployment stream with:
 `next_chunk()` denoises the next 3-latent-frame block (4 steps + the context re-run that writes
 its clean K/V), decodes it through the streaming VAE decoder and returns uint8 frames on the
 host (9 video frames for the first block, 12 for each later one). The script builds a
@@ -89,13 +89,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, finish, load_1m, physical_cores  # noqa: E402
-from core.attention import BACKENDS  # noqa: E402
+from core.codecs.text_encoder import TextEncoder  # noqa: E402
+from core.codecs.wan_vae import WanVAE  # noqa: E402
 from core.config import PLUMBING_CONFIG, Config, load_config  # noqa: E402
-from core.pipeline import DTYPES, VideoPipeline  # noqa: E402
-from core.streaming import StreamSession  # noqa: E402
-from core.text_encoder import TextEncoder  # noqa: E402
-from core.vae import WanVAE  # noqa: E402
-from core.wan.model import CausalWanModel  # noqa: E402
+from core.model.attention import BACKENDS  # noqa: E402
+from core.model.wan import CausalWanModel  # noqa: E402
+from core.runtime import DTYPES  # noqa: E402
+from core.stream.pipeline import VideoPipeline  # noqa: E402
+from core.stream.session import StreamSession  # noqa: E402
 
 ARCHS = {
     "tiny": [],

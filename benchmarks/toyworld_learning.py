@@ -4,7 +4,7 @@ What it measures
 ----------------
 Every run is the real job, `python launch.py train` on the embedded default (the toy-world
 teacher and ODE-initialised student that `pretrain-teacher` and `ode-init` wrote, the motion reward),
-for --steps learner steps from the same start, followed by `core.evaluate` on the exported student over
+for --steps learner steps from the same start, followed by `toyworld.evaluate` on the exported student over
 --prompts held-out world
 prompts (scene seeds 1000000..), using the raw generator weights (a 40-step run's EMA would mostly hold
 the weights at ema_start_step):
@@ -79,7 +79,7 @@ def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float
 
 def evaluate(overrides: list[str], checkpoint: str, args, eval_seed: int | None = None) -> dict:
     from core.config import load_config
-    from core.evaluate import evaluate_config
+    from toyworld.evaluate import evaluate_config
 
     cfg = load_config(args.config, [*overrides, f"checkpoint.generator={json.dumps(checkpoint)}", "checkpoint.use_ema=false"])
     return evaluate_config(cfg, None, args.prompts, args.eval_seed if eval_seed is None else eval_seed,

@@ -1,4 +1,4 @@
-"""Weight publication: ObjectStorePublisher.publish + an actor's load vs a plain ray.put + ray.get of the same bytes.
+"""Weight publication: WeightPublisher.publish (object store) + an actor's load vs a plain ray.put + ray.get of the same bytes.
 
 What it measures
 ----------------
@@ -12,11 +12,11 @@ order alternating between repeats:
   `ray.get(ref)` and touches every tensor (sums each in its own dtype, which reads every byte
   once; the checksum comes back and is checked).
   I.e. the object-store round trip of the same bytes, nothing else.
-* ours: `learner.publish.ObjectStorePublisher(receiver, dtype).publish(version, weights)`
+* ours: `weight_sync.WeightPublisher(receiver, dtype).publish(version, weights)`
   (the cast to the actors' dtype, `ray.put`, and the `publish(version, [ref])` control call,
   waited for), then one call to the receiver's `load()`, which does what
-  `actors/worker.py::RolloutWorker._load_weights` does: `ray.get(ref)` and
-  `core.checkpoint.load_into(model, state_dict)` into the receiver's CausalWanModel of that
+  `actors/worker.py::RolloutWorker._switch_weights` does: fetch the ref and
+  `core.records.checkpoint.load_into(model, state_dict)` into the receiver's CausalWanModel of that
   architecture (strict key/shape check, copy into the parameters).
 
 The receiver is a stand-in for `actors.pool.RolloutPool` + `RolloutWorker` (a real pool
@@ -97,33 +97,32 @@ def make_receiver_class():
             import torch
 
             from core.config import StreamConfig, WanArchConfig
-            from core.wan.model import CausalWanModel
+            from core.model.wan import CausalWanModel
 
             torch.set_num_threads(1)
             self.model = CausalWanModel(WanArchConfig(**arch), StreamConfig(**stream))
             self.model = self.model.to(getattr(torch, dtype)).eval().requires_grad_(False)
-            self.version = 0  # RolloutPool.version: the latest published
-            self.weights = None  # RolloutPool.weights: the ref to the latest state dict
-            self.loaded_version = 0  # RolloutWorker.version
+            from weight_sync import WeightRelay
 
-        def publish(self, version: int, weights: list) -> None:  # RolloutPool.publish
-            if version <= self.version:
-                raise ValueError(f"weight version {version} is not newer than the published {self.version}")
-            self.version, self.weights = version, weights[0]
+            self.relay = WeightRelay()  # RolloutPool's record of the published version
+            self.loaded_version = 0  # RolloutWorker's WeightSubscriber.version
+
+        def publish(self, version: int, refs: list, reason: str | None = None) -> None:  # RolloutPool.publish
+            self.relay.publish(version, refs[0], reason)
 
         def load(self) -> dict:
-            """RolloutWorker._load_weights(version, [ref]) with what the pool holds, timed in parts."""
+            """RolloutWorker._switch_weights(version, [ref]) with what the pool holds, timed in parts."""
             import ray
 
-            from core.checkpoint import load_into
+            from core.records.checkpoint import load_into
 
-            if self.version == self.loaded_version or self.weights is None:
+            if self.relay.version == self.loaded_version or self.relay.ref is None:
                 return {"get_s": 0.0, "apply_s": 0.0}
             start = time.perf_counter()
-            state_dict = ray.get(self.weights)
+            state_dict = ray.get(self.relay.ref)
             got = time.perf_counter()
             load_into(self.model, state_dict)
-            self.loaded_version = self.version
+            self.loaded_version = self.relay.version
             return {"get_s": got - start, "apply_s": time.perf_counter() - got}
 
         def get_touch(self, refs: list) -> dict:
@@ -149,8 +148,8 @@ def run_size(args, size: str, Receiver) -> dict:
     import torch
 
     from core.config import PLUMBING_CONFIG, load_config
-    from core.wan.model import CausalWanModel
-    from learner.publish import ObjectStorePublisher
+    from core.model.wan import CausalWanModel
+    from weight_sync import WeightPublisher
 
     dtype = getattr(torch, args.dtype)
     arch = arch_for(size)
@@ -171,7 +170,7 @@ def run_size(args, size: str, Receiver) -> dict:
     print(f"  {size}: {len(published)} tensors, {nbytes / MB:.1f} MB in {args.dtype}; models built in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
-    publisher = ObjectStorePublisher(receiver, dtype)
+    publisher = WeightPublisher(receiver, dtype)
     version = 0
     runs = {"baseline": [], "ours": []}
     try:
@@ -267,9 +266,9 @@ def main() -> int:
           f"{machine['torch']}, ray {machine['ray']}", flush=True)
     print("compared, per size, driver wall time until another process holds the weights: "
           "[baseline] ray.put(state_dict) + a receiver actor's ray.get(ref) and a sum of every tensor; "
-          f"[ours] ObjectStorePublisher(receiver, {args.dtype}).publish(version, weights) (cast + ray.put + "
-          "publish(version, [ref]) control call) + the receiver's load(): ray.get(ref) + core.checkpoint.load_into "
-          "into its CausalWanModel (RolloutWorker._load_weights). Receiver = stand-in for RolloutPool + RolloutWorker "
+          f"[ours] WeightPublisher(receiver, {args.dtype}).publish(version, weights) (cast + ray.put + "
+          "publish(version, [ref]) control call) + the receiver's load(): ray.get(ref) + core.records.checkpoint.load_into "
+          "into its CausalWanModel (RolloutWorker._switch_weights). Receiver = stand-in for RolloutPool + RolloutWorker "
           f"(one actor, 1 torch thread). {args.warmup} warm-up + {args.repeats} timed repeats per size and path, "
           "order alternating.", flush=True)
 

@@ -1,3 +1,14 @@
-"""Ray-free model code shared by every role: the Wan DiT (bidirectional and causal with the
-EMA-sink KV cache), the flow-matching scheduler, self-forced rollout and replay, checkpoint IO
-and the config schema. Nothing here imports Ray."""
+"""Ray-free torch code every role shares, cut by concern:
+
+    config.py   the one typed config schema and its YAML / key=value loader
+    runtime.py  device and dtype names -> torch objects
+    model/      the Wan DiT (bidirectional and causal), its KV cache, attention kernels, LoRA
+    codecs/     pixels <-> latents (Wan VAE, exact patch codec) and prompts -> embeddings (umT5)
+    algo/       the method: flow-matching schedule, self-forced rollout and replay, DMD / Re-DMD losses, EMA
+    records/    what crosses process and disk boundaries: samples, prompt cursors, checkpoints, video files
+    reward/     video reward backends behind one interface, chosen through a registry
+    stream/     prompt -> frames: the pipeline and the interactive streaming session
+
+Nothing here imports Ray or DeepSpeed (a test checks it), so the same code runs in rollout actors,
+the learner, serving replicas and on a bare GPU box.
+"""

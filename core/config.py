@@ -2,21 +2,21 @@
 
 A run is described by one YAML file plus `key=value` command-line overrides
 (dotted keys, values parsed as YAML scalars). Unknown keys and wrong types are
-errors that name the offending key.
+errors that name the offending key. The toy world's recipes add their sections
+in a subclass of `Config` (toyworld/config.py); `load_config` takes the schema.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
-
+import os
 import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"  # the toy world with its shipped weights
 PLUMBING_CONFIG = REPO_ROOT / "configs" / "plumbing.yaml"  # random tiny weights, no files: tests and speed benchmarks
 
 
@@ -39,11 +39,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """A config section: unknown keys and loose types are errors."""
+
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
-class WanArchConfig(_Section):
+class WanArchConfig(ConfigSection):
     """Wan2.1 DiT architecture. Defaults are Wan2.1-T2V-1.3B."""
 
     dim: int = 1536
@@ -79,7 +81,7 @@ WAN_1_3B = WanArchConfig()
 WAN_14B = WanArchConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 
 
-class VideoConfig(_Section):
+class VideoConfig(ConfigSection):
     """Pixel size and length of generated videos; the latent grid is derived from these."""
 
     height: int = 480
@@ -106,7 +108,7 @@ class VideoConfig(_Section):
         return self.height // self.vae_stride[1], self.width // self.vae_stride[2]
 
 
-class StreamConfig(_Section):
+class StreamConfig(ConfigSection):
     """Block-wise causal generation and its KV cache (REFERENCE.md section 2).
 
     `local_attn_size` and `sink_size` count latent frames; -1 means no window
@@ -157,7 +159,7 @@ class StreamConfig(_Section):
         return self.max_cache_frames if self.local_attn_size == -1 else self.local_attn_size
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(ConfigSection):
     """Flow-matching schedule and the few-step denoising list (REFERENCE.md section 3)."""
 
     shift: float = 5.0
@@ -176,14 +178,14 @@ class SchedulerConfig(_Section):
         return self
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(ConfigSection):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     attention_backend: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
     seed: int = 0
 
 
-class TextEncoderConfig(_Section):
+class TextEncoderConfig(ConfigSection):
     """umT5 text encoder (REFERENCE.md section 5).
 
     `checkpoint`: Wan's `models_t5_umt5-xxl-enc-bf16.pth` or a Hugging Face UMT5 folder;
@@ -200,13 +202,13 @@ class TextEncoderConfig(_Section):
     cache_size: int = 1024
 
 
-class VAEConfig(_Section):
+class VAEConfig(ConfigSection):
     """The video codec between pixels and the DiT's latents.
 
     `kind` "wan": the Wan2.1 VAE (REFERENCE.md section 5); `checkpoint` is `Wan2.1_VAE.pth` or a
     diffusers AutoencoderKLWan folder; None builds a randomly initialised VAE of width `base_dim`
     (the embedded default; Wan's real VAE has base_dim 96).
-    `kind` "patch": the exact pixel-space codec of core/patch_codec.py (no weights): one latent frame
+    `kind` "patch": the exact pixel-space codec of core/codecs/patch.py (no weights): one latent frame
     per video frame, each latent cell the s x s RGB patch under it as 3*s*s channels; needs
     video.vae_stride [1, s, s] with 3*s*s <= model.in_dim (e.g. [1, 2, 2]) and no checkpoint.
     """
@@ -216,30 +218,83 @@ class VAEConfig(_Section):
     base_dim: int = 96
 
 
-class RewardConfig(_Section):
-    """The reward backend (REFERENCE.md section 7).
+class RewardBackendConfig(ConfigSection):
+    """The `reward:` section: `backend` names a registered reward backend, and each backend has a section
+    class of its own (a subclass of this one) with its keys. Built-in: `motion` (deterministic scores from
+    pixels, the embedded default), `videoreward` (VideoReward / VideoAlign) and `vlm_judge` (a VLM through
+    vLLM). A new backend is one module with its section class and its scorer, registered with
+    `core.reward.registry.register_backend` (REFERENCE.md section 7; README, Reward service)."""
 
-    `motion`: deterministic scores computed from pixels (the embedded default, CPU);
-    `videoreward`: VideoReward (VideoAlign, Qwen2-VL-2B + rm_head) from the local folder
-    `checkpoint` (model_config.json + checkpoint-*/); `vlm_judge`: a VLM through vLLM (the
-    `vllm` extra) from the local model folder `checkpoint`, asked a rubric with JSON output.
-    """
+    backend: str
 
-    backend: Literal["motion", "videoreward", "vlm_judge"] = "motion"
-    checkpoint: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+class MotionRewardConfig(RewardBackendConfig):
+    """`motion`: deterministic VQ / MQ scores computed from pixels (core/reward/motion.py); no settings, no weights."""
+
+    backend: Literal["motion"] = "motion"
+
+
+class _LocalModelConfig(RewardBackendConfig):
+    checkpoint: str  # a local model folder: nothing is downloaded at run time
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    judge_max_frames: int = 8
-    judge_max_new_tokens: int = 256
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_checkpoint(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("checkpoint"):
+            backend = cls.model_fields["backend"].default
+            raise ValueError(f"reward.backend {backend!r} needs reward.checkpoint (a local model folder; nothing is "
+                             "downloaded at run time), or use reward.backend=motion")
+        return data
+
+
+class VideoRewardConfig(_LocalModelConfig):
+    """`videoreward`: VideoReward (VideoAlign, Qwen2-VL-2B + rm_head) from the released folder `checkpoint`
+    (model_config.json + checkpoint-*/), on `device`."""
+
+    backend: Literal["videoreward"] = "videoreward"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class VLMJudgeConfig(_LocalModelConfig):
+    """`vlm_judge`: a VLM from the local model folder `checkpoint` through vLLM (the `vllm` extra), shown
+    `max_frames` frames and asked a rubric answered as JSON in at most `max_new_tokens` tokens."""
+
+    backend: Literal["vlm_judge"] = "vlm_judge"
+    max_frames: int = 8
+    max_new_tokens: int = 256
 
     @model_validator(mode="after")
-    def _check(self) -> "RewardConfig":
-        if self.backend != "motion" and not self.checkpoint:
-            raise ValueError(f"reward.backend {self.backend!r} needs reward.checkpoint (a local model folder)")
+    def _check(self) -> "VLMJudgeConfig":
+        if self.max_frames < 1:
+            raise ValueError(f"reward.max_frames must be >= 1, got {self.max_frames}")
+        if self.max_new_tokens < 32:
+            raise ValueError(f"reward.max_new_tokens must be >= 32 to hold the JSON answer, got {self.max_new_tokens}")
         return self
 
 
-class RewardServiceConfig(_Section):
+# backend name -> its section class; core.reward.registry.register_backend adds more
+REWARD_BACKENDS: dict[str, type[RewardBackendConfig]] = {
+    cls.model_fields["backend"].default: cls for cls in (MotionRewardConfig, VideoRewardConfig, VLMJudgeConfig)}
+
+
+def reward_section(data: Any) -> RewardBackendConfig:
+    """The `reward:` section as the section class of the backend it names (motion when it names none)."""
+    if isinstance(data, RewardBackendConfig):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"reward must be a mapping with a 'backend' key, got {type(data).__name__}")
+    name = data.get("backend", "motion")
+    if name not in REWARD_BACKENDS:
+        raise ValueError(f"reward.backend {name!r} is not a reward backend; choose one of {', '.join(REWARD_BACKENDS)} "
+                         "(or register one with core.reward.registry.register_backend)")
+    try:
+        return REWARD_BACKENDS[name].model_validate({"backend": name, **data})
+    except ValidationError as e:
+        raise ValueError("; ".join(_error_lines(e))) from None
+
+
+class RewardServiceConfig(ConfigSection):
     """The Ray Serve reward deployment: HTTP, batching, back-pressure, limits and auth."""
 
     host: str = "127.0.0.1"
@@ -274,7 +329,7 @@ class RewardServiceConfig(_Section):
         return self
 
 
-class ActorsConfig(_Section):
+class ActorsConfig(ConfigSection):
     """Rollout actors and the bounded sample queue between them and the learner.
 
     Each actor holds a generator replica, the text encoder and the VAE; `num_cpus` /
@@ -306,7 +361,7 @@ class ActorsConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(ConfigSection):
     """Local weight paths; nothing is downloaded at run time."""
 
     generator: str | None = None
@@ -319,7 +374,7 @@ WAN_NEGATIVE_PROMPT = (
     "杂乱的背景，三条腿，背景人很多，倒着走")
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(ConfigSection):
     """The frozen real-score model (bidirectional Wan). `arch` None means the student's `model`
     architecture (the paper uses Wan2.1-T2V-14B: set `arch` to its sizes). `checkpoint` None
     builds seeded random weights (tiny configs only)."""
@@ -328,7 +383,7 @@ class TeacherConfig(_Section):
     checkpoint: str | None = None
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(ConfigSection):
     """The DeepSpeed learner on Ray Train (REFERENCE.md section 4; DESIGN.md dataflow).
 
     One iteration = one critic update on `batch_size` samples per worker; every
@@ -365,7 +420,7 @@ class LearnerConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     critic_checkpoint: str | None = None
     publish_weights: Literal["raw", "ema"] = "raw"
-    publish_backend: Literal["object_store", "broadcast"] = "object_store"  # broadcast: NCCL/gloo group (learner/publish.py)
+    publish_backend: Literal["object_store", "broadcast"] = "object_store"  # broadcast: NCCL/gloo group (weight_sync.py)
     broadcast_timeout_s: float = 600.0
     sample_timeout_s: float = 600.0
     samples_parquet: str | None = None
@@ -396,7 +451,7 @@ class LearnerConfig(_Section):
         return self
 
 
-class ServeConfig(_Section):
+class ServeConfig(ConfigSection):
     """The streaming inference deployment (serve/app.py, `launch.py serve`).
 
     Each replica holds one pipeline and at most `max_sessions` streams (one per GPU replica);
@@ -441,78 +496,7 @@ class ServeConfig(_Section):
         return self
 
 
-class _RecipeConfig(_Section):
-    """What the toy-world training recipes share: `steps` AdamW steps of `batch_size` clips from `num_clips`
-    world scenes (seeds `seed`..); the learning rate warms up linearly over `warmup_steps`, then follows a
-    cosine down to a tenth of `lr`; `output` gets loss.csv (every step; the bar shows the loss every
-    `log_every`), the weights and eval.json (`eval_clips` held-out scenes, 0: skip)."""
-
-    steps: int
-    batch_size: int = 8
-    lr: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float = 1.0
-    num_clips: int
-    seed: int
-    output: str
-    log_every: int = 10
-    eval_clips: int = 24
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> "_RecipeConfig":
-        if min(self.num_clips, self.steps, self.batch_size) < 1:
-            raise ValueError("num_clips, steps and batch_size of a training recipe must be >= 1")
-        return self
-
-
-class PretrainConfig(_RecipeConfig):
-    """Flow-matching pretraining of a small bidirectional teacher on the toy world (`launch.py pretrain-teacher`),
-    the prompt dropped for `cfg_dropout` of the clips (so the teacher supports classifier-free guidance).
-    Training timesteps come from a table of its own `shift`: at 32 px a shift-5 table spends most steps at
-    noise levels where no shape is visible, so the teacher would learn backgrounds long before shapes. The
-    teacher is the exponential moving average of the weights (`ema_decay`; 0 keeps the last weights): with
-    batches of a few clips the last weights are noisy. The held-out samples are drawn with `eval_steps`
-    Euler steps at CFG `eval_guidance`."""
-
-    steps: int = 2000
-    lr: float = 5e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    num_clips: int = 4096
-    seed: int = 0
-    output: str = "runs/teacher"
-    shift: float = 1.0
-    cfg_dropout: float = 0.1
-    ema_decay: float = 0.999
-    eval_steps: int = 20
-    eval_guidance: float = 3.0
-
-
-class OdeInitConfig(_RecipeConfig):
-    """ODE-regression initialisation of the causal student (`launch.py ode-init`, core/ode_init.py): the
-    teacher in learner.teacher.checkpoint solves its guided flow ODE (`ode_steps` Euler steps, CFG `guidance`)
-    for the prompts of the `num_clips` scenes, then the student regresses the ODE's end from the states at
-    its few-step timesteps. `output` gets `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
-
-    steps: int = 400
-    lr: float = 2e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    num_clips: int = 256
-    seed: int = 100_000
-    output: str = "runs/ode_init"
-    ode_steps: int = 20
-    guidance: float = 3.0
-
-    @model_validator(mode="after")
-    def _check(self) -> "OdeInitConfig":
-        if self.ode_steps < 1:
-            raise ValueError("ode_init.ode_steps must be >= 1")
-        return self
-
-
-class Config(_Section):
+class Config(ConfigSection):
     model: WanArchConfig = Field(default_factory=WanArchConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
@@ -521,13 +505,16 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward: SerializeAsAny[RewardBackendConfig] = Field(default_factory=MotionRewardConfig)
     reward_service: RewardServiceConfig = Field(default_factory=RewardServiceConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    ode_init: OdeInitConfig = Field(default_factory=OdeInitConfig)
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward_backend(cls, value: Any) -> RewardBackendConfig:
+        return reward_section(value)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -570,7 +557,7 @@ class Config(_Section):
         """Fail before anything is built when a configured weight path does not exist."""
         paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
                  "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint,
-                 "reward.checkpoint": self.reward.checkpoint,
+                 "reward.checkpoint": getattr(self.reward, "checkpoint", None),
                  "learner.teacher.checkpoint": self.learner.teacher.checkpoint,
                  "learner.critic_checkpoint": self.learner.critic_checkpoint,
                  "learner.samples_parquet": self.learner.samples_parquet,
@@ -591,8 +578,6 @@ class Config(_Section):
 
 def load_bearer_token(section: str, env: str | None, file: str | None) -> str | None:
     """The bearer token a service section names by `auth_token_env` or `auth_token_file`; None turns auth off."""
-    import os
-
     if env:
         token = os.environ.get(env, "").strip()
         if not token:
@@ -606,15 +591,17 @@ def load_bearer_token(section: str, env: str | None, file: str | None) -> str | 
     return None
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _error_lines(err: ValidationError) -> list[str]:
+    """One 'key: message' line per error (just the message for an error of the whole section)."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see core/config.py for the schema)"
-        lines.append(f"  {key}: {msg}" + ("" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e['input']!r})"))
-    return "invalid config:\n" + "\n".join(lines)
+        got = "" if e["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {e['input']!r})"
+        lines.append(f"{key}: {msg}{got}" if key else f"{msg}{got}")
+    return lines
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -657,11 +644,15 @@ def load_config_data(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (the embedded tiny default when `path` is None) and apply overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+SchemaT = TypeVar("SchemaT", bound=Config)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[SchemaT] = Config) -> SchemaT:
+    """Load a YAML config, apply `key=value` overrides and validate it against `schema` (Config, or a subclass
+    with more sections, such as the toy world's recipe sections)."""
+    path = Path(path)
     data = apply_overrides(load_config_data(path), overrides or [])
     try:
-        return Config.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_format_validation_error(e)}") from None
+        raise ConfigError(f"{path}: invalid config:\n  " + "\n  ".join(_error_lines(e))) from None

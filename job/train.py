@@ -1,7 +1,7 @@
 """The distillation job (`launch.py train`): reward service + rollout actors + learner, start to clean stop.
 
 Order: validate the config against the cluster's resources, deploy the reward service on Ray
-Serve, create the actor pool (from the checkpoint's prompt cursor when resuming), run the
+Serve, create the actor pool (from the latest checkpoint's prompt cursor when resuming), run the
 learner under Ray Train in a background thread and follow it from here: every step's metrics
 go to `metrics.csv`, TensorBoard and a live progress bar, and every `video_every` steps one
 rollout's video is written. Ctrl-C asks the learner for a clean stop (it checkpoints at the end
@@ -20,11 +20,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 import yaml
+from ray import serve
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
+from actors.pool import RolloutPool
 from core.config import Config, ConfigError
+from job.cluster import start_ray, start_serve
+from job.control import LearnerControl
 from learner import checkpointing
+from learner.trainer import build_trainer
+from reward_service.app import build_app
 
 COLUMNS = ("step", "version", "generator_step", "generator_loss", "critic_loss", "reward", "reward_weight", "staleness",
            "dmd_grad_norm", "samples", "sample_wait_s", "iteration_s", "publish_s", "queue_depth", "in_flight",
@@ -61,8 +68,6 @@ class MetricsLog:
     """Per-step metrics as CSV (appended as they come), TensorBoard events, and Parquet at close."""
 
     def __init__(self, out: Path):
-        from tensorboardX import SummaryWriter
-
         self.csv_path, self.parquet_path, self.tb_dir = out / "metrics.csv", out / "metrics.parquet", out / "tensorboard"
         new = not self.csv_path.exists()
         self.file = self.csv_path.open("a", newline="")
@@ -88,21 +93,17 @@ class MetricsLog:
                                                  for r in self.rows]), self.parquet_path)
 
 
-def _resume_state(cfg: Config) -> dict | None:
+def _resume_cursor(cfg: Config) -> dict | None:
+    """The latest checkpoint's cursor (step and prompt cursor; a few bytes), when the run resumes."""
     if not cfg.learner.resume:
         return None
     latest = checkpointing.latest_checkpoint(checkpointing.checkpoint_dir(cfg.learner.output_dir))
-    return torch.load(latest / "loop_state.pt", weights_only=False) if latest else None
+    return checkpointing.read_cursor(latest) if latest else None
 
 
 def _deploy_reward_service(cfg: Config) -> str:
-    from ray import serve
-
-    from reward_service.app import build_app
-
     svc, name = cfg.reward_service, cfg.actors.reward_app
-    # joins a running Serve as is; otherwise starts its HTTP proxy on reward_service.host:port
-    serve.start(http_options={"host": svc.host, "port": svc.port, "request_timeout_s": svc.request_timeout_s})
+    start_serve(svc.host, svc.port, svc.request_timeout_s)
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
     return name
 
@@ -118,27 +119,19 @@ def _progress_line(row: dict, pool_metrics: dict, elapsed: float) -> dict:
 
 def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False, config_path: str | None = None) -> dict:
     """Run the whole job; returns the end-of-run summary."""
-    from ray import serve
-    from tqdm import tqdm
-
-    from actors.pool import RolloutPool
-    from learner.trainer import LearnerControl, build_trainer
-
     cfg.check_paths()
     out = Path(cfg.learner.output_dir).resolve()
     cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"output_dir": str(out)})})
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    connected_here = start_ray(address, log_to_driver=False)
     if not wait_for_resources:
         check_resources(cfg, ray.cluster_resources())
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
-    resume = _resume_state(cfg)
+    resume = _resume_cursor(cfg)
     start_step = resume["step"] if resume else 0
     app = _deploy_reward_service(cfg)
     pool_name = f"rollout-{int(time.time())}"
-    pool = RolloutPool.options(name=pool_name).remote(cfg.model_dump(), pool_name, resume["prompt_state"] if resume else None)
+    pool = RolloutPool.options(name=pool_name).remote(cfg, pool_name, resume["prompt_state"] if resume else None)
     control = LearnerControl.remote()
     fit: dict = {}
     done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C can mark a live thread as stopped

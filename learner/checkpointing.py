@@ -2,8 +2,9 @@
 
 A checkpoint is a directory `step_XXXXXXXX` under `<output_dir>/checkpoints` holding both
 DeepSpeed engines with their optimizers (tags `generator` and `critic`, every rank writes its
-ZeRO shard), `loop_state.pt` (step, weight version, fp32 EMA, sample-source cursor, metrics
-counters) and one `rng_rank{r}.pt` per rank. Everything is written into a hidden `.tmp-`
+ZeRO shard), `loop_state.pt` (step, weight version, fp32 EMA, metrics counters), `cursor.json`
+(step, weight version and the pool's prompt cursor: what a resuming driver reads, a few bytes) and
+one `rng_rank{r}.pt` per rank. Everything is written into a hidden `.tmp-`
 directory first and renamed into place only once every rank has finished, so a crash mid-save
 leaves the last good checkpoint untouched; a leftover `.tmp-` directory is never read.
 Multi-node runs need `output_dir` on a filesystem all learner nodes share.
@@ -14,16 +15,19 @@ Self-Forcing `.pt` layout and a flat safetensors file that `launch.py generate` 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from core.checkpoint import save_safetensors, save_self_forcing
+from core.records.checkpoint import save_safetensors, save_self_forcing
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+CURSOR_FILE = "cursor.json"
 ENGINE_TAGS = ("generator", "critic")
 
 
@@ -49,8 +53,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(root: str | Path, step: int, engines: dict, loop_state: dict | None, rng_state: dict, keep_last: int) -> Path:
-    """Write a checkpoint of `step` (collective: every rank calls it; `loop_state` matters on rank 0 only)."""
+def save(root: str | Path, step: int, engines: dict, loop_state: dict | None, cursor: dict | None, rng_state: dict,
+         keep_last: int) -> Path:
+    """Write a checkpoint of `step` (collective: every rank calls it; `loop_state` and `cursor` matter on rank 0 only)."""
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
@@ -63,6 +68,7 @@ def save(root: str | Path, step: int, engines: dict, loop_state: dict | None, rn
     torch.save(rng_state, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save(loop_state, tmp / "loop_state.pt")
+        (tmp / CURSOR_FILE).write_text(json.dumps(cursor))
     _barrier()
     if rank == 0:
         if final.exists():  # re-saving a step (e.g. on shutdown right after a periodic save)
@@ -90,11 +96,17 @@ def load(path: str | Path, engines: dict) -> tuple[dict, dict | None]:
     return torch.load(path / "loop_state.pt", weights_only=False), rng
 
 
+def read_cursor(path: str | Path) -> dict:
+    """A checkpoint's cursor (step, weight version, prompt cursor) without loading its weights or EMA."""
+    file = Path(path) / CURSOR_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {CURSOR_FILE}: it is not a complete learner checkpoint")
+    return json.loads(file.read_text())
+
+
 def export_weights(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Consolidate checkpoint `path` into `<out_dir>/reward_forcing.pt` (Self-Forcing layout: generator, critic,
     generator_ema) and `<out_dir>/generator.safetensors` (the EMA weights once the EMA exists, else the raw ones)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     path = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else path / "export"
     generator, critic = (get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag) for tag in ENGINE_TAGS)

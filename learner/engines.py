@@ -14,10 +14,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from core.algo.distill import build_score_models
 from core.config import Config, LearnerConfig
-from core.distill import build_score_models
-from core.pipeline import build_generator
-from core.wan.model import CausalWanModel, WanModel
+from core.model.wan import CausalWanModel, WanModel
+from core.stream.pipeline import build_generator
 
 
 def use_bf16(learner: LearnerConfig, device: torch.device) -> bool:

@@ -5,7 +5,7 @@ On every `dfake_gen_update_ratio`-th iteration, starting with the first (Self Fo
 the generator replays the samples' exit steps with grad and takes one Re-DMD update; the new
 weights go into the fp32 EMA (from `ema_start_step`) and are published as the next version.
 Then the critic takes one flow-matching update on the detached samples. The math is in
-`core.distill`; this module only sequences it, averages the metrics over workers and keeps
+`core.algo.distill`; this module only sequences it, averages the metrics over workers and keeps
 the loop state that a checkpoint must restore.
 """
 
@@ -21,17 +21,17 @@ import ray
 import torch
 import torch.distributed as dist
 
+from core.algo.distill import ReDMD
+from core.algo.ema import EMA
+from core.algo.losses import reward_weights
+from core.codecs.text_encoder import TextEncoder
 from core.config import Config
-from core.distill import ReDMD
-from core.ema import EMA
-from core.losses import reward_weights
-from core.pipeline import DTYPES
-from core.sample import Sample
-from core.text_encoder import TextEncoder
+from core.records.sample import Sample
+from core.runtime import resolve_dtype
 from learner import checkpointing
 from learner.engines import Models, build_models, full_weights
-from learner.publish import BroadcastPublisher, ObjectStorePublisher
 from learner.samples import ParquetSamples, PoolSamples
+from weight_sync import WeightPublisher
 
 # Averaged over workers each iteration; the last entry carries rank 0's stop request to every rank.
 _REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "staleness", "dmd_grad_norm", "stop")
@@ -63,12 +63,10 @@ class Learner:
         self.root = checkpointing.checkpoint_dir(self.learner.output_dir)
         self.last_saved: int | None = None
 
-    def _publisher(self, pool) -> ObjectStorePublisher | BroadcastPublisher:
-        dtype = DTYPES[self.cfg.runtime.dtype]
-        if self.learner.publish_backend == "object_store":
-            return ObjectStorePublisher(pool, dtype)
+    def _publisher(self, pool) -> WeightPublisher:
         gpus = self.device.type == "cuda" and self.cfg.actors.num_gpus > 0
-        return BroadcastPublisher(pool, dtype, "nccl" if gpus else "gloo", self.learner.broadcast_timeout_s)
+        return WeightPublisher(pool, resolve_dtype(self.cfg.runtime.dtype), self.learner.publish_backend == "broadcast",
+                               "nccl" if gpus else "gloo", self.learner.broadcast_timeout_s)
 
     # -------------------------------------------------------------------------------- state
 
@@ -78,14 +76,17 @@ class Learner:
 
     def _loop_state(self) -> dict:
         return {"step": self.step, "version": self.version, "ema": self.ema.state_dict() if self.ema else None,
-                "counters": dict(self.counters), "world_size": self.world_size,
-                "prompt_state": ray.get(self.pool.state.remote()) if self.pool is not None else None,
-                "config": self.cfg.model_dump()}
+                "counters": dict(self.counters), "world_size": self.world_size, "config": self.cfg.model_dump()}
+
+    def _cursor(self) -> dict:
+        """Where the run stands, for the driver: the step and the pool's prompt cursor (None without a pool)."""
+        return {"step": self.step, "version": self.version,
+                "prompt_state": ray.get(self.pool.state.remote()) if self.pool is not None else None}
 
     def save(self) -> Path:
         engines = {"generator": self.models.generator, "critic": self.models.critic}
-        state = self._loop_state() if self.rank == 0 else None
-        path = checkpointing.save(self.root, self.step, engines, state, self._rng_state(), self.learner.keep_last)
+        state, cursor = (self._loop_state(), self._cursor()) if self.rank == 0 else (None, None)
+        path = checkpointing.save(self.root, self.step, engines, state, cursor, self._rng_state(), self.learner.keep_last)
         self.last_saved = self.step
         return path
 

@@ -2,7 +2,7 @@
 
 `PoolSamples` asks the `RolloutPool` for fresh samples (the pool drops stale ones and counts
 them); each worker asks for its own, so workers never train on the same sample. `ParquetSamples`
-replays a recorded run (core.sample Parquet) deterministically: iteration i of rank r reads a
+replays a recorded run (core.records.sample Parquet) deterministically: iteration i of rank r reads a
 fixed slice, so a resumed run sees exactly the samples an uninterrupted one would.
 """
 
@@ -12,7 +12,7 @@ import time
 
 import ray
 
-from core.sample import Sample, from_record_batch, read_parquet
+from core.records.sample import Sample, from_record_batch, read_parquet
 
 
 class SampleTimeoutError(RuntimeError):

@@ -3,62 +3,26 @@
 `build_trainer` turns the `learner` config section into Ray Train's scaling, run and failure
 configs. The loop state lives in our own checkpoints (learner.checkpointing), so a worker group
 that Ray Train restarts after a failure (`learner.max_failures`) resumes from the last one.
-`LearnerControl` is the small actor through which the driver asks for a clean stop, reads the
-latest metrics while `fit()` runs, and gets rank 0's summary when it ends.
+Rank 0 reports to an optional `control` actor handle (the job's `job.control.LearnerControl`):
+`report(metrics)` every step, `stop_requested()` for a clean stop, `finish(summary)` at the end.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import deepspeed
 import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from core.config import Config
-
-
-@ray.remote(num_cpus=0)
-class LearnerControl:
-    def __init__(self):
-        self.stop, self.result = False, None
-        self.pending: list[dict] = []  # reported since the last drain
-        self.metrics: dict | None = None
-
-    def request_stop(self) -> None:
-        self.stop = True
-
-    def stop_requested(self) -> bool:
-        return self.stop
-
-    def report(self, metrics: dict) -> None:
-        self.metrics = metrics
-        self.pending.append(metrics)
-
-    def latest(self) -> dict | None:
-        return self.metrics
-
-    def drain(self) -> list[dict]:
-        """Every step's metrics reported since the last call, in order (none is skipped)."""
-        rows, self.pending = self.pending, []
-        return rows
-
-    def finish(self, result: dict) -> None:
-        self.result = result
-
-    def summary(self) -> dict | None:
-        """Rank 0's end-of-run summary (step, version, resumed_from, export paths, last metrics)."""
-        return self.result
+from learner.loop import Learner
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import deepspeed
-    from ray.train.torch import get_device
-
-    from learner.loop import Learner
-
-    cfg = Config.model_validate(loop_config["config"])
+    cfg: Config = loop_config["config"]
     torch.set_num_threads(max(1, int(cfg.learner.cpus_per_worker)))
     device = get_device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
@@ -75,8 +39,8 @@ WORKER_PATHS = ("learner.output_dir", "learner.teacher.checkpoint", "learner.cri
                 "checkpoint.generator", "text_encoder.checkpoint", "text_encoder.tokenizer")
 
 
-def worker_config(cfg: Config) -> dict:
-    """`cfg` as the workers get it: a plain dict with the WORKER_PATHS made absolute (relative to this process)."""
+def worker_config(cfg: Config) -> Config:
+    """`cfg` as the workers get it: the WORKER_PATHS made absolute (relative to this process)."""
     data = cfg.model_dump()
     for key in WORKER_PATHS:
         *parents, leaf = key.split(".")
@@ -85,13 +49,13 @@ def worker_config(cfg: Config) -> dict:
             node = node[name]
         if node.get(leaf):
             node[leaf] = str(Path(node[leaf]).resolve())
-    return data
+    return type(cfg).model_validate(data)
 
 
 def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
                   control: ray.actor.ActorHandle | None = None) -> TorchTrainer:
     """A TorchTrainer running the learner; `pool` is the RolloutPool (None with learner.samples_parquet);
-    `control` a LearnerControl for stop requests, live metrics and the summary."""
+    `control` an actor with report / stop_requested / finish (job.control.LearnerControl), or None."""
     learner = cfg.learner
     if pool is None and not learner.samples_parquet:
         raise ValueError("the learner needs a RolloutPool, or learner.samples_parquet to train on recorded samples")

@@ -20,6 +20,7 @@ from ray import serve
 
 from core.config import Config, load_bearer_token, load_config
 from core.reward.base import RewardScore, VideoInput
+from core.reward.registry import build_backend
 from reward_service.inputs import InputError, Limits, parse_score_request
 
 api = FastAPI(
@@ -51,10 +52,8 @@ async def _authorised(request: Request) -> None:
 @serve.deployment
 @serve.ingress(api)
 class RewardServer:
-    def __init__(self, config: dict, token: str | None):
-        from core.reward.backends import build_backend
-
-        self.cfg = Config.model_validate(config)
+    def __init__(self, cfg: Config, token: str | None):
+        self.cfg = cfg
         self.limits = Limits.from_config(self.cfg.reward_service)
         self.token = token
         self.backend = build_backend(self.cfg.reward)
@@ -121,7 +120,7 @@ def build_app(cfg: Config) -> serve.Application:
                                          "target_ongoing_requests": svc.target_ongoing_requests}
     else:
         options["num_replicas"] = svc.min_replicas
-    return RewardServer.options(**options).bind(cfg.model_dump(), token)
+    return RewardServer.options(**options).bind(cfg, token)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 
 class RewardError(RuntimeError):
@@ -38,16 +41,11 @@ def _backoff(attempt: int, base: float) -> float:
 
 class RewardHandleClient:
     def __init__(self, app_name: str = "reward", timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.25):
-        from ray import serve
-
         self.handle = serve.get_app_handle(app_name).options(method_name="score")
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
 
     async def score(self, frames: np.ndarray, fps: float, prompt: str) -> dict:
         """Scores of uint8 frames [T, H, W, 3] (numpy or torch); raises `RewardError` on failure."""
-        from ray.exceptions import RayActorError, RayTaskError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:

@@ -17,8 +17,8 @@ import numpy as np
 from starlette.requests import Request
 
 from core.config import RewardServiceConfig
+from core.records.video_io import VideoDecodeError, VideoTooLargeError, read_video
 from core.reward.base import VideoInput
-from core.video_io import VideoDecodeError, VideoTooLargeError, read_video
 
 MAX_FPS = 240.0
 VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska")

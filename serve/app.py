@@ -5,8 +5,8 @@ Routes:
                      binary message per frame (16-byte header: uint32 frame index, uint32 block, float64 seconds
                      from the start to when the frame's block was ready; then a JPEG) and a JSON "block"
                      message per block with its timings. Control while streaming: {"type": "switch",
-                     "prompt"}, "pause", "resume", "stop". A bad message gets {"type": "error"} and the
-                     stream goes on.
+                     "prompt"} (answered by "switched"), "pause" / "resume" (answered by "paused" /
+                     "resumed"), "stop". A bad message gets {"type": "error"} and the stream goes on.
   POST /v1/generate  {"prompt", "seed"?, "preset"?, "frames"?, "stream"?}: an MP4, or with stream=true a
                      fragmented MP4 sent fragment by fragment as the blocks are made.
   GET  /             the web page; GET /healthz, /v1/info, /v1/metrics.
@@ -28,13 +28,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.background import BackgroundTask
 
 from core.config import Config, load_bearer_token, load_config
+from core.model.lora import LoraAdapter, applied, merge
+from core.records.video_io import FragmentedMP4Encoder, MP4Writer
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 FRAME_HEADER = struct.Struct("<IId")  # frame index, block, seconds since the stream started
@@ -71,8 +77,6 @@ class RequestError(ValueError):
 
 
 def _jpeg(frame: np.ndarray, quality: int) -> bytes:
-    from PIL import Image
-
     out = io.BytesIO()
     Image.fromarray(frame).save(out, format="JPEG", quality=quality)
     return out.getvalue()
@@ -157,10 +161,12 @@ class _Stream:
             if msg is None:
                 continue
             kind = msg["type"]
-            if kind == "pause":
+            if kind == "pause":  # acknowledged: no block starts until "resume" (one in progress still arrives)
                 self.running.clear()
+                await self.ws.send_json({"type": "paused"})
             elif kind == "resume":
                 self.running.set()
+                await self.ws.send_json({"type": "resumed"})
             elif kind == "stop":
                 self.stopped = True
                 self.running.set()
@@ -225,8 +231,6 @@ class _Stream:
     def _session_lora(self, start: StartMessage):
         if start.lora is None:
             return None
-        from core.lora import LoraAdapter, applied
-
         adapter = LoraAdapter.load(self.server.svc.lora_adapters[start.lora])
         context = applied(self.server.pipe.generator, adapter, weight=start.lora_weight)
         context.__enter__()
@@ -236,10 +240,8 @@ class _Stream:
 @serve.deployment
 @serve.ingress(api)
 class StreamServer:
-    def __init__(self, config: dict, token: str | None):
-        from core.pipeline import VideoPipeline
-
-        self.cfg = Config.model_validate(config)
+    def __init__(self, cfg: Config, token: str | None):
+        self.cfg = cfg
         self.svc = self.cfg.serve
         self.token = token
         self.pipe = VideoPipeline.from_config(self.cfg)
@@ -251,8 +253,6 @@ class StreamServer:
         api.state.server = self
 
     def _merge_startup_lora(self, spec: dict) -> str:
-        from core.lora import LoraAdapter, merge
-
         adapter = LoraAdapter.load(spec["path"], alpha=spec.get("alpha"))
         merge(self.pipe.generator, adapter, weight=float(spec.get("weight", 1.0)))
         return str(spec["path"])
@@ -285,13 +285,9 @@ class StreamServer:
     def _close(self) -> None:
         self.sessions -= 1
         if self.pipe.device.type == "cuda":
-            import torch
-
             torch.cuda.empty_cache()
 
-    def _session(self, prompt: str, seed: int, preset: str | None):
-        from core.streaming import StreamSession
-
+    def _session(self, prompt: str, seed: int, preset: str | None) -> StreamSession:
         height, width = self._size(preset)
         try:
             return StreamSession(self.pipe, prompt, seed, height, width)
@@ -371,18 +367,14 @@ class StreamServer:
             sent += len(part)
             yield part
 
-    def _write_mp4(self, session, frames: int) -> str:
-        from core.video_io import MP4Writer
-
+    def _write_mp4(self, session: StreamSession, frames: int) -> str:
         path = tempfile.NamedTemporaryFile(suffix=".mp4", delete=False).name
         with MP4Writer(path, session.width, session.height, self.cfg.video.fps) as writer:
             for part in self._chunks(session, frames):
                 writer.write(part)
         return path
 
-    async def _fragments(self, session, frames: int):
-        from core.video_io import FragmentedMP4Encoder
-
+    async def _fragments(self, session: StreamSession, frames: int):
         encoder = FragmentedMP4Encoder(session.width, session.height, self.cfg.video.fps)
         chunks = self._chunks(session, frames)
         try:
@@ -438,7 +430,7 @@ def build_app(cfg: Config) -> serve.Application:
                                          "target_ongoing_requests": svc.max_sessions}
     else:
         options["num_replicas"] = svc.min_replicas
-    return StreamServer.options(**options).bind(cfg.model_dump(), token)
+    return StreamServer.options(**options).bind(cfg, token)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -1,15 +1,30 @@
-"""Shared test options: `--golden-dir` points at a golden set made by the reference code."""
+"""Shared fixtures: the golden set (tests/golden by default, `--golden-dir` for another), one local Ray and
+one Serve HTTP proxy per session, the reward app the Ray tests score with, a tiny VideoReward release, and a
+one-process gloo group."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+import deepspeed
 import pytest
+import ray
 import torch
+import torch.distributed as dist
+from ray import serve
+from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from core.config import load_config
+from helpers import free_port
+from reward_service.app import build_app
+from videoreward_release import Release, write_release
 
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+GOLDEN_DIR = TESTS / "golden"
 
 # Tests run tiny models: one intra-op thread is faster there and keeps parallel jobs on a
 # 2-core machine from oversubscribing it.
@@ -17,36 +32,59 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--golden-dir", default=str(REPO_ROOT.parent / "shared" / "golden"),
-                     help="folder with manifest.json and the golden safetensors (default ../shared/golden)")
+    parser.addoption("--golden-dir", default=str(GOLDEN_DIR),
+                     help="folder with manifest.json and the golden safetensors (default tests/golden)")
+
+
+class GoldenSetError(RuntimeError):
+    """A golden set that is missing, incomplete or altered."""
 
 
 class GoldenSet:
-    """A golden folder: its manifest and lazily loaded per-case tensors."""
+    """A golden folder made by the reference code: its manifest, checked whole, and per-case tensors."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.manifest = json.loads((root / "manifest.json").read_text())
-
-    def case(self, name: str) -> dict:
-        if name not in self.manifest["cases"]:
-            pytest.skip(f"golden set {self.root} has no case {name!r}")
-        return self.manifest["cases"][name]
+        manifest = root / "manifest.json"
+        if not manifest.is_file():
+            raise GoldenSetError(f"no golden set at {root} (manifest.json missing): restore tests/golden "
+                                 "(a copy of the reference set, ../shared/golden) or pass --golden-dir")
+        self.manifest = json.loads(manifest.read_text())
+        self.cases: dict[str, dict] = self.manifest["cases"]
+        problems = []
+        for name, case in self.cases.items():
+            path = root / case["file"]
+            if not path.is_file():
+                problems.append(f"case {name}: {case['file']} is missing")
+            elif hashlib.sha256(path.read_bytes()).hexdigest() != case["sha256"]:
+                problems.append(f"case {name}: {case['file']} does not match the manifest's sha256")
+        if not self.cases:
+            problems.append("the manifest lists no cases")
+        if problems:
+            raise GoldenSetError(f"golden set {root} is incomplete:\n  " + "\n  ".join(problems)
+                                 + "\nrestore it from the reference set (../shared/golden) or pass --golden-dir")
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-        return load_file(str(self.root / self.case(name)["file"]))
+        return load_file(str(self.root / self.cases[name]["file"]))
 
     def atol(self, name: str) -> float:
-        return float(self.case(name)["tolerance"]["recommended"]["float64_atol"])
+        return float(self.cases[name]["tolerance"]["recommended"]["float64_atol"])
 
 
 @pytest.fixture(scope="session")
 def golden(request) -> GoldenSet:
-    root = Path(request.config.getoption("--golden-dir"))
-    if not (root / "manifest.json").is_file():
-        pytest.skip(f"no golden set at {root} (pass --golden-dir)")
-    return GoldenSet(root)
+    try:
+        return GoldenSet(Path(request.config.getoption("--golden-dir")))
+    except GoldenSetError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def pytest_generate_tests(metafunc):
+    """`golden_case`: every case the golden set's manifest lists (one test each, none skipped)."""
+    if "golden_case" in metafunc.fixturenames:
+        manifest = Path(metafunc.config.getoption("--golden-dir")) / "manifest.json"
+        names = sorted(json.loads(manifest.read_text())["cases"]) if manifest.is_file() else ["<no manifest>"]
+        metafunc.parametrize("golden_case", names)
 
 
 @pytest.fixture
@@ -56,20 +94,13 @@ def no_grad():
         yield
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_instance():
-    """One local Ray for the whole test session (2 cores: actors take fractional CPUs)."""
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    """One local Ray for the whole test session (2 cores: actors take fractional CPUs). Its workers can import
+    the test modules, as a cluster's runtime_env would ship a user's own code (a reward backend a test registers)."""
+    path = os.pathsep.join(p for p in (str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
@@ -77,9 +108,35 @@ def ray_instance():
 @pytest.fixture(scope="session")
 def serve_instance(ray_instance):
     """Ray Serve's HTTP proxy on a free localhost port; yields the base URL."""
-    from ray import serve
-
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reward_app(serve_instance) -> str:
+    """The motion reward service, deployed once, that the actor, learner and weight-sync tests score with."""
+    cfg = load_config(REPO / "configs" / "reward_service.yaml",
+                      ["reward_service.app_name=test_reward", "reward_service.num_cpus=0.1"])
+    serve.run(build_app(cfg), name="test_reward", route_prefix="/test_reward")
+    yield "test_reward"
+    serve.delete("test_reward")
+
+
+@pytest.fixture(scope="session")
+def videoreward_release(tmp_path_factory) -> Release:
+    """A tiny random VideoReward release in the released folder layout (tests/videoreward_release.py)."""
+    return write_release(tmp_path_factory.mktemp("VideoReward"))
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process gloo group, as Ray Train gives each worker; the environment is restored afterwards."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+            env.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()

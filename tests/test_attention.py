@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.attention import (attention, block_causal_mask, dense_mask, flash_available, resolve_backend,
-                            teacher_forcing_mask)
+from core.model.attention import attention, block_causal_mask, dense_mask, flash_available, resolve_backend, teacher_forcing_mask
 
 
 def _qkv(dtype, lq=24, lk=24, seed=0):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.algo.rollout import SelfForcedRollout, gaussian_noise
+from core.algo.scheduler import FlowMatchScheduler
 from core.config import StreamConfig, WanArchConfig
-from core.rollout import SelfForcedRollout, gaussian_noise
-from core.scheduler import FlowMatchScheduler
-from core.wan.kv_cache import StreamLimitError, KVCache
-from core.wan.model import CausalWanModel
+from core.model.kv_cache import KVCache, StreamLimitError
+from core.model.wan import CausalWanModel
 
 ARCH = WanArchConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16, text_len=8)
 SCHED = FlowMatchScheduler()

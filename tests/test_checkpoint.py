@@ -11,10 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.checkpoint import (CheckpointError, arch_from_folder, load_into, load_wan_state_dict, save_safetensors,
-                             save_self_forcing, save_wan_folder)
 from core.config import StreamConfig, WanArchConfig
-from core.wan.model import CausalWanModel, WanModel, sinusoidal_embedding
+from core.model.wan import CausalWanModel, WanModel, sinusoidal_embedding
+from core.records.checkpoint import (
+    CheckpointError,
+    arch_from_folder,
+    load_into,
+    load_wan_state_dict,
+    save_safetensors,
+    save_self_forcing,
+    save_wan_folder,
+)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

@@ -3,19 +3,42 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
-from core.config import DEFAULT_CONFIG, PLUMBING_CONFIG, ConfigError, load_config
-
-REPO = DEFAULT_CONFIG.parent.parent
+from core.config import PLUMBING_CONFIG, ConfigError, VideoRewardConfig, load_config
+from core.config import REPO_ROOT as REPO
+from toyworld.config import DEFAULT_CONFIG, WorldConfig, load_world_config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    load_config(path)
+    load_world_config(path)  # what launch.py does
+
+
+def test_the_core_schema_leaves_the_toy_worlds_sections_to_it():
+    with pytest.raises(ConfigError, match="pretrain: unknown key"):
+        load_config(DEFAULT_CONFIG)
+    cfg = load_world_config()
+    assert isinstance(cfg, WorldConfig) and cfg.pretrain.steps == 6000 and cfg.ode_init.ode_steps == 12
+
+
+def test_reward_section_is_the_named_backends_own():
+    cfg = load_config(PLUMBING_CONFIG, ["reward.backend=videoreward", "reward.checkpoint=ckpt", "reward.device=cpu"])
+    assert isinstance(cfg.reward, VideoRewardConfig) and cfg.reward.dtype == "bfloat16"
+    assert cfg.model_dump()["reward"] == {"backend": "videoreward", "checkpoint": "ckpt", "dtype": "bfloat16",
+                                          "device": "cpu"}
+    assert load_config(PLUMBING_CONFIG).model_dump()["reward"] == {"backend": "motion"}
+    for overrides, words in ((["reward.backend=videoreward"], "needs reward.checkpoint"),
+                             (["reward.device=cpu"], "reward: device: unknown key"),
+                             (["reward.backend=vlm_judge", "reward.checkpoint=m", "reward.max_new_tokens=8"], ">= 32"),
+                             (["reward.backend=clip"], "'clip' is not a reward backend; choose one of motion")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(PLUMBING_CONFIG, overrides)
 
 
 def test_default_is_the_toy_world_on_plumbing_and_tokens_per_frame_derived():
-    cfg = load_config()
+    cfg = load_world_config()
     assert cfg.vae.kind == "patch" and cfg.model.in_dim == 12 and cfg.tokens_per_frame == 64  # 32x32 -> 8x8 tokens
     assert cfg.learner.teacher.checkpoint and cfg.checkpoint.generator  # the shipped world weights
     plumbing = load_config(PLUMBING_CONFIG)
@@ -25,7 +48,7 @@ def test_default_is_the_toy_world_on_plumbing_and_tokens_per_frame_derived():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["stream.sink_size=2", "stream.compression_alpha=0.9", "runtime.dtype=float64",
+    cfg = load_world_config(None, ["stream.sink_size=2", "stream.compression_alpha=0.9", "runtime.dtype=float64",
                              "scheduler.denoising_step_list=[1000, 500]"])
     assert cfg.stream.sink_size == 2 and cfg.stream.compression_alpha == 0.9
     assert cfg.runtime.dtype == "float64" and cfg.scheduler.denoising_step_list == [1000, 500]
@@ -41,19 +64,19 @@ def test_overrides_are_typed():
     ("stream.rope=absolute", "stream", "set stream.rope=window"),
     ("stream.compression_alpha=1.5", "stream", "[0, 1]"),
     ("video.height=33", "video", "multiple of the VAE stride"),
-    ("video.num_latent_frames=20", "<config>", "multiple of stream.num_frame_per_block"),
+    ("video.num_latent_frames=20", "video.num_latent_frames (20)", "multiple of stream.num_frame_per_block"),
     ("model.num_heads=3", "model", "divisible"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_world_config(None, [override])
     msg = str(err.value)
-    assert f"{key}:" in msg and words in msg, msg
+    assert key in msg and words in msg, msg
 
 
 def test_bad_override_syntax_and_files(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(None, ["stream.sink_size"])
+        load_world_config(None, ["stream.sink_size"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
@@ -72,14 +95,11 @@ def test_missing_weight_paths_are_listed_by_key(tmp_path):
     msg = str(err.value)
     assert "text_encoder.checkpoint: checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth" in msg
     assert "text_encoder.tokenizer:" in msg and "vae.checkpoint" not in msg  # tmp_path exists
-    load_config().check_paths()  # the embedded default's weights are in the repository
+    load_world_config().check_paths()  # the embedded default's weights are in the repository
     load_config(PLUMBING_CONFIG).check_paths()  # plumbing needs no files
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config():
-    import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     validate_config(config)  # Ray's own cluster schema (ray-schema.json) and its node-type checks
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p5")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import launch
-from core.checkpoint import save_self_forcing
 from core.config import PLUMBING_CONFIG, load_config
-from core.video_io import read_video_file
-from core.wan.model import CausalWanModel
+from core.model.wan import CausalWanModel
+from core.records.checkpoint import save_self_forcing
+from core.records.video_io import read_video_file
 
 
 def generate(*args: str) -> int:

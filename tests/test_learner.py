@@ -3,19 +3,22 @@ export, and two Ray Train workers (ZeRO-2) publishing weights that the rollout a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import ray
 import torch
 
-from core.checkpoint import load_wan_state_dict
-from core.config import PLUMBING_CONFIG, REPO_ROOT, ConfigError, load_config
-from core.distill import ReDMD
-from core.pipeline import build_generator
-from core.sample import from_record_batch, to_record_batch, write_parquet
-from core.text_encoder import TextEncoder
+from actors.pool import RolloutPool
+from core.algo.distill import ReDMD, build_score_models
+from core.codecs.text_encoder import TextEncoder
+from core.config import PLUMBING_CONFIG, ConfigError, load_config
+from core.records.checkpoint import load_wan_state_dict
+from core.records.sample import from_record_batch, to_record_batch, write_parquet
+from core.stream.pipeline import build_generator
 from helpers import recorded_samples
+from job.control import LearnerControl
+from learner import checkpointing
+from learner.loop import Learner
+from learner.trainer import build_trainer, worker_config
 
 TINY = ["video.num_latent_frames=6"]
 
@@ -47,21 +50,6 @@ def test_learner_replay_equals_the_rollouts_clean_outputs(variant):
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    """A one-process gloo group, as Ray Train gives each worker (the multi-worker test below uses Ray Train)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from benchmarks.common import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def samples_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("samples") / "samples.parquet"
     write_parquet(path, recorded_samples(load_config(PLUMBING_CONFIG, TINY), 4))
@@ -76,8 +64,6 @@ def learner_config(samples_file, out, max_steps: int, *extra: str):
 
 
 def run_learner(cfg):
-    from learner.loop import Learner
-
     learner = Learner(cfg, torch.device("cpu"))
     return learner, learner.run()
 
@@ -119,8 +105,6 @@ def test_resumed_run_reaches_the_same_parameters_and_exports(one_rank, samples_f
 
 
 def test_a_crash_mid_save_leaves_the_last_checkpoint(one_rank, samples_file, tmp_path):
-    from learner import checkpointing
-
     run_learner(learner_config(samples_file, tmp_path, 3))
     root = checkpointing.checkpoint_dir(tmp_path)
     (root / ".tmp-step_00000006").mkdir()  # what a crash during the next save leaves behind
@@ -142,8 +126,6 @@ def test_learner_config_errors():
     assert load_config(PLUMBING_CONFIG, ["learner.generator_lr=2e-6"]).learner.generator_lr == 2e-6  # YAML 1.2 floats
     cfg = load_config(PLUMBING_CONFIG, ["learner.teacher.arch={dim: 128, ffn_dim: 128, num_heads: 2, num_layers: 1, "
                                         "freq_dim: 32, text_dim: 32, text_len: 16}"])
-    from core.distill import build_score_models
-
     with pytest.raises(ConfigError, match="critic_checkpoint is required"):
         build_score_models(cfg)
 
@@ -151,28 +133,12 @@ def test_learner_config_errors():
 # ------------------------------------------------------------------------------------ Ray Train, two workers
 
 
-@pytest.fixture(scope="module")
-def reward_app(serve_instance):
-    from ray import serve
-
-    from reward_service.app import build_app
-
-    cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml",
-                      ["reward_service.app_name=learner_reward", "reward_service.num_cpus=0.1"])
-    serve.run(build_app(cfg), name="learner_reward", route_prefix="/learner_reward")
-    yield "learner_reward"
-    serve.delete("learner_reward")
-
-
 def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_app, tmp_path):
-    from actors.pool import RolloutPool
-    from learner.trainer import LearnerControl, build_trainer
-
     cfg = load_config(PLUMBING_CONFIG, [*TINY, "actors.num_actors=2", "actors.num_cpus=0.25", f"actors.reward_app={reward_app}",
                              "actors.queue_size=4", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
                              "learner.zero_stage=2", "learner.max_steps=4", "learner.dfake_gen_update_ratio=2",
                              "learner.generator_lr=1e-3", "learner.publish_backend=broadcast", f"learner.output_dir={tmp_path}"])
-    pool = RolloutPool.options(name="learner-test-pool").remote(cfg.model_dump(), "learner-test-pool")
+    pool = RolloutPool.options(name="learner-test-pool").remote(cfg, "learner-test-pool")
     control = LearnerControl.remote()
     try:
         assert build_trainer(cfg, pool, control).fit().error is None
@@ -180,7 +146,7 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
         assert summary["step"] == 4 and summary["version"] == 2
         metrics = ray.get(pool.metrics.remote())
         assert metrics["version"] == 2 and metrics["delivered"] >= 8  # 2 workers x 4 steps x batch 1
-        last = ray.get(control.latest.remote())
+        last = summary["last_metrics"]
         assert last["samples"] == 4 and torch.isfinite(torch.tensor([last["critic_loss"]])).all()
 
         # a sample made after training ran on version 2, and replaying it with the exported weights
@@ -202,8 +168,6 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
 def test_zero3_shards_and_trains_like_zero2(ray_instance, samples_file, tmp_path):
     """Two Ray Train workers on recorded samples: ZeRO-3 (sharded params, sharded frozen teacher) reaches the
     parameters ZeRO-2 reaches, and its checkpoint consolidates into the same export."""
-    from learner.trainer import LearnerControl, build_trainer
-
     exported = {}
     for stage in (2, 3):
         cfg = learner_config(samples_file, tmp_path / f"zero{stage}", 3, "learner.num_workers=2",
@@ -221,12 +185,10 @@ def test_zero3_shards_and_trains_like_zero2(ray_instance, samples_file, tmp_path
 
 def test_workers_get_absolute_weight_paths(tmp_path, monkeypatch):
     """Ray Train runs learner workers in their own working directories: relative paths are resolved first."""
-    from learner.trainer import worker_config
-
     monkeypatch.chdir(tmp_path)
     cfg = load_config(PLUMBING_CONFIG, ["learner.teacher.checkpoint=weights/teacher", "checkpoint.generator=ode_init.pt",
                              "learner.output_dir=runs/x"])
-    data = worker_config(cfg)
-    assert data["learner"]["teacher"]["checkpoint"] == str(tmp_path / "weights" / "teacher")
-    assert data["checkpoint"]["generator"] == str(tmp_path / "ode_init.pt")
-    assert data["learner"]["output_dir"] == str(tmp_path / "runs" / "x") and data["learner"]["critic_checkpoint"] is None
+    worker = worker_config(cfg)
+    assert type(worker) is type(cfg) and worker.learner.teacher.checkpoint == str(tmp_path / "weights" / "teacher")
+    assert worker.checkpoint.generator == str(tmp_path / "ode_init.pt")
+    assert worker.learner.output_dir == str(tmp_path / "runs" / "x") and worker.learner.critic_checkpoint is None

@@ -6,17 +6,16 @@ merged into our model (or applied with hooks), the outputs of the PEFT-wrapped m
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import get_peft_model_state_dict
 
 from core.config import PLUMBING_CONFIG, load_config
-from core.lora import LoraAdapter, LoraError, applied, merge, unmerge
-from core.wan.model import CausalWanModel, WanModel
-from tests.helpers import assert_close
+from core.model.lora import LoraAdapter, LoraError, applied, merge, unmerge
+from core.model.wan import CausalWanModel, WanModel
+from helpers import assert_close, peft_adapter
 
 ARCH = load_config(PLUMBING_CONFIG).model
 ATOL = 1e-12  # float64: the merged weights differ from PEFT's two-matmul path by rounding only
@@ -29,19 +28,6 @@ def make_model(arch=ARCH, seed=0, cls=WanModel) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-def peft_adapter(base: torch.nn.Module, folder, targets=("q", "k", "v", "o"), r=4, alpha=8, **extra):
-    """A PEFT-wrapped copy of `base` with random (non-zero) LoRA weights, saved to `folder`."""
-    wrapped = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                              **extra)).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
-    wrapped.save_pretrained(str(folder))
-    return wrapped
 
 
 def inputs(arch=ARCH, seed=2):

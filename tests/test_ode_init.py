@@ -10,22 +10,22 @@ import pytest
 import torch
 
 import launch
-from core.checkpoint import load_wan_state_dict, save_wan_folder
-from core.config import load_config
-from core.ode_init import ode_regression_loss, regression_record, student_timesteps, teacher_trajectories
-from core.pipeline import build_generator
-from core.pretrain import ode_trajectory
-from core.scheduler import FlowMatchScheduler
-from core.text_encoder import TextEncoder
-from core.wan.model import CausalWanModel, WanModel
+from core.algo.scheduler import FlowMatchScheduler
+from core.codecs.text_encoder import TextEncoder
+from core.model.wan import CausalWanModel, WanModel
+from core.records.checkpoint import load_wan_state_dict, save_wan_folder
+from core.stream.pipeline import build_generator
 from helpers import TrueFlow
+from toyworld.config import load_world_config
+from toyworld.ode_init import ode_regression_loss, regression_record, student_timesteps, teacher_trajectories
+from toyworld.sampler import ode_trajectory
 
 SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6",
          "checkpoint.generator=null"]
 
 
 def test_trajectory_states_at_the_student_timesteps_are_exact_with_the_true_flow():
-    cfg = load_config()
+    cfg = load_world_config()
     keep = tuple(student_timesteps(cfg).tolist())
     shape = (2, 6, 16, 2, 2)
     x0 = torch.randn(shape, dtype=torch.float64)
@@ -48,7 +48,7 @@ def test_regression_record_slices_blocks_at_the_exit_step():
 
 
 def test_regression_through_the_replay_path_fits_teacher_trajectories():
-    cfg = load_config(None, [*SMALL, "ode_init.num_clips=2", "ode_init.ode_steps=4", "ode_init.batch_size=2"])
+    cfg = load_world_config(None, [*SMALL, "ode_init.num_clips=2", "ode_init.ode_steps=4", "ode_init.batch_size=2"])
     torch.manual_seed(0)
     teacher = WanModel(cfg.model).eval()
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
@@ -71,7 +71,7 @@ def test_regression_through_the_replay_path_fits_teacher_trajectories():
 
 def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_load(tmp_path, capsys):
     torch.manual_seed(0)
-    cfg = load_config(None, SMALL)
+    cfg = load_world_config(None, SMALL)
     save_wan_folder(tmp_path / "teacher", WanModel(cfg.model))
     out = tmp_path / "ode"
     args = ["ode-init", *SMALL, f"learner.teacher.checkpoint={tmp_path / 'teacher'}", "ode_init.num_clips=3",
@@ -80,7 +80,7 @@ def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_lo
     assert launch.main(args) == 0
     assert len(list(csv.DictReader((out / "loss.csv").open()))) == 4
     saved = load_wan_state_dict(out / "ode_init.pt")
-    generator = build_generator(load_config(None, [*SMALL, f"checkpoint.generator={out / 'ode_init.pt'}"]), "cpu")
+    generator = build_generator(load_world_config(None, [*SMALL, f"checkpoint.generator={out / 'ode_init.pt'}"]), "cpu")
     assert all(torch.equal(generator.state_dict()[k], v) for k, v in saved.items())
     assert json.loads((out / "eval.json").read_text())["prompts"] == 2
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import launch
+from core.codecs.patch import PatchCodec
+from core.codecs.video import build_codec, from_uint8_frames, latent_frames_for, to_uint8_frames, video_frames_for
+from core.codecs.wan_vae import WanVAE
 from core.config import PLUMBING_CONFIG, ConfigError, load_config
-from core.patch_codec import PatchCodec
-from core.pipeline import VideoPipeline, latent_frames_for, video_frames_for
-from core.vae import WanVAE, build_codec, from_uint8_frames, to_uint8_frames
-from core.video_io import read_video_file
+from core.records.video_io import read_video_file
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession
 
 PATCH = ["vae.kind=patch", "video.height=32", "video.width=32", "video.vae_stride=[1,2,2]"]
 
@@ -130,8 +132,6 @@ def test_frame_counting_depends_on_the_codec():
 
 def test_pipeline_streams_patch_decoded_blocks():
     """Each block decodes to one frame per latent, exactly the block's latents as pixels."""
-    from core.streaming import StreamSession
-
     pipe = VideoPipeline.from_config(load_config(PLUMBING_CONFIG, overrides=PATCH))
     assert isinstance(pipe.vae, PatchCodec)
     session = StreamSession(pipe, "a red circle", seed=0)

@@ -9,19 +9,24 @@ import numpy as np
 import torch
 
 import launch
+from core.algo.distill import build_score_models
+from core.algo.scheduler import FlowMatchScheduler
+from core.codecs.video import build_codec, to_uint8_frames
+from core.model.wan import WanModel
+from core.records.checkpoint import load_wan_state_dict
 from helpers import TrueFlow
-from core.checkpoint import load_wan_state_dict
-from core.config import load_config
-from core.pretrain import flow_matching_loss, world_latents
-from core.scheduler import FlowMatchScheduler
-from core.toyworld import Scene, render
-from core.vae import build_codec, to_uint8_frames
+from toyworld.config import load_world_config
+from toyworld.evaluate import evaluate_teacher
+from toyworld.pretrain import pretrain_teacher
+from toyworld.recipe import flow_matching_loss, world_latents
+from toyworld.sampler import sample
+from toyworld.world import Scene, render
 
 SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6"]
 
 
 def test_world_latents_decode_to_the_world_clip_exactly():
-    cfg = load_config()
+    cfg = load_world_config()
     scene = Scene.from_seed(3)
     x0 = world_latents(build_codec(cfg), [scene], 6, 32, 32)
     assert x0.shape == (1, 6, 12, 16, 16)
@@ -54,9 +59,7 @@ def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path,
     losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     teacher = load_wan_state_dict(out / "teacher")
-    cfg = load_config(None, [*SMALL, f"learner.teacher.checkpoint={out / 'teacher'}"])
-    from core.distill import build_score_models
-
+    cfg = load_world_config(None, [*SMALL, f"learner.teacher.checkpoint={out / 'teacher'}"])
     teacher_model, critic = build_score_models(cfg)
     assert torch.equal(teacher_model.state_dict()["head.head.bias"], teacher["head.head.bias"])
     printed = capsys.readouterr().out
@@ -64,26 +67,20 @@ def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path,
 
 
 def test_euler_sampler_lands_on_x0_with_the_true_flow_and_evaluation_runs():
-    from core.pretrain import evaluate_teacher, sample
-    from core.wan.model import WanModel
-
     x0 = torch.randn(1, 2, 16, 2, 2, dtype=torch.float64)
     out = sample(TrueFlow(x0), FlowMatchScheduler(), None, None, (1, 2, 16, 2, 2), steps=8)
     assert (out - x0).abs().max().item() < 1e-12
-    cfg = load_config(None, SMALL)
+    cfg = load_world_config(None, SMALL)
     scores = evaluate_teacher(cfg, WanModel(cfg.model), num_clips=3, steps=2)
     assert set(scores) == {"colour", "direction", "colour_chance", "direction_chance"}
     assert 0 <= scores["colour"] <= 1 and scores["direction_chance"] == 0.2
 
 
 def test_the_teacher_is_the_moving_average_of_its_weights():
-    from core.pretrain import pretrain_teacher
-    from core.wan.model import WanModel
-
     small = [*SMALL, "pretrain.steps=3", "pretrain.batch_size=1", "pretrain.lr=1e-2", "pretrain.warmup_steps=1"]
-    last, _ = pretrain_teacher(load_config(None, [*small, "pretrain.ema_decay=0"]))
-    averaged, _ = pretrain_teacher(load_config(None, [*small, "pretrain.ema_decay=0.9"]))
-    cfg = load_config(None, small)
+    last, _ = pretrain_teacher(load_world_config(None, [*small, "pretrain.ema_decay=0"]))
+    averaged, _ = pretrain_teacher(load_world_config(None, [*small, "pretrain.ema_decay=0.9"]))
+    cfg = load_world_config(None, small)
     torch.manual_seed(cfg.runtime.seed)
     init = WanModel(cfg.model)
     init.init_weights()

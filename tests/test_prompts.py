@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.prompts import DEFAULT_PROMPTS, PromptSource, WorkItem, load_prompts
+from core.records.prompts import DEFAULT_PROMPTS, PromptSource, WorkItem, load_prompts
 
 
 @pytest.fixture

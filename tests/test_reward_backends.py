@@ -9,16 +9,26 @@ import math
 import sys
 import types
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
 
-from core.config import Config, ConfigError, RewardConfig
-from core.reward import motion as motion_mod
+from core.config import (
+    PLUMBING_CONFIG,
+    REWARD_BACKENDS,
+    Config,
+    ConfigError,
+    MotionRewardConfig,
+    RewardBackendConfig,
+    VideoRewardConfig,
+    VLMJudgeConfig,
+    load_config,
+)
 from core.reward import vlm_judge as vj
-from core.reward.backends import BACKENDS, build_backend
 from core.reward.base import AXES, RewardScore, VideoInput
 from core.reward.motion import MOTION_NORMALIZATION, MotionScorer, analysis_size, select_frames
+from core.reward.registry import backend_names, build_backend, register_backend
 
 # ----------------------------------------------------------------------------- synthetic videos
 
@@ -216,14 +226,19 @@ def test_analysis_size_and_small_or_odd_frames():
     assert s.sampling.resized_hw == (64, 96) and all(math.isfinite(v) for v in s.raw.values())
 
 
-def test_motion_info():
-    info = MotionScorer().info()
-    assert info["backend"] == "motion" and info["checkpoint"] is None and info["deterministic"]
-    assert "not computed" in info["axes"]["TA"]
-    assert info["normalization"] == {"mean": MOTION_NORMALIZATION.mean, "std": MOTION_NORMALIZATION.std}
-    assert info["sampling"]["max_frames"] == 48 and info["sampling"]["resize_short_side"] == 64
-    assert info["formula_version"] == motion_mod.FORMULA_VERSION
-    json.dumps(info)
+def test_motion_info_describes_how_it_scored():
+    """What /v1/info reports is what scoring did: the normalisation turns raw into normalised scores, the
+    sampling settings are the scorer's own, TA is reported as not computed and is 0."""
+    scorer = MotionScorer(size=48, max_frames=12)
+    info = json.loads(json.dumps(scorer.info()))
+    long = mq(scene_video(40, speed=0.5), scorer=scorer)
+    for axis in AXES:
+        mean, std = info["normalization"]["mean"][axis], info["normalization"]["std"][axis]
+        assert long.normalized[axis] == pytest.approx((long.raw[axis] - mean) / std)
+    assert long.sampling.frames_used == info["sampling"]["max_frames"] == 12  # 4 windows of 3 frames
+    assert min(long.sampling.resized_hw) == info["sampling"]["resize_short_side"] == 48
+    assert "not computed" in info["axes"]["TA"] and long.raw["TA"] == long.normalized["TA"] == 0.0
+    assert info["backend"] == scorer.name == "motion" and info["checkpoint"] is None
 
 
 def test_motion_scorer_rejects_bad_settings():
@@ -377,13 +392,20 @@ def test_judge_malformed_answer_fails_the_batch_clearly(model_dir):
         judge.score_batch(vids[:1])
 
 
-def test_judge_info(model_dir):
-    info = vj.VLMJudge(model_dir, max_frames=6, engine=FakeEngine([])).info()
-    assert info["backend"] == "vlm_judge" and info["checkpoint"] == str(model_dir.resolve())
-    assert info["structured_output"] == "fake" and info["output_schema"] == vj.JUDGE_JSON_SCHEMA
-    assert info["sampling"]["max_frames"] == 6 and info["prompt_sha256"] == vj.PROMPT_SHA
-    assert info["normalization"]["mean"] == {"VQ": 5.5, "MQ": 5.5, "TA": 5.5}
-    json.dumps(info)
+def test_judge_info_describes_how_it_scored(model_dir):
+    """What /v1/info reports is what the judge did: the frames it showed, its normalisation, its prompt."""
+    engine = FakeEngine([_answer(8, 3, 6)])
+    judge = vj.VLMJudge(model_dir, max_frames=6, engine=engine)
+    info = json.loads(json.dumps(judge.info()))
+    (score,) = judge.score_batch([VideoInput(scene_video(30), 16, "a cat")])
+    (conversation,) = engine.seen[0]
+    shown = [c for c in conversation[0]["content"] if c["type"] == "image_url"]
+    assert len(shown) == score.sampling.frames_used == info["sampling"]["max_frames"] == 6
+    for axis in AXES:
+        mean, std = info["normalization"]["mean"][axis], info["normalization"]["std"][axis]
+        assert score.normalized[axis] == pytest.approx((score.raw[axis] - mean) / std)
+    rubric = conversation[0]["content"][-1]["text"]
+    assert "a cat" in rubric and info["prompt_sha256"] == vj.PROMPT_SHA and info["checkpoint"] == str(model_dir.resolve())
 
 
 def test_judge_without_vllm_says_how_to_install(model_dir, monkeypatch):
@@ -396,7 +418,7 @@ def test_judge_module_imports_without_vllm():
     import subprocess
 
     code = ("import sys; sys.modules['vllm'] = None\n"
-            "import core.reward.vlm_judge, core.reward.backends\n"
+            "import core.reward.vlm_judge, core.reward.registry\n"
             "assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('vllm', 'ray')]\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
@@ -416,9 +438,9 @@ def test_judge_checkpoint_needs_config_json(tmp_path):
 
 
 def test_judge_rejects_bad_settings(model_dir):
-    with pytest.raises(ConfigError, match="judge_max_frames"):
+    with pytest.raises(ConfigError, match="max_frames"):
         vj.VLMJudge(model_dir, max_frames=0, engine=FakeEngine([]))
-    with pytest.raises(ConfigError, match="judge_max_new_tokens"):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
         vj.VLMJudge(model_dir, max_new_tokens=8, engine=FakeEngine([]))
 
 
@@ -461,8 +483,7 @@ def test_judge_vllm_wiring(model_dir, monkeypatch, api):
     calls = _fake_vllm(monkeypatch, api)
     monkeypatch.setenv("HF_HUB_OFFLINE", "x")  # recorded, so the test restores the original state
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    cfg = RewardConfig(backend="vlm_judge", checkpoint=str(model_dir), judge_max_frames=5,
-                       judge_max_new_tokens=200, dtype="float16")
+    cfg = VLMJudgeConfig(checkpoint=str(model_dir), max_frames=5, max_new_tokens=200, dtype="float16")
     judge = build_backend(cfg)
     assert isinstance(judge, vj.VLMJudge) and judge.engine.structured_output == api
     llm = calls["llm"]
@@ -480,56 +501,62 @@ def test_judge_vllm_wiring(model_dir, monkeypatch, api):
         assert params.kw[api].kw == {"json": vj.JUDGE_JSON_SCHEMA}
 
 
-# ----------------------------------------------------------------------------- build_backend
+# ----------------------------------------------------------------------------- the registry
 
 
-def test_backends_match_the_config_schema():
-    assert set(BACKENDS) == {"motion", "videoreward", "vlm_judge"}
-
-
-def test_build_motion():
-    b = build_backend(RewardConfig())
-    assert isinstance(b, MotionScorer) and b.name == "motion"
-    assert isinstance(build_backend(RewardConfig(backend="motion", checkpoint="/ignored")), MotionScorer)
+def test_every_backend_a_config_can_name_builds_from_its_section(videoreward_release, model_dir, monkeypatch):
+    """Each name the reward section accepts builds its backend from that section, through build_backend: the
+    schema and the registry agree, and each backend is configured by its own keys."""
+    _fake_vllm(monkeypatch, "none")
+    sections = {"motion": {},
+                "videoreward": {"checkpoint": str(videoreward_release.root), "device": "cpu", "dtype": "float32"},
+                "vlm_judge": {"checkpoint": str(model_dir), "max_frames": 3}}
+    assert set(sections) <= set(REWARD_BACKENDS) and set(backend_names()) == set(REWARD_BACKENDS)
+    for name, keys in sections.items():
+        cfg = load_config(PLUMBING_CONFIG, [f"reward.backend={name}", *(f"reward.{k}={v}" for k, v in keys.items())])
+        backend = build_backend(cfg.reward)
+        assert backend.name == name and backend.info()["backend"] == name
+    judge = build_backend(load_config(PLUMBING_CONFIG, ["reward.backend=vlm_judge", f"reward.checkpoint={model_dir}",
+                                                        "reward.max_frames=3"]).reward)
+    assert judge.max_frames == 3
+    (score,) = build_backend(VideoRewardConfig(checkpoint=str(videoreward_release.root), device="cpu",
+                                               dtype="float32")).score_batch([VideoInput(scene_video(9), 8, "a cat")])
+    assert score.sampling.frames_used == 4 and all(math.isfinite(v) for v in score.raw.values())
 
 
 def test_build_vlm_judge_without_vllm(model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(RuntimeError, match="pip install -e '.\\[vllm\\]'"):
-        build_backend(RewardConfig(backend="vlm_judge", checkpoint=str(model_dir)))
+        build_backend(VLMJudgeConfig(checkpoint=str(model_dir)))
 
 
-def test_build_videoreward_dispatches_lazily(monkeypatch):
-    seen = []
+def test_registering_a_backend_needs_a_section_and_a_scorer():
+    class NoScore:
+        name = "broken"
 
-    class VideoRewardBackend:
         @classmethod
         def from_config(cls, cfg):
-            seen.append(cfg)
-            return "videoreward-instance"
+            return cls()
 
-    fake = types.ModuleType("core.reward.videoreward")
-    fake.VideoRewardBackend = VideoRewardBackend
-    monkeypatch.setitem(sys.modules, "core.reward.videoreward", fake)
-    cfg = RewardConfig(backend="videoreward", checkpoint="/some/folder")
-    assert build_backend(cfg) == "videoreward-instance" and seen == [cfg]
+    class BrokenSection(RewardBackendConfig):
+        backend: Literal["broken"] = "broken"
 
+    with pytest.raises(TypeError, match="lacks score_batch, info"):
+        register_backend(BrokenSection, NoScore)
+    with pytest.raises(TypeError, match="must subclass core.config.RewardBackendConfig"):
+        register_backend(dict, MotionScorer)
+    class OtherMotion(MotionScorer):
+        pass
 
-def test_build_videoreward_when_module_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "core.reward.videoreward", None)
-    with pytest.raises(RuntimeError, match="not available in this build.*reward.backend=motion"):
-        build_backend(RewardConfig(backend="videoreward", checkpoint="/some/folder"))
+    with pytest.raises(ValueError, match="'motion' is already registered"):
+        register_backend(MotionRewardConfig, OtherMotion)
+    assert "broken" not in backend_names() and "broken" not in REWARD_BACKENDS
 
 
 def test_build_rejects_bad_configs(model_dir):
     with pytest.raises(TypeError, match=r"cfg\.reward"):
         build_backend(Config())
-    with pytest.raises(TypeError, match="RewardConfig"):
+    with pytest.raises(TypeError, match="RewardBackendConfig"):
         build_backend({"backend": "motion"})
-    with pytest.raises(ConfigError, match="choose one of motion, videoreward, vlm_judge"):
-        build_backend(RewardConfig.model_construct(backend="bogus"))
-    for backend in ("vlm_judge", "videoreward"):
-        with pytest.raises(ConfigError, match="needs reward.checkpoint"):
-            build_backend(RewardConfig.model_construct(backend=backend, checkpoint=None))
     with pytest.raises(ConfigError, match="not a local folder"):
-        build_backend(RewardConfig(backend="vlm_judge", checkpoint=str(model_dir / "missing")))
+        build_backend(VLMJudgeConfig(checkpoint=str(model_dir / "missing")))

@@ -1,19 +1,24 @@
-"""The reward service on a real Ray Serve instance, over real HTTP and through a DeploymentHandle."""
+"""The reward service on a real Ray Serve instance, over real HTTP and through a DeploymentHandle; and a reward
+backend defined and registered in this module, served end to end without touching a project file."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
+from typing import Literal
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from ray import serve
 
 import launch
-from core.config import REPO_ROOT, load_config
-from core.video_io import write_mp4
+from core.config import REPO_ROOT, RewardBackendConfig, load_config
+from core.records.video_io import write_mp4
+from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
+from core.reward.registry import register_backend
 from reward_service.app import build_app
 from reward_service.client import RewardError, RewardHandleClient, RewardHTTPClient
 
@@ -32,8 +37,6 @@ def moving_square(frames: int = 16, size: int = 64) -> np.ndarray:
 @pytest.fixture(scope="module")
 def services(serve_instance, tmp_path_factory):
     """Three apps on one Serve instance: open, bearer-token protected, and with a tiny queue."""
-    from ray import serve
-
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text("s3cret\n")
     apps = {
@@ -212,3 +215,55 @@ def test_serve_deploy_file_is_a_valid_serve_config():
     app = spec.applications[0]
     assert app.import_path == "reward_service.app:app_builder"
     load_config(REPO_ROOT / app.args["config"], app.args["overrides"])
+
+
+# ----------------------------------------------------------------------------- a backend of this module's own
+
+
+class BrightnessConfig(RewardBackendConfig):
+    """The `reward:` section of the backend below: its name and its one key."""
+
+    backend: Literal["brightness"] = "brightness"
+    scale: float = 1.0
+
+
+class BrightnessScorer:
+    """VQ = scale x the mean pixel value / 255: a reward backend that is not part of the project."""
+
+    name = "brightness"
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    @classmethod
+    def from_config(cls, cfg: BrightnessConfig) -> "BrightnessScorer":
+        return cls(cfg.scale)
+
+    def score_batch(self, videos: list[VideoInput]) -> list[RewardScore]:
+        unit = Normalization(mean=dict.fromkeys(AXES, 0.0), std=dict.fromkeys(AXES, 1.0))
+        return [RewardScore.from_raw({"VQ": self.scale * float(v.frames.mean()) / 255, "MQ": 0.0, "TA": 0.0}, unit,
+                                     SamplingInfo(v.fps, len(v.frames), len(v.frames), v.frames.shape[1:3]))
+                for v in videos]
+
+    def info(self) -> dict:
+        return {"backend": self.name, "scale": self.scale}
+
+
+register_backend(BrightnessConfig, BrightnessScorer)  # on import: here, and in the replica that unpickles the config
+
+
+def test_a_backend_registered_by_a_user_module_is_served_over_http(serve_instance):
+    cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml",
+                      ["reward.backend=brightness", "reward.scale=2", "reward_service.app_name=brightness",
+                       "reward_service.num_cpus=0.1"])
+    assert isinstance(cfg.reward, BrightnessConfig) and cfg.reward.scale == 2.0
+    serve.run(build_app(cfg), name="brightness", route_prefix="/brightness")
+    try:
+        with RewardHTTPClient(f"{serve_instance}/brightness") as client:
+            assert client.info()["scale"] == 2.0
+            grey = np.full((6, 32, 32, 3), 51, dtype=np.uint8)
+            result = client.score_frames(grey, 8, "a grey frame")
+        assert result["backend"] == "brightness" and result["raw"]["VQ"] == pytest.approx(0.4)
+        assert result["sampling"]["source_frames"] == 6 and result["Overall"] == pytest.approx(0.4)
+    finally:
+        serve.delete("brightness")

@@ -8,12 +8,20 @@ import pyarrow as pa
 import pytest
 import torch
 
+from core.algo.rollout import SelfForcedRollout, gaussian_noise
+from core.algo.scheduler import FlowMatchScheduler
 from core.config import StreamConfig, WanArchConfig
-from core.rollout import SelfForcedRollout, gaussian_noise
-from core.sample import (SAMPLE_SCHEMA, Sample, SampleSchemaError, SampleWriter, from_record_batch, read_parquet,
-                         to_record_batch, write_parquet)
-from core.scheduler import FlowMatchScheduler
-from core.wan.model import CausalWanModel
+from core.model.wan import CausalWanModel
+from core.records.sample import (
+    SAMPLE_SCHEMA,
+    Sample,
+    SampleSchemaError,
+    SampleWriter,
+    from_record_batch,
+    read_parquet,
+    to_record_batch,
+    write_parquet,
+)
 
 SCORE = {"VQ": 0.5, "MQ": -1.25, "TA": 0.0, "Overall": -0.75,
          "raw": {"VQ": 0.9, "MQ": 0.1, "TA": 0.0}, "normalized": {"VQ": 0.5, "MQ": -1.25, "TA": 0.0},

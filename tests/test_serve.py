@@ -9,28 +9,27 @@ import json
 import httpx
 import pytest
 import websockets
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
 from websockets.exceptions import InvalidStatus
 
 from core.config import REPO_ROOT, load_config
-from core.video_io import read_video
-from serve.app import FRAME_HEADER
+from core.model.wan import CausalWanModel
+from core.records.video_io import read_video
+from helpers import peft_adapter
+from serve.app import FRAME_HEADER, build_app
 
 BASE = ["serve.num_cpus=0.25"]
 
 
 def deploy(name: str, *overrides: str):
-    from ray import serve
-
-    from serve.app import build_app
-
     cfg = load_config(REPO_ROOT / "configs" / "serve.yaml", [*BASE, f"serve.app_name={name}", *overrides])
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
 
 
 @pytest.fixture(scope="module")
 def app_url(serve_instance):
-    from ray import serve
-
     deploy("stream_test")
     yield f"{serve_instance}/stream_test"
     serve.delete("stream_test")
@@ -56,7 +55,7 @@ async def receive_until(ws, kind: str, frames: list | None = None, errors: list 
             continue
         if data["type"] == kind:
             return data
-        assert data["type"] in ("block", "switched", "started"), data
+        assert data["type"] in ("block", "switched", "started", "paused", "resumed"), data
 
 
 def test_stream_frames_switch_and_bad_messages(app_url):
@@ -95,12 +94,11 @@ def test_session_limit_refuses_with_503_and_frees_on_disconnect(app_url):
             await websockets.connect(ws_url(app_url))
         assert refused.value.response.status_code == 503 and refused.value.response.headers["Retry-After"] == "2"
         await first.send(json.dumps({"type": "pause"}))
-        await asyncio.sleep(0.5)
+        await receive_until(first, "paused", [])
         await first.close()  # a disconnect, even while paused, frees the session
-        for _ in range(50):
-            metrics = httpx.get(f"{app_url}/v1/metrics").json()
-            if metrics["sessions_active"] == 0:
-                break
+        deadline = asyncio.get_running_loop().time() + 60
+        while httpx.get(f"{app_url}/v1/metrics").json()["sessions_active"] != 0:
+            assert asyncio.get_running_loop().time() < deadline, "the session was not freed after the disconnect"
             await asyncio.sleep(0.2)
         async with websockets.connect(ws_url(app_url), max_size=None) as again:
             await again.send(json.dumps({"type": "start", "prompt": "a cat", "max_frames": 9}))
@@ -136,8 +134,6 @@ def test_info_health_and_page(app_url):
 
 
 def test_bearer_token_is_checked_before_a_session_exists(serve_instance, monkeypatch):
-    from ray import serve
-
     monkeypatch.setenv("STREAM_TEST_TOKEN", "s3cret")
     deploy("stream_auth", "serve.auth_token_env=STREAM_TEST_TOKEN")
     url = f"{serve_instance}/stream_auth"
@@ -159,11 +155,6 @@ def test_bearer_token_is_checked_before_a_session_exists(serve_instance, monkeyp
 
 
 def test_startup_and_per_session_lora(serve_instance, tmp_path):
-    from ray import serve
-
-    from core.wan.model import CausalWanModel
-    from test_lora import peft_adapter
-
     cfg = load_config(REPO_ROOT / "configs" / "serve.yaml")
     peft_adapter(CausalWanModel(cfg.model, cfg.stream), tmp_path / "style")
     deploy("stream_lora", f"serve.lora_adapters={{style: {tmp_path / 'style'}}}",
@@ -193,9 +184,6 @@ def test_startup_and_per_session_lora(serve_instance, tmp_path):
 
 
 def test_serve_deploy_file_is_a_valid_serve_config():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
     spec = ServeDeploySchema.model_validate(yaml.safe_load(open(REPO_ROOT / "deploy" / "serve_stream.yaml")))
     app = spec.applications[0]
     assert app.import_path == "serve.app:app_builder"

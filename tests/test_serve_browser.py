@@ -8,8 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
+from ray import serve
 
-from tests.conftest import REPO_ROOT
+from core.config import REPO_ROOT, load_config
+from serve.app import build_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 APP = "browser_stream"
@@ -30,15 +33,23 @@ CANVAS_PIXELS = """() => {
 }"""
 
 
+# Frames drawn while the page's render loop runs 30 more times (requestAnimationFrame, what playback runs on).
+DRAWN_OVER_30_RENDER_TICKS = """() => new Promise(done => {
+  const canvas = document.getElementById("screen"), start = Number(canvas.dataset.frames);
+  let ticks = 0;
+  const tick = () => (++ticks < 30 ? requestAnimationFrame(tick) : done(Number(canvas.dataset.frames) - start));
+  requestAnimationFrame(tick);
+})"""
+
+
 def _frames(page) -> int:
     return int(page.get_attribute("#screen", "data-frames") or 0)
 
 
 @pytest.fixture
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     executable = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
-    with sync_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
@@ -49,11 +60,6 @@ def browser():
 
 @pytest.fixture
 def stream_app(serve_instance):
-    from ray import serve
-
-    from core.config import load_config
-    from serve.app import build_app
-
     cfg = load_config(REPO_ROOT / "configs" / "serve.yaml", [f"serve.app_name={APP}"])
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}")
     try:
@@ -96,11 +102,12 @@ def test_page_streams_switches_and_stops(browser, stream_app, tmp_path):
     assert received >= drawn > 0
     assert page.text_content("#stat-ttff").strip().endswith("s")
 
-    # Pause freezes playback (and the server); resume goes on.
+    # Pause freezes playback and the server (which acknowledges it); resume goes on.
     page.click("#pause")
     assert page.text_content("#pause") == "Resume"
+    page.wait_for_function("document.getElementById('log').textContent.includes('server paused')")
     paused_at = _frames(page)
-    page.wait_for_timeout(600)
+    assert page.evaluate(DRAWN_OVER_30_RENDER_TICKS) == 0  # the page's draw loop ran 30 times and drew nothing
     assert _frames(page) == paused_at
     page.click("#pause")
     page.wait_for_function(f"Number(document.getElementById('screen').dataset.frames) > {paused_at}")

@@ -8,37 +8,35 @@ import pytest
 import torch
 
 import launch
-from core.config import load_config
-from core.evaluate import decode_videos, student_latents
-from core.pipeline import build_generator
-from core.pretrain import evaluate_teacher
-from core.text_encoder import TextEncoder
-from core.toyworld import COLOURS, Scene, colour_of, prompt_adherence
-from core.vae import build_codec
-from core.video_io import read_video_file
+from core.codecs.text_encoder import TextEncoder
+from core.codecs.video import build_codec
+from core.model.wan import WanModel
+from core.records.checkpoint import load_into, load_wan_state_dict
+from core.records.video_io import read_video_file
+from core.stream.pipeline import VideoPipeline, build_generator
+from toyworld.config import load_world_config
+from toyworld.evaluate import decode_videos, evaluate_teacher
+from toyworld.world import COLOURS, Scene, colour_of, prompt_adherence
 
 CHANCE = 1 / len(COLOURS)
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config()
+    return load_world_config()
 
 
 def test_the_teacher_draws_the_prompted_colour_well_above_chance(cfg):
-    from core.checkpoint import load_into, load_wan_state_dict
-    from core.wan.model import WanModel
-
     teacher = load_into(WanModel(cfg.model), load_wan_state_dict(cfg.learner.teacher.checkpoint)).eval()
     scores = evaluate_teacher(cfg, teacher, num_clips=24, steps=20, guidance=cfg.pretrain.eval_guidance)
     assert scores["colour"] >= 3 * CHANCE, scores  # measured 1.00 (24 of 24)
 
 
 def test_the_student_draws_the_prompted_colour_well_above_chance_in_four_steps(cfg):
-    generator = build_generator(cfg, torch.device("cpu"), torch.float32).eval()
+    pipe = VideoPipeline(cfg, build_generator(cfg, torch.device("cpu"), torch.float32),
+                         TextEncoder.from_config(cfg, "cpu", torch.float32), build_codec(cfg), torch.device("cpu"))
     scenes = [Scene.from_seed(1_000_000 + i) for i in range(24)]
-    context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode([s.prompt for s in scenes])
-    videos = decode_videos(build_codec(cfg), student_latents(cfg, generator, context, 0, cfg.video.num_latent_frames))
+    videos = decode_videos(pipe.vae, pipe.generate(pipe.encode([s.prompt for s in scenes]), 0, cfg.video.num_latent_frames))
     colour = np.mean([prompt_adherence(v, s)["colour"] for v, s in zip(videos, scenes)])
     assert colour >= 3 * CHANCE, colour  # measured 0.62 (15 of 24)
 

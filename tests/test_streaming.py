@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.algo.rollout import gaussian_noise
+from core.codecs.video import to_uint8_frames
 from core.config import PLUMBING_CONFIG, load_config
-from core.pipeline import VideoPipeline
-from core.rollout import gaussian_noise
-from core.streaming import StreamSession
-from core.vae import to_uint8_frames
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

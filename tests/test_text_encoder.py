@@ -1,4 +1,4 @@
-"""umT5 text encoder: golden parity with Wan's T5Encoder, checkpoint layouts, tokenizers, cache."""
+"""umT5 text encoder: checkpoint layouts, tokenizers, cache (parity with Wan's T5Encoder: tests/test_golden.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5LayerNorm
 
-from core.checkpoint import CheckpointError
+from core.codecs.text_encoder import (
+    ByteTokenizer,
+    TextEncoder,
+    exact_rms_norms,
+    load_tokenizer,
+    load_umt5,
+    to_wan_state_dict,
+)
 from core.config import PLUMBING_CONFIG, ConfigError, load_config
-from core.text_encoder import (ByteTokenizer, TextEncoder, exact_rms_norms, load_tokenizer, load_umt5,
-                               to_wan_state_dict, umt5_config)
+from core.records.checkpoint import CheckpointError
 from helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -37,45 +43,6 @@ def word_tokenizer_folder(folder) -> None:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
-
-
-# ------------------------------------------------------------------------------------ golden parity
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_umt5_golden(golden, tmp_path, attn):
-    case, t = golden.case("umt5_encoder"), golden.tensors("umt5_encoder")
-    cfg, atol = case["config"], golden.atol("umt5_encoder")
-    assert not cfg["shared_pos"] and cfg["dropout"] == 0.0, "the golden set must use per-layer relative bias"
-    # through the real file path: the Wan-named state dict saved as a .pth and read by load_umt5
-    torch.save({k[3:]: v for k, v in t.items() if k.startswith("sd.")}, tmp_path / "umt5.pth")
-    model = load_umt5(tmp_path / "umt5.pth", torch.float64)
-    c = model.config
-    assert (c.vocab_size, c.d_model, c.num_heads * c.d_kv, c.d_ff, c.num_heads, c.num_layers,
-            c.relative_attention_num_buckets) == (cfg["vocab_size"], cfg["dim"], cfg["dim_attn"], cfg["dim_ffn"],
-                                                  cfg["num_heads"], cfg["encoder_layers"], cfg["num_buckets"])
-    model.set_attn_implementation(attn)
-    ids, mask = t["in.ids"], t["in.mask"]
-    assert_close(run(model, ids, mask), t["out.encoder_output"], atol, "encoder output")
-    encoder = TextEncoder(model, ByteTokenizer(), text_len=ids.shape[1])
-    assert_close(encoder.encode_tokens(ids, mask), t["out.encoder_output_pad_zeroed"], atol, "pad-zeroed output")
-
-    buckets = t["out.relative_position_bucket"]
-    positions = torch.arange(buckets.shape[0])
-    for block in model.encoder.block:
-        attention = block.layer[0].SelfAttention
-        assert torch.equal(attention._relative_position_bucket(positions[None, :] - positions[:, None]), buckets)
-
-
-def test_wan_key_names_match_golden(golden):
-    """The HF -> Wan renaming produces exactly the reference's key set (names from the golden file)."""
-    cfg = golden.case("umt5_encoder")["config"]
-    config = umt5_config(cfg["vocab_size"], cfg["dim"], cfg["dim_ffn"], cfg["encoder_layers"], cfg["num_heads"],
-                         d_kv=cfg["dim_attn"] // cfg["num_heads"], num_buckets=cfg["num_buckets"])
-    wan = to_wan_state_dict(UMT5EncoderModel(config))
-    golden_sd = {k[3:]: v for k, v in golden.tensors("umt5_encoder").items() if k.startswith("sd.")}
-    assert sorted(wan) == sorted(golden_sd)
-    assert all(wan[k].shape == golden_sd[k].shape for k in wan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -7,8 +7,22 @@ import itertools
 import numpy as np
 import pytest
 
-from core.toyworld import (BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SPEEDS, Scene, clips, colour_of, direction_of,
-                           feature_distance, initial_frame_similarity, prompt_adherence, render, velocity_of)
+from toyworld.world import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SPEEDS,
+    Scene,
+    clips,
+    colour_of,
+    direction_of,
+    feature_distance,
+    initial_frame_similarity,
+    prompt_adherence,
+    render,
+    velocity_of,
+)
 
 
 def test_clips_are_deterministic_by_seed_and_match_their_prompts():
@@ -52,14 +66,14 @@ def test_measures_on_videos_outside_the_world():
 
 
 def test_world_tokenizer_gives_one_id_per_word_and_the_shipped_copy_is_current(tmp_path):
+    from core.codecs.text_encoder import load_tokenizer
     from core.config import REPO_ROOT
-    from core.text_encoder import load_tokenizer
-    from core.toyworld import write_tokenizer
+    from toyworld.world import write_tokenizer
 
     write_tokenizer(tmp_path)
     shipped = REPO_ROOT / "assets" / "toyworld" / "tokenizer"
     assert (tmp_path / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text(), \
-        "assets/toyworld/tokenizer is stale: rewrite it with core.toyworld.write_tokenizer"
+        "assets/toyworld/tokenizer is stale: rewrite it with toyworld.world.write_tokenizer"
     tokenizer = load_tokenizer(shipped)
     unk = tokenizer.convert_tokens_to_ids("<unk>")
     prompts = [Scene.from_seed(i).prompt for i in range(200)]

@@ -6,14 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from core.config import REPO_ROOT, ConfigError, load_config
-from core.video_io import read_video_file
-from learner.job import check_resources, required_resources
+from core.config import REPO_ROOT, ConfigError
+from core.records.video_io import read_video_file
+from job.train import check_resources, required_resources
+from toyworld.config import load_world_config
 
 JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors.num_actors=2", "actors.num_cpus=0.25",
        "actors.reward_app=train_job_reward",
@@ -35,6 +38,9 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
     assert summary["weight_version"] == 2 and summary["steps"].startswith("4 / 4")
     assert summary["samples_delivered"] >= 8  # 2 learner workers x 4 steps x batch 1
     assert (tmp_path / "checkpoints" / "step_00000004" / "loop_state.pt").is_file()
+    cursor = json.loads((tmp_path / "checkpoints" / "step_00000004" / "cursor.json").read_text())
+    assert cursor["step"] == 4 and cursor["version"] == 2  # what a resuming driver reads: a few bytes
+    assert cursor["prompt_state"]["epoch"] == 0 and cursor["prompt_state"]["next_index"] >= 8
     assert (tmp_path / "export" / "generator.safetensors").is_file()
 
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
@@ -57,13 +63,13 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
 
 
 def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
-    cfg = load_config(None, ["actors.num_actors=8", "actors.num_gpus=1", "runtime.device=cpu"])
+    cfg = load_world_config(None, ["actors.num_actors=8", "actors.num_gpus=1", "runtime.device=cpu"])
     assert required_resources(cfg)["GPU"] == 8
     with pytest.raises(ConfigError) as err:
         check_resources(cfg, {"CPU": 2.0})
     message = str(err.value)
     assert "runtime.device is cpu" in message and "needs 8 GPU" in message and "needs 4.75 CPU" in message
-    check_resources(load_config(None), {"CPU": 2.0})  # the embedded default fits a 2-core laptop
+    check_resources(load_world_config(), {"CPU": 2.0})  # the embedded default fits a 2-core laptop
 
     missing = subprocess.run([sys.executable, "launch.py", "train", "learner.teacher.checkpoint=/nonexistent/wan14b"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -74,9 +80,6 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
 
 
 def test_ctrl_c_checkpoints_and_exits(serve_instance, ray_instance, tmp_path):
-    import signal
-    import time
-
     address = ray_instance.get_runtime_context().gcs_address
     cmd = [sys.executable, "launch.py", "train", "--address", address, *JOB, "learner.num_workers=1",
            "learner.max_steps=1000", "learner.checkpoint_every=1000", f"learner.output_dir={tmp_path}"]

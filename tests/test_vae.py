@@ -1,8 +1,5 @@
-"""Wan2.1 VAE: golden parity with the reference WanVAE_, streaming decode, loading and its errors.
-
-The golden case's architecture, chunking and constants come from the manifest; everything else runs
-on a randomly initialised VAE of the embedded default width (configs/tiny.yaml) at 32x32 pixels.
-"""
+"""Wan2.1 VAE: streaming decode, loading and its errors (parity with the reference: tests/test_golden.py),
+on a randomly initialised VAE of the plumbing config's width at 32x32 pixels."""
 
 from __future__ import annotations
 
@@ -10,9 +7,10 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from core.checkpoint import CheckpointError
+from core.codecs.video import to_uint8_frames
+from core.codecs.wan_vae import WanVAE, wan_arch_from_state_dict
 from core.config import PLUMBING_CONFIG, load_config
-from core.vae import WanVAE, to_uint8_frames, wan_arch_from_state_dict
+from core.records.checkpoint import CheckpointError
 from helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -33,50 +31,6 @@ def video(frames: int, height: int = 32, width: int = 32, batch: int = 1, seed: 
 def latent(frames: int, hw: tuple[int, int] = (4, 4), seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(1, 16, frames, *hw, generator=gen, dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------- golden
-
-
-def test_golden_wan_vae(golden):
-    """Original-key weights through the loader, float64: encode (raw and normalised), full decode and
-    the reference's chunk-wise cached decode, all to the manifest's tolerance."""
-    case, t = golden.case("wan_vae"), golden.tensors("wan_vae")
-    atol = golden.atol("wan_vae")
-    sd = {k[3:]: v for k, v in t.items() if k.startswith("sd.")}
-    arch = {("base_dim" if k == "dim" else k): v for k, v in case["config"].items()}
-
-    model = WanVAE.from_wan_state_dict(sd).double().model
-    for key, value in arch.items():
-        assert model.config[key] == value, f"architecture read off the state dict: {key}"
-    assert set(WanVAE(model).wan_state_dict()) == set(sd), "inverse key mapping"
-
-    scale_mean, scale_std = t["in.scale_mean"], 1 / t["in.scale_inv_std"]
-    raw = WanVAE(model, torch.zeros(16), torch.ones(16))
-    vae = WanVAE(model, scale_mean, scale_std)
-    assert_close(raw.encode(t["in.video"]), t["out.mu_raw"], atol, "mu_raw")
-    assert_close(vae.encode(t["in.video"]), t["out.mu_normalized"], atol, "mu_normalized")
-    assert_close(vae.decode(t["out.mu_normalized"]), t["out.decoded_full"], atol, "decoded_full")
-
-    # the reference decodes chunk i after the earlier ones with its cache kept; each chunk's latent
-    # frames follow from its output frames (first latent -> 1 frame, every later one -> 4)
-    chunks = sorted((k for k in t if k.startswith("out.decoded_chunk_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    assert chunks, "golden set has no chunk-wise decode"
-    decoder, start = vae.stream_decoder(), 0
-    for i, key in enumerate(chunks):
-        frames = t[key].shape[2]
-        n = 1 + (frames - 1) // 4 if i == 0 else frames // 4
-        assert_close(decoder.decode(t["out.mu_normalized"][:, :, start:start + n]), t[key], atol, key)
-        start += n
-    assert start == t["out.mu_normalized"].shape[2]
-
-
-def test_default_latent_constants_are_wans(golden):
-    """diffusers' latents_mean / latents_std (the WanVAE default) are the reference wrapper's constants."""
-    t = golden.tensors("wan_vae")
-    vae = WanVAE.random(base_dim=8)
-    assert torch.equal(vae.latents_mean.flatten(), t["in.scale_mean"])
-    assert_close(1 / vae.latents_std.flatten(), t["in.scale_inv_std"], 1e-15, "1/std")
 
 
 # ---------------------------------------------------------------------------------------------- streaming

@@ -1,4 +1,4 @@
-"""core.video_io: MP4 writing (whole, incremental, fragmented), MP4/WebM reading and its errors."""
+"""core.records.video_io: MP4 writing (whole, incremental, fragmented), MP4/WebM reading and its errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from core import video_io
-from core.video_io import (DecodedVideo, FragmentedMP4Encoder, MP4Writer, VideoDecodeError, read_video,
-                           read_video_file, write_mp4)
+from core.records import video_io
+from core.records.video_io import (
+    DecodedVideo,
+    FragmentedMP4Encoder,
+    MP4Writer,
+    VideoDecodeError,
+    read_video,
+    read_video_file,
+    write_mp4,
+)
 
 T, H, W, FPS = 8, 48, 64, 16
 

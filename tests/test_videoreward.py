@@ -14,24 +14,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from jinja2 import Template
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers.vision_utils import get_vision_position_ids
 
-from core.config import RewardConfig
+from core.config import VideoRewardConfig
 from core.reward.base import AXES, VideoInput
 from core.reward.videoreward import (
     DETAILED_SPECIAL_TEMPLATE,
     RELEASE_NORMALIZATION,
     SPECIAL_TOKENS,
     VideoRewardBackend,
-    _resolve_device,
+    VideoRewardFiles,
+    VideoRewardNet,
     build_prompt,
+    find_arch_config,
     locate_checkpoint,
     num_sampled_frames,
     patchify_video,
@@ -40,27 +44,17 @@ from core.reward.videoreward import (
     sample_frame_indices,
     smart_resize,
 )
+from videoreward_release import (
+    MAX_FRAME_PIXELS,
+    MIN_PIXELS,
+    QWEN2_VL_CHAT_TEMPLATE,
+    STEP,
+    Release,
+    make_tokenizer,
+    model_config,
+)
 
 TEMPLATE_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-LORA_EXCLUDE = ["lm_head", "rm_head", "embed_tokens", "visual"]
-MIN_PIXELS = 28 * 28 * 2  # test-size frames; the release uses 128*28*28
-MAX_FRAME_PIXELS = 56 * 84
-STEP = 7
-
-
 # ----------------------------------------------------------------------------- VideoAlign formulas, written out
 
 
@@ -179,149 +173,13 @@ def test_prompt_template_and_chat():
     assert "\n**Visual Quality:**  \n" in text and "lowest possible. \n" in text and "is acceptable.  \n" in text
     assert "Textual prompt - a corgi {runs}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n" in text
     assert [text.index(t) for t in SPECIAL_TOKENS] == sorted(text.index(t) for t in SPECIAL_TOKENS)
-    from jinja2 import Template
-
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
     assert render_chat(text) == Template(QWEN2_VL_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
 
 
-# ----------------------------------------------------------------------------- tiny release folder
-
-
-def _make_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [DETAILED_SPECIAL_TEMPLATE, "system You are a helpful assistant. user assistant",
-             "a red circle moves left across a blue background; the camera pans slowly"]
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
-    tk = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIALS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                  eos_token="<|im_end|>")
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    return tok
-
-
-def _arch(tok) -> dict:
-    """A tiny Qwen2-VL config.json in the flat layout transformers 4.45 saved (what VideoAlign stored)."""
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    return {
-        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "max_position_embeddings": 4096,
-        "vocab_size": len(tok), "tie_word_embeddings": True, "use_sliding_window": False,
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
-        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2,
-                          "in_chans": 3, "patch_size": 14, "spatial_patch_size": 14, "temporal_patch_size": 2,
-                          "spatial_merge_size": 2, "hidden_act": "quick_gelu"},
-    }
-
-
-class RefRewardModel(nn.Module):
-    """VideoAlign's Qwen2VLRewardModelBT as it runs under transformers 4.45: attributes `visual`,
-    `model` (the language model), `lm_head`, `rm_head`; the head on every position, gathered where
-    the special tokens are (view(B, 3, -1)); the language model called without position ids."""
-
-    def __init__(self, config, special_token_ids, output_dim=1):
-        super().__init__()
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel,
-            Qwen2VLTextModel,
-        )
-
-        self.config = config
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
-        self.model = Qwen2VLTextModel._from_config(config.text_config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.rm_head = nn.Linear(config.text_config.hidden_size, output_dim, bias=False)
-        self.special_token_ids = special_token_ids
-        self.output_dim = output_dim
-
-    def forward(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw):
-        embeds = self.model.embed_tokens(input_ids)
-        feats = self.visual(pixel_values_videos.type(self.rm_head.weight.dtype), grid_thw=video_grid_thw).pooler_output
-        mask = (input_ids == self.config.video_token_id).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-        hidden = self.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        logits = self.rm_head(hidden)
-        special = torch.zeros_like(input_ids, dtype=torch.bool)
-        for i in self.special_token_ids:
-            special |= input_ids == i
-        pooled = logits[special, ...].view(input_ids.shape[0], 3, -1)
-        if self.output_dim == 3:
-            pooled = pooled.diagonal(dim1=1, dim2=2)
-        return pooled.reshape(input_ids.shape[0], -1)
-
-
-def _model_config(base: str = "Qwen/Qwen2-VL-2B-Instruct", **data) -> dict:
-    return {
-        "data_config": {"meta_data": "/path/meta.csv", "data_dir": "/path", "meta_data_test": None,
-                        "max_frame_pixels": MAX_FRAME_PIXELS, "num_frames": None, "fps": 2.0,
-                        "p_shuffle_frames": 0.0, "p_color_jitter": 0.0, "eval_dim": ["VQ", "MQ", "TA"],
-                        "prompt_template_type": "detailed_special", "add_noise": False, "sample_type": "uniform",
-                        "use_tied_data": True, **data},
-        "training_args": {"output_dir": "/path/out", "bf16": True},
-        "model_config": {"model_name_or_path": base, "model_revision": "main", "output_dim": 1,
-                         "use_special_tokens": True, "freeze_vision_tower": True, "freeze_llm": False,
-                         "tune_merger": True, "torch_dtype": "bfloat16", "reward_token": "special",
-                         "loss_type": "btt"},
-        "peft_lora_config": {"lora_enable": True, "vision_lora": False, "lora_r": 4, "lora_alpha": 8,
-                             "lora_dropout": 0.05, "lora_target_modules": None,
-                             "lora_namespan_exclude": LORA_EXCLUDE, "lora_modules_to_save": None,
-                             "lora_task_type": "CAUSAL_LM", "use_rslora": False, "num_lora_modules": -1},
-        "inference_config": {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
-                             "TA_mean": 2.8105, "TA_std": 2.5121},
-    }
-
-
-class Release:
-    def __init__(self, root: Path, tok, peft_model, ref: RefRewardModel):
-        self.root, self.tok, self.peft_model, self.ref = root, tok, peft_model, ref
-        self.ckpt = root / f"checkpoint-{STEP}"
-
-
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Release:
-    peft = pytest.importorskip("peft")
-    from transformers import Qwen2VLConfig
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("VideoReward")
-    ckpt = root / f"checkpoint-{STEP}"
-    tok = _make_tokenizer()
-    arch = _arch(tok)  # the Qwen2 part of the vocabulary, before the reward tokens are added
-    from tokenizers import AddedToken
-
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    arch["vocab_size"] = len(tok)  # resize_token_embeddings(len(tokenizer))
-    tok.save_pretrained(str(ckpt / "tokenizer"))
-    (root / "config.json").write_text(json.dumps(arch))  # train_reward.py: model.config.save_pretrained(output_dir)
-    (root / "model_config.json").write_text(json.dumps(_model_config(), indent=2))
-
-    config = Qwen2VLConfig.from_dict(arch)
-    ref = RefRewardModel(config, tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
-    with torch.no_grad():
-        ref.rm_head.weight.normal_(0, 1.0)
-    targets = [n for n, mod in ref.named_modules()
-               if isinstance(mod, (nn.Linear, nn.Embedding)) and not any(e in n for e in LORA_EXCLUDE)]
-    assert targets and all(n.startswith("model.layers.") for n in targets)
-    pm = peft.get_peft_model(ref, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.05,
-                                                  bias="none"))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.normal_(0, 0.1)  # peft starts B at zero; a trained adapter is not
-    pm.eval()
-    torch.save(pm.state_dict(), ckpt / "model.pth")
-    (root / "checkpoint-3").mkdir()  # an older step with a broken file: the newest must be chosen
-    (root / "checkpoint-3" / "model.pth").write_bytes(b"not a state dict")
-    return Release(root, tok, pm, ref)
+def release(videoreward_release) -> Release:
+    return videoreward_release
 
 
 @pytest.fixture(scope="module")
@@ -456,8 +314,7 @@ def test_info(backend, release):
 
 
 def test_from_config_and_device(release, backend):
-    assert _resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = RewardConfig(backend="videoreward", checkpoint=str(release.root), device="cpu", dtype="float32")
+    cfg = VideoRewardConfig(checkpoint=str(release.root), device="cpu", dtype="float32")
     b = VideoRewardBackend.from_config(cfg, min_pixels=MIN_PIXELS)
     v = _videos()[:1]
     assert b.score_batch(v)[0].raw == pytest.approx(backend.score_batch(v)[0].raw, abs=1e-6)
@@ -470,8 +327,6 @@ def test_bfloat16_rounds_rope_like_the_reference(release, backend):
     assert b.net.rm_head.weight.dtype == torch.bfloat16
     # transformers 4.45's vision RoPE after model.to(bf16): table = outer(arange(n, bf16), inv_freq_bf16),
     # cos taken in bf16, laid out [h, w, h, w]
-    from transformers.vision_utils import get_vision_position_ids
-
     rot = b.net.visual.rotary_pos_emb
     pos = get_vision_position_ids(torch.tensor([[2, 6, 4]]), 2)
     table = torch.outer(torch.arange(8, dtype=torch.bfloat16), rot.inv_freq.to(torch.bfloat16))
@@ -492,8 +347,6 @@ def test_prompt_with_special_tokens_is_rejected(backend):
 def test_adapter_layout_with_local_base(release, backend, tmp_path):
     """adapter_model.safetensors + non_lora_state_dict.pth over base weights from a local folder (4.45 key
     layout, larger vocabulary, resized to the tokenizer as the reference does)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     base_dir = tmp_path / "Qwen2-VL-tiny"
     base_dir.mkdir()
@@ -509,7 +362,7 @@ def test_adapter_layout_with_local_base(release, backend, tmp_path):
     root = tmp_path / "VideoReward"
     ckpt = root / "checkpoint-11"
     shutil.copytree(release.ckpt / "tokenizer", ckpt / "tokenizer")
-    (root / "model_config.json").write_text(json.dumps(_model_config(base=str(base_dir))))
+    (root / "model_config.json").write_text(json.dumps(model_config(base=str(base_dir))))
     save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(release.peft_model).items()},
               str(ckpt / "adapter_model.safetensors"))
     torch.save({"base_model.model.rm_head.weight": full["base_model.model.rm_head.weight"]},
@@ -520,7 +373,7 @@ def test_adapter_layout_with_local_base(release, backend, tmp_path):
     assert np.allclose([[s.raw[k] for k in AXES] for s in b.score_batch(v)],
                        [[s.raw[k] for k in AXES] for s in backend.score_batch(v)], atol=2e-5)
 
-    (root / "model_config.json").write_text(json.dumps(_model_config()))  # no local base folder
+    (root / "model_config.json").write_text(json.dumps(model_config()))  # no local base folder
     with pytest.raises(FileNotFoundError, match="base_model"):
         VideoRewardBackend(root, device="cpu", dtype="float32")
 
@@ -532,7 +385,7 @@ def test_tokenizer_without_reward_tokens_gets_them_added(release, backend, tmp_p
     (ckpt / "model.pth").symlink_to(release.ckpt / "model.pth")
     shutil.copy(release.root / "config.json", root / "config.json")
     shutil.copy(release.root / "model_config.json", root / "model_config.json")
-    _make_tokenizer().save_pretrained(str(ckpt))  # the base tokenizer, in checkpoint-1/ itself
+    make_tokenizer().save_pretrained(str(ckpt))  # the base tokenizer, in checkpoint-1/ itself
     b = VideoRewardBackend(root, device="cpu", dtype="float32", min_pixels=MIN_PIXELS)
     assert b.added_special_tokens and b.special_token_ids == backend.special_token_ids
     v = _videos()[:1]
@@ -542,7 +395,6 @@ def test_tokenizer_without_reward_tokens_gets_them_added(release, backend, tmp_p
 def test_builtin_qwen2_vl_2b_architecture(tmp_path):
     """The release stores no config.json; the built-in Qwen2-VL-2B-Instruct one gives its known shapes
     (2.21B parameters with the 151660-token vocabulary), built on the meta device."""
-    from core.reward.videoreward import VideoRewardFiles, VideoRewardNet, find_arch_config
 
     files = VideoRewardFiles(tmp_path, tmp_path / "model_config.json", tmp_path / "checkpoint-11352", "full",
                              (tmp_path / "checkpoint-11352" / "model.pth",), tmp_path)
@@ -625,7 +477,7 @@ def test_key_mismatch_lists_missing_and_unexpected(release, tmp_path):
 
 def test_unsupported_configuration_is_refused(release, tmp_path):
     root = _copy_release(release, tmp_path / "u")
-    (root / "model_config.json").write_text(json.dumps(_model_config(prompt_template_type="simple")))
+    (root / "model_config.json").write_text(json.dumps(model_config(prompt_template_type="simple")))
     with pytest.raises(ValueError, match="detailed_special"):
         VideoRewardBackend(root, device="cpu", dtype="float32")
     (root / "model_config.json").write_text(json.dumps({"data_config": {}}))

@@ -1,18 +1,21 @@
-"""Weight broadcast from the learner's rank 0 to the rollout actors (gloo here, NCCL on GPUs): packing, exact
-weights in the actors, and the object-store fallback when an actor restarts."""
+"""Weight sync from the learner's rank 0 to the rollout actors (weight_sync.py; gloo here, NCCL on GPUs): packing,
+exact weights in the actors, the group's states, and the object-store fallback, counted with its reason, when
+an actor restarts."""
 
 from __future__ import annotations
 
-import pytest
+import time
+
 import ray
 import torch
 
-from core.config import PLUMBING_CONFIG, REPO_ROOT, load_config
-from core.distill import ReDMD
-from core.sample import from_record_batch
-from core.text_encoder import TextEncoder
-from core.wan.model import CausalWanModel
-from core.weight_sync import numel, pack, unpack
+from actors.pool import RolloutPool
+from core.algo.distill import ReDMD
+from core.codecs.text_encoder import TextEncoder
+from core.config import PLUMBING_CONFIG, load_config
+from core.model.wan import CausalWanModel
+from core.records.sample import from_record_batch
+from weight_sync import WeightPublisher, WeightRelay, numel, pack, unpack
 
 
 def test_pack_unpack_round_trip():
@@ -23,17 +26,27 @@ def test_pack_unpack_round_trip():
     assert list(out) == ["a", "b", "c"] and all(torch.equal(out[k], weights[k].float()) for k in weights)
 
 
-@pytest.fixture(scope="module")
-def reward_app(serve_instance):
-    from ray import serve
-
-    from reward_service.app import build_app
-
-    cfg = load_config(REPO_ROOT / "configs" / "reward_service.yaml",
-                      ["reward_service.app_name=sync_reward", "reward_service.num_cpus=0.1"])
-    serve.run(build_app(cfg), name="sync_reward", route_prefix="/sync_reward")
-    yield "sync_reward"
-    serve.delete("sync_reward")
+def test_relay_versions_and_counted_fallbacks():
+    relay = WeightRelay()
+    relay.publish(1, "ref-1")  # object store by configuration: not a fallback
+    assert relay.metrics() == {"version": 1, "state": "object_store", "broken_by": None, "groups_formed": 0,
+                               "fallbacks": {}}
+    relay.publish(2, "ref-2", "group_not_formed: TimeoutError: no actor joined")
+    relay.publish(3, "ref-3", "actor_restarted")
+    assert relay.metrics()["fallbacks"] == {"group_not_formed": 1, "actor_restarted": 1}
+    for stale in (3, 2):
+        try:
+            relay.publish(stale, "ref")
+        except ValueError as e:
+            assert "not newer than the published 3" in str(e)
+        else:
+            raise AssertionError(f"version {stale} after 3 was accepted")
+    assert relay.begin_broadcast(4, [], []) == "group_not_formed"  # no group: the learner sends it by object store
+    relay.state, relay.epoch = "formed", 1  # as `form` leaves it
+    relay.on_actor_lost(sent_epoch=0)  # a rollout sent before this group formed says nothing about it
+    assert relay.state == "formed"
+    relay.on_actor_lost(sent_epoch=1)
+    assert relay.metrics()["state"] == "broken" and relay.metrics()["broken_by"] == "actor_restarted"
 
 
 def replays_exactly(cfg, sample, weights) -> bool:
@@ -55,34 +68,38 @@ def fresh_sample(pool, version: int):
 
 
 def test_broadcast_sync_and_fallback_after_an_actor_restarts(reward_app):
-    from actors.pool import RolloutPool
-    from learner.publish import BroadcastPublisher
-
     cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=2", "actors.num_cpus=0.25",
-                             f"actors.reward_app={reward_app}", "actors.queue_size=2", "actors.max_staleness=0"])
-    pool = RolloutPool.options(name="sync-pool").remote(cfg.model_dump(), "sync-pool")
+                                        f"actors.reward_app={reward_app}", "actors.queue_size=2", "actors.max_staleness=0"])
+    pool = RolloutPool.options(name="sync-pool").remote(cfg, "sync-pool")
     try:
-        publisher = BroadcastPublisher(pool, torch.float32, "gloo", timeout_s=300)  # this process plays rank 0
-        assert publisher.group is not None and ray.get(pool.metrics.remote())["weight_group_ok"]
+        publisher = WeightPublisher(pool, torch.float32, broadcast=True, group_backend="gloo", timeout_s=300)  # rank 0
+        sync = ray.get(pool.metrics.remote())["weight_sync"]
+        assert publisher.group is not None and sync["state"] == "formed" and sync["groups_formed"] == 1, sync
         ray.get(pool.start.remote())
         versions = {}
         for version in (1, 2, 3):
             torch.manual_seed(100 + version)
             versions[version] = CausalWanModel(cfg.model, cfg.stream).state_dict()
         publisher.publish(1, versions[1])
-        assert publisher.syncs == {"broadcast": 1, "object_store": 0}, ray.get(pool.metrics.remote())["weight_group_error"]
+        assert publisher.syncs == {"broadcast": 1}, ray.get(pool.metrics.remote())["weight_sync"]
         assert replays_exactly(cfg, fresh_sample(pool, 1), versions[1])
 
         ray.kill(ray.get_actor("sync-pool-actor-0"), no_restart=False)  # it comes back in no group
         fresh_sample(pool, 1)
-        while ray.get(pool.metrics.remote())["weight_group_ok"]:  # until the pool has met the restarted actor
+        deadline = time.monotonic() + 300
+        while ray.get(pool.metrics.remote())["weight_sync"]["state"] == "formed":  # until the pool meets the restart
+            assert time.monotonic() < deadline, "the pool never noticed the restarted actor"
             fresh_sample(pool, 1)
         publisher.publish(2, versions[2])  # refused by the pool: object store, then the group is re-formed
+        sync = ray.get(pool.metrics.remote())["weight_sync"]
         assert publisher.syncs == {"broadcast": 1, "object_store": 1}
-        assert publisher.group is not None, ray.get(pool.metrics.remote())["weight_group_error"]
+        # the pool meets the restart as a lost rollout or as a rollout the actor had no broadcast weights for
+        assert len(sync["fallbacks"]) == 1 and sync["fallbacks"].get("actor_restarted", sync["fallbacks"].get(
+            "actor_missed_broadcast")) == 1, sync
+        assert sync["state"] == "formed" and sync["groups_formed"] == 2, sync
         assert replays_exactly(cfg, fresh_sample(pool, 2), versions[2])
         publisher.publish(3, versions[3])
-        assert publisher.syncs == {"broadcast": 2, "object_store": 1}, ray.get(pool.metrics.remote())["weight_group_error"]
+        assert publisher.syncs == {"broadcast": 2, "object_store": 1}, ray.get(pool.metrics.remote())["weight_sync"]
         assert replays_exactly(cfg, fresh_sample(pool, 3), versions[3])
         drops = ray.get(pool.metrics.remote())["drops"]
         assert "worker_error" not in drops, drops

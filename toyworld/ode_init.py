@@ -17,12 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.config import Config, ConfigError
-from core.pretrain import RecipeOptimizer, ode_trajectory
-from core.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout
-from core.scheduler import FlowMatchScheduler
-from core.toyworld import Scene
-from core.wan.model import CausalWanModel, WanModel
+from core.algo.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout
+from core.algo.scheduler import FlowMatchScheduler
+from core.codecs.text_encoder import TextEncoder
+from core.config import ConfigError
+from core.model.wan import CausalWanModel, WanModel
+from core.records.checkpoint import load_into, load_wan_state_dict
+from toyworld.config import WorldConfig
+from toyworld.recipe import RecipeOptimizer
+from toyworld.sampler import ode_trajectory
+from toyworld.world import Scene
 
 
 @dataclass
@@ -32,13 +36,13 @@ class OdePairs:
     clean: torch.Tensor  # [N, F, C, H, W]: where the ODE ends
 
 
-def student_timesteps(cfg: Config) -> torch.Tensor:
+def student_timesteps(cfg: WorldConfig) -> torch.Tensor:
     sched = FlowMatchScheduler.from_config(cfg.scheduler)
     return sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
 
 
 @torch.no_grad()
-def teacher_trajectories(cfg: Config, teacher: WanModel, encoder, prompts: list[str], seed: int,
+def teacher_trajectories(cfg: WorldConfig, teacher: WanModel, encoder, prompts: list[str], seed: int,
                          on_batch=None) -> OdePairs:
     """Guided ODE solves of `teacher` for `prompts`, `ode_init.batch_size` at a time (seeded per batch)."""
     o, lh_lw = cfg.ode_init, cfg.video.latent_hw
@@ -81,15 +85,12 @@ def ode_regression_loss(generator: CausalWanModel, sched: FlowMatchScheduler, ti
     return F.mse_loss(rollout.replay_exit_steps(record, context, cache), clean)
 
 
-def ode_init(cfg: Config, on_stage=None, on_step=None) -> tuple[CausalWanModel, list[float]]:
+def ode_init(cfg: WorldConfig, on_stage=None, on_step=None) -> tuple[CausalWanModel, list[float]]:
     """Train the causal student, started from the teacher's weights (same architecture), on teacher
     trajectories per `cfg.ode_init`; returns (student, losses).
 
     `on_stage(name, total)` announces "trajectories" (in clips) and "regression" (in steps); `on_step(n, loss)`
     reports progress within a stage (loss None while solving trajectories)."""
-    from core.checkpoint import load_into, load_wan_state_dict
-    from core.text_encoder import TextEncoder
-
     o = cfg.ode_init
     if cfg.learner.teacher.checkpoint is None:
         raise ConfigError("ode_init needs a trained teacher: set learner.teacher.checkpoint to its folder "

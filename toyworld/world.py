@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 70), "blue": (40, 90, 235),
@@ -104,9 +106,6 @@ def write_tokenizer(folder: str | Path) -> None:
     into `folder`, for `text_encoder.tokenizer`. With the byte tokenizer, a colour word of another length
     shifts every later byte, so a small teacher must learn to spell before it can read the prompt; one id
     per word makes the prompt's attributes directly visible to cross-attention. Unknown words map to <unk>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *sorted(set(VOCABULARY))))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()

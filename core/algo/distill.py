@@ -2,7 +2,7 @@
 
 The learner holds three models: the causal generator (trainable), the critic / fake score
 (bidirectional, trainable) and the teacher / real score (bidirectional, frozen). A rollout
-sample (core.sample) carries each block's exit-step input; `ReDMD.replay` recomputes the
+sample (core.records.sample) carries each block's exit-step input; `ReDMD.replay` recomputes the
 exit-step predictions with grad, which is Self Forcing's generator output and gradient
 (DESIGN.md). The generator loss compares critic and teacher (CFG with the negative prompt)
 at a random noise level and weights each video by exp(beta * reward); the critic learns
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from core.algo.losses import critic_loss, dmd_gradient, noisy_latent, training_timesteps, weighted_dmd_loss
+from core.algo.rollout import RolloutRecord, SelfForcedRollout
+from core.algo.scheduler import FlowMatchScheduler
 from core.config import Config, ConfigError, LearnerConfig
-from core.losses import critic_loss, dmd_gradient, noisy_latent, training_timesteps, weighted_dmd_loss
-from core.rollout import RolloutRecord, SelfForcedRollout
-from core.scheduler import FlowMatchScheduler
-from core.wan.model import CausalWanModel, WanModel
+from core.model.wan import CausalWanModel, WanModel
+from core.records.checkpoint import load_into, load_wan_state_dict
 
 
 def predict_x0(model: torch.nn.Module, sched: FlowMatchScheduler, x_t: torch.Tensor, t: torch.Tensor,
@@ -81,8 +82,6 @@ class ReDMD:
 def build_score_models(cfg: Config) -> tuple[WanModel, WanModel]:
     """(teacher, critic) in float32 on CPU: from their checkpoints, the critic from the teacher's weights when
     the architectures match and no critic checkpoint is set, or seeded random weights (tiny configs)."""
-    from core.checkpoint import load_into, load_wan_state_dict
-
     learner = cfg.learner
     teacher_arch = learner.teacher.arch or cfg.model
     torch.manual_seed(cfg.runtime.seed)

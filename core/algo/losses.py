@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.scheduler import FlowMatchScheduler
+from core.algo.scheduler import FlowMatchScheduler
 
 
 def training_timesteps(sched: FlowMatchScheduler, t_raw: torch.Tensor, num_frames: int,

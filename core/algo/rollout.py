@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from core.scheduler import FlowMatchScheduler
-from core.wan.kv_cache import KVCache
-from core.wan.model import CausalWanModel
+from core.algo.scheduler import FlowMatchScheduler
+from core.model.kv_cache import KVCache
+from core.model.wan import CausalWanModel
 
 # noise_fn(block, step) -> noise [B, f, C, H, W]; step -1 is the block's initial noise,
 # step i >= 0 the fresh noise used to re-noise after denoising step i, "context" the context noise.
@@ -91,12 +91,19 @@ class SelfForcedRollout:
         t_frames = torch.full((b * f,), t, dtype=torch.float32, device=x0.device)
         return self.scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t_frames).unflatten(0, (b, f))
 
+    def write_cache(self, x: torch.Tensor, context: torch.Tensor, cache: KVCache, start_frame: int,
+                    t: float | None = None) -> None:
+        """Run finished latents x [B, f, C, H, W] at timestep `t` (default: the context timestep) so their K/V
+        land in the cache: a block's context re-run, a replay's, and a prompt switch's re-cache."""
+        t = float(self.context_noise) if t is None else t
+        t_frames = torch.full(x.shape[:2], t, dtype=torch.float32, device=x.device)
+        self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame)
+
     def _write_context(self, x0: torch.Tensor, context, cache: KVCache, start_frame: int, block: int,
                        noise_fn: NoiseFn) -> torch.Tensor:
         """Re-run the finished block at t = context_noise so its clean K/V land in the cache."""
         x = x0 if self.context_noise == 0 else self._renoise(x0, noise_fn(block, "context"), float(self.context_noise))
-        t_frames = torch.full(x.shape[:2], float(self.context_noise), dtype=torch.float32, device=x.device)
-        self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame)
+        self.write_cache(x, context, cache, start_frame)
         return x
 
     @torch.no_grad()
@@ -154,6 +161,5 @@ class SelfForcedRollout:
             outputs.append(self._predict_x0(blk.noisy, record.exit_timestep, context, cache, blk.start_frame))
             with torch.no_grad():
                 ctx_in = blk.clean if blk.context_input is None else blk.context_input
-                t_frames = torch.full(ctx_in.shape[:2], record.context_timestep, dtype=torch.float32, device=ctx_in.device)
-                self.model(_bcfhw(ctx_in), t_frames, context, cache=cache, start_frame=blk.start_frame)
+                self.write_cache(ctx_in, context, cache, blk.start_frame, record.context_timestep)
         return torch.cat(outputs, dim=1)

@@ -9,7 +9,7 @@ channels
 with the values of the [-1, 1] video the rest of the code uses (pixel / 127.5 - 1); channels from
 3 * s * s up to the latent width (model.in_dim) are zero on encode and ignored on decode. So
 `to_uint8_frames(decode(encode(x)))` gives back x's uint8 pixels bit for bit, and a decoded video is
-exactly what the model produced. Same interface as `core.vae.WanVAE` (`from_config`, `encode`,
+exactly what the model produced. Same interface as `core.codecs.wan_vae.WanVAE` (`from_config`, `encode`,
 `decode`, `stream_decoder`); no torch.nn state, so nothing to move between devices.
 """
 
@@ -70,7 +70,7 @@ class PatchCodec:
 
 
 class PatchStreamDecoder:
-    """`core.vae.StreamingDecoder`'s interface for the patch codec: every latent frame decodes on its own,
+    """`core.codecs.wan_vae.StreamingDecoder`'s interface for the patch codec: every latent frame decodes on its own,
     so chunks decode exactly as the whole video would; only the count of decoded latent frames is kept."""
 
     def __init__(self, codec: PatchCodec):

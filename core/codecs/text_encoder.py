@@ -19,8 +19,8 @@ import torch
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5LayerNorm
 
-from core.checkpoint import CheckpointError
 from core.config import Config, ConfigError
+from core.records.checkpoint import CheckpointError
 
 LAYOUTS = ("expected Wan's models_t5_umt5-xxl-enc-bf16.pth (a flat state dict with Wan T5 keys such as "
            "token_embedding.weight, blocks.0.attn.q.weight) or a Hugging Face UMT5 folder (config.json + weights)")

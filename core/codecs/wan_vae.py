@@ -8,9 +8,6 @@
   convolutions keep their last two input frames per layer between calls, so decoding block by block
   gives exactly the full decode (the first latent -> 1 frame, each later latent -> 4 frames).
   diffusers' own `decode` clears that cache on every call (and clamps), so it cannot stream.
-* `build_codec` builds what `vae.kind` asks for: this VAE (`wan`) or the exact pixel-space
-  `core.patch_codec.PatchCodec` (`patch`); both have `encode`, `decode`, `stream_decoder` and
-  `temporal_stride` (latent frame n > 0 decodes to `temporal_stride` video frames, the first to one).
 """
 
 from __future__ import annotations
@@ -20,13 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d, WanResample, WanUpsample
+from safetensors.torch import load_file
 from torch import nn
-from diffusers.models.autoencoders.autoencoder_kl_wan import (AutoencoderKLWan, WanCausalConv3d,
-                                                              WanResample, WanUpsample)
 
-from core.checkpoint import CheckpointError, mismatch_report
 from core.config import Config
-from core.patch_codec import PatchCodec
+from core.records.checkpoint import CheckpointError, mismatch_report
 
 StateDict = dict[str, torch.Tensor]
 
@@ -278,44 +274,9 @@ class StreamingDecoder:
         return torch.cat(frames, dim=2)
 
 
-Codec = WanVAE | PatchCodec
-CODECS: dict[str, type[WanVAE] | type[PatchCodec]] = {"wan": WanVAE, "patch": PatchCodec}
-
-
-def codec_class(cfg: Config) -> type[WanVAE] | type[PatchCodec]:
-    """The codec class `vae.kind` names (its `temporal_stride` is known before anything is built)."""
-    return CODECS[cfg.vae.kind]
-
-
-def build_codec(cfg: Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Codec:
-    """The video codec `vae.kind` asks for: the Wan2.1 VAE (`wan`) or the exact patch codec (`patch`)."""
-    return codec_class(cfg).from_config(cfg, device, dtype)
-
-
-def from_uint8_frames(frames, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] (numpy or torch) -> one video [1, 3, T, H, W] in [-1, 1] (pixel / 127.5 - 1),
-    the inverse of `to_uint8_frames`."""
-    frames = torch.as_tensor(frames)
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    return (frames.permute(3, 0, 1, 2)[None].double() / 127.5 - 1).to(dtype)
-
-
-def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """One decoded video [1, 3, T, H, W] or [3, T, H, W], clamped to [-1, 1] -> uint8 [T, H, W, 3] on the CPU."""
-    if video.dim() == 5:
-        if video.shape[0] != 1:
-            raise ValueError(f"to_uint8_frames takes one video, got a batch of {video.shape[0]}")
-        video = video[0]
-    if video.dim() != 4 or video.shape[0] != 3:
-        raise ValueError(f"expected a video [3, T, H, W], got {tuple(video.shape)}")
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
-
-
 def _read_state_dict(path: Path) -> StateDict:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -36,7 +36,7 @@ import json
 import math
 import re
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from core.checkpoint import WRAPPER_FRAGMENTS, _from_diffusers
+from core.records.checkpoint import WRAPPER_FRAGMENTS, wan_key_from_diffusers
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -58,7 +58,7 @@ LAYOUTS = (
 # (Self-Forcing / LongLive `model.`, DDP `module.`, diffusers pipelines `transformer.`, ComfyUI
 # `diffusion_model.`). No Wan key starts with any of them.
 _PREFIXES = ("base_model.model.", "model.", "module.", "transformer.", "diffusion_model.")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
 _MAX_LISTED = 10
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -73,8 +73,8 @@ def _preview(items: list[str]) -> str:
     return shown + (f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def _normalise_module(name: str) -> str:
-    """A module name as `core.wan.model` spells it, whatever wrappers the trainer had around it."""
+def wan_module_name(name: str) -> str:
+    """A module name as `core.model.wan` spells it, whatever wrappers the trainer had around it."""
     for fragment in WRAPPER_FRAGMENTS:
         name = name.replace(fragment, "")
     stripped = True
@@ -84,8 +84,8 @@ def _normalise_module(name: str) -> str:
             if name.startswith(prefix):
                 name, stripped = name[len(prefix):], True
     if name.startswith("blocks.") and name.count(".") < 2:
-        return name  # not a block submodule; `_from_diffusers` expects `blocks.N.<rest>`
-    return _from_diffusers(name + ".weight")[: -len(".weight")]  # diffusers names; Wan names pass through
+        return name  # not a block submodule; `wan_key_from_diffusers` expects `blocks.N.<rest>`
+    return wan_key_from_diffusers(name + ".weight")[: -len(".weight")]  # diffusers names; Wan names pass through
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -147,7 +147,7 @@ class LoraAdapter:
         `rslora`), and `alpha=None` means alpha = r, i.e. scale 1. A given alpha needs one rank
         across layers, since a single scale could not be right for all of them otherwise.
         """
-        layers = _pairs(state_dict, source)
+        layers = lora_pairs(state_dict, source)
         ranks = sorted({a.shape[0] for a, _ in layers.values() if a.dim() == 2})
         if alpha is None:
             scale = 1.0
@@ -155,7 +155,7 @@ class LoraAdapter:
             raise LoraError(f"{source}: layers have different ranks {ranks}, so alpha={alpha} gives no single "
                             "scale; pass alpha=None (scale 1) or split the adapter")
         else:
-            scale = float(alpha) / (math.sqrt(ranks[0]) if rslora else ranks[0])
+            scale = lora_scale(float(alpha), ranks[0], rslora)
         return cls(layers, scale, source)
 
     @classmethod
@@ -239,26 +239,36 @@ def _select_entry(obj: object, path: Path) -> Mapping[str, torch.Tensor]:
     raise LoraError(f"{path} holds a {type(obj).__name__}, not a dict; {LAYOUTS}")
 
 
-def _pairs(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, Pair]:
-    """Group `...lora_A/B[.<adapter>].weight` tensors by normalised module name; anything else is an error."""
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a LoRA adapter (A / B weights, or a variant this module refuses)."""
+    return ".lora_" in key
+
+
+def lora_pairs(state_dict: Mapping[str, torch.Tensor], source: str,
+               module_name: Callable[[str], str | None] = wan_module_name) -> dict[str, Pair]:
+    """Group `<module>.lora_A/B[.<adapter>].weight` tensors into (A, B) pairs by module name.
+
+    `module_name` maps a stored module name to the model's (None: a module the model does not use, dropped).
+    Anything else (DoRA, LoRA biases, embedding LoRA), two adapters in one file, or a half pair is an error."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     foreign, names = [], set()
     for key, value in state_dict.items():
-        match = _LORA_KEY.match(key) if isinstance(key, str) else None
+        match = LORA_KEY.match(key) if isinstance(key, str) else None
         if match is None or not isinstance(value, torch.Tensor):
             foreign.append(str(key))
             continue
-        if match["name"]:
-            names.add(match["name"])
-        module = _normalise_module(match["module"])
+        names.add(match["name"] or "default")
+        module = module_name(match["module"])
+        if module is None:
+            continue
         slot = parts.setdefault(module, {})
         if match["part"] in slot:
             raise LoraError(f"{source}: two {match['part']} tensors for module {module} once prefixes are "
                             "stripped; the file mixes several adapters or models")
         slot[match["part"]] = value
     if foreign:
-        raise LoraError(f"{source}: {len(foreign)} key(s) are not LoRA A/B weights (DoRA, LoRA biases and "
-                        f"modules_to_save are not supported): {_preview(sorted(foreign))}; {LAYOUTS}")
+        raise LoraError(f"{source}: {len(foreign)} key(s) are not LoRA A/B weights (DoRA, LoRA biases, embedding "
+                        f"LoRA and modules_to_save are not supported): {_preview(sorted(foreign))}; {LAYOUTS}")
     if len(names) > 1:
         raise LoraError(f"{source}: the state dict holds several PEFT adapters {sorted(names)}; save one")
     unpaired = sorted(f"{m} (only {next(iter(p))})" for m, p in parts.items() if len(p) != 2)
@@ -269,9 +279,22 @@ def _pairs(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, Pai
     return {m: (p["A"], p["B"]) for m, p in sorted(parts.items())}
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's scale of the low-rank update: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def folded(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, factor: float,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + factor * B @ A, summed in float32 (float64 for a float64 weight), in `dtype` (default: W's)."""
+    acc = _float(weight)
+    delta = (b.to(weight.device, acc) @ a.to(weight.device, acc)).mul_(factor)
+    return (weight.to(acc) + delta).to(dtype or weight.dtype)
+
+
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The model's Linear layers by Wan name (wrappers such as torch.compile's `_orig_mod.` removed)."""
-    return {_normalise_module(name): m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {wan_module_name(name): m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _check_weight(weight: float) -> float:
@@ -333,9 +356,7 @@ def merge(model: nn.Module, adapter: LoraAdapter, weight: float = 1.0,
     try:
         for name, lin in targets.items():
             a, b = adapter.layers[name]
-            w = lin.weight
-            delta = (b.to(w.device, _float(w)) @ a.to(w.device, _float(w))).mul_(factor)
-            w.copy_((w.to(_float(w)) + delta).to(w.dtype))
+            lin.weight.copy_(folded(lin.weight, a, b, factor))
             done.append(name)
     except BaseException:
         for name in done:

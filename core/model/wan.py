@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from core.attention import MaskMod, attention, block_causal_mask, teacher_forcing_mask
 from core.config import StreamConfig, WanArchConfig
-from core.wan.kv_cache import KVCache, StreamLimitError
+from core.model.attention import MaskMod, attention, block_causal_mask, teacher_forcing_mask
+from core.model.kv_cache import KVCache, StreamLimitError
 
 ROPE_POSITIONS = 1024  # length of the RoPE table per axis, as in Wan
 

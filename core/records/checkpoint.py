@@ -1,7 +1,7 @@
 """Load and save Wan2.1 transformer weights in every layout this project meets (REFERENCE.md section 6).
 
 Everything is normalised to the original Wan2.1 keys with no prefix (`blocks.0.self_attn.q.weight`),
-the keys of `core.wan.model`, so the same weights load into `WanModel` and `CausalWanModel` whatever
+the keys of `core.model.wan`, so the same weights load into `WanModel` and `CausalWanModel` whatever
 file they came from. Loads are strict: a mismatch is an error naming the keys, never a partial load.
 """
 
@@ -130,7 +130,7 @@ def _normalise_key(key: str) -> str:
     return key
 
 
-def _from_diffusers(key: str) -> str:
+def wan_key_from_diffusers(key: str) -> str:
     """Rename one diffusers key to Wan; unknown keys pass through and surface in `load_into`."""
     table, head, rest = _DIFFUSERS_TOP, "", key
     if key.startswith("blocks."):
@@ -169,7 +169,7 @@ def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool
         raise CheckpointError(f"{path}: keys collide once wrapper prefixes are stripped (e.g. both "
                               "'model.x' and 'x'); the file mixes two state dicts")
     if _is_diffusers(list(sd)):
-        sd = {_from_diffusers(k): v for k, v in sd.items()}
+        sd = {wan_key_from_diffusers(k): v for k, v in sd.items()}
     if "patch_embedding.weight" not in sd:
         raise CheckpointError(f"{path} does not look like a Wan transformer (no patch_embedding.weight); "
                               f"its keys start {_preview(sorted(sd), 5)}")

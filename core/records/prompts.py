@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "tiny.txt"
+from core.config import REPO_ROOT
+
+DEFAULT_PROMPTS = REPO_ROOT / "prompts" / "tiny.txt"
 PARQUET_SUFFIXES = (".parquet", ".pq")
 STATE_VERSION = 1
 _ITEM_SEED_TAG = 0x5EED  # keeps item-seed entropy apart from the permutation's (seed, epoch)
@@ -48,7 +51,6 @@ def load_prompts(path: str | Path) -> tuple[list[int], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     if path.suffix.lower() in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
         table = pq.read_table(str(path))
         if "prompt" not in table.column_names:
             raise ValueError(f"prompt file {path} has no 'prompt' column (columns: {table.column_names})")

@@ -13,21 +13,21 @@ float32, float64 and bfloat16 (which numpy and Arrow cannot represent) round-tri
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from core.algo.rollout import ReplayBlock, RolloutRecord
 from core.reward.base import AXES
-from core.rollout import ReplayBlock, RolloutRecord
+from core.runtime import DTYPES
 
 TIMING_KEYS = ("generate_s", "decode_s", "score_s", "load_weights_s")
 TENSOR_COLUMNS = ("noisy", "clean", "context_input")
 _TENSOR_SCHEMA_COLUMNS = {f"{t}{suffix}" for t in TENSOR_COLUMNS for suffix in ("", "_shape", "_dtype")}
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 _AXES_STRUCT = pa.struct([pa.field(k, pa.float64(), nullable=False) for k in AXES])
 
@@ -38,7 +38,7 @@ def _tensor_fields(name: str, nullable: bool) -> list[pa.Field]:
                  metadata={"doc": f"{name}: raw bytes of the contiguous CPU tensor (native little-endian)"}),
         pa.field(f"{name}_shape", pa.list_(pa.int64()), nullable=nullable, metadata={"doc": f"shape of {name}"}),
         pa.field(f"{name}_dtype", pa.string(), nullable=nullable,
-                 metadata={"doc": f"torch dtype name of {name}: {', '.join(_DTYPES)}"}),
+                 metadata={"doc": f"torch dtype name of {name}: {', '.join(DTYPES)}"}),
     ]
 
 
@@ -47,7 +47,7 @@ def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Fi
 
 
 SAMPLE_SCHEMA: pa.Schema = pa.schema([
-    _f("sample_id", pa.string(), "unique work id 'e{epoch}-i{index}' (core.prompts.WorkItem.sample_id)"),
+    _f("sample_id", pa.string(), "unique work id 'e{epoch}-i{index}' (core.records.prompts.WorkItem.sample_id)"),
     _f("prompt_id", pa.int64(), "id of the prompt in the prompt source"),
     _f("prompt", pa.string(), "the prompt text"),
     _f("epoch", pa.int64(), "prompt-source epoch the work item belongs to"),
@@ -161,16 +161,16 @@ class Sample:
 
 def _tensor_to_bytes(x: torch.Tensor) -> tuple[bytes, list[int], str]:
     name = str(x.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise TypeError(f"Sample tensors must be one of {list(_DTYPES)}, got {x.dtype}")
+    if name not in DTYPES:
+        raise TypeError(f"Sample tensors must be one of {list(DTYPES)}, got {x.dtype}")
     flat = x.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes(), list(x.shape), name
 
 
 def _tensor_from_bytes(data: bytes, shape: list[int], dtype: str, column: str) -> torch.Tensor:
-    if dtype not in _DTYPES:
-        raise SampleSchemaError(f"column {column}_dtype: unknown dtype {dtype!r} (known: {list(_DTYPES)})")
-    dt = _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise SampleSchemaError(f"column {column}_dtype: unknown dtype {dtype!r} (known: {list(DTYPES)})")
+    dt = DTYPES[dtype]
     n = 1
     for s in shape:
         n *= s
@@ -208,7 +208,7 @@ def check_schema(schema: pa.Schema, where: str = "record batch") -> None:
         elif not schema.field(idx).type.equals(f.type):
             problems.append(f"column {f.name!r} has type {schema.field(idx).type}, expected {f.type}")
     if problems:
-        raise SampleSchemaError(f"{where} is not a Sample batch (core.sample.SAMPLE_SCHEMA):\n  " + "\n  ".join(problems))
+        raise SampleSchemaError(f"{where} is not a Sample batch (core.records.sample.SAMPLE_SCHEMA):\n  " + "\n  ".join(problems))
 
 
 def from_record_batch(batch: pa.RecordBatch | pa.Table) -> list[Sample]:

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.config import MotionRewardConfig
 from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
 
 FORMULA_VERSION = "motion-v1"
@@ -206,8 +207,8 @@ class MotionScorer:
         self.normalization = normalization
 
     @classmethod
-    def from_config(cls, cfg=None) -> MotionScorer:
-        """The scorer for `reward.backend: motion` (it has no settings in RewardConfig)."""
+    def from_config(cls, cfg: MotionRewardConfig | None = None) -> MotionScorer:
+        """The scorer for `reward.backend: motion` (its section has no settings)."""
         return cls()
 
     def score(self, video: VideoInput) -> RewardScore:

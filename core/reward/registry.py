@@ -1,48 +1,59 @@
-"""`build_backend(cfg.reward)`: the reward backend a RewardConfig names.
+"""Reward backends by name: `build_backend(cfg.reward)` builds the one a config's `reward:` section names.
 
-    motion       -> core.reward.motion.MotionScorer        (pixels, CPU, no weights; the default)
-    vlm_judge    -> core.reward.vlm_judge.VLMJudge          (local VLM folder through vLLM)
-    videoreward  -> core.reward.videoreward.VideoRewardBackend.from_config(cfg)
+A backend is a class with `name`, `score_batch`, `info` (core.reward.base.RewardBackend) and a classmethod
+`from_config(section)`, plus a section class (a `core.config.RewardBackendConfig` subclass whose `backend`
+field defaults to its name) holding its keys. `register_backend(section_cls, backend_cls)` makes both known:
+configs then validate `reward.backend: <name>` with its keys, and the reward service serves it. The built-in
+backends are registered here:
 
-Each backend module is imported only when chosen, so a missing optional dependency (vLLM,
-or VideoReward's model code) only matters to the configuration that asks for it.
+    motion       core.reward.motion.MotionScorer             pixels only, CPU, no weights (the default)
+    videoreward  core.reward.videoreward.VideoRewardBackend  VideoReward (VideoAlign) from a local folder
+    vlm_judge    core.reward.vlm_judge.VLMJudge              a local VLM through vLLM (the `vllm` extra)
 """
 
 from __future__ import annotations
 
-from typing import get_args
-
-from core.config import ConfigError, RewardConfig
+from core.config import REWARD_BACKENDS, MotionRewardConfig, RewardBackendConfig, VideoRewardConfig, VLMJudgeConfig
 from core.reward.base import RewardBackend
+from core.reward.motion import MotionScorer
+from core.reward.videoreward import VideoRewardBackend
+from core.reward.vlm_judge import VLMJudge
 
-BACKENDS: tuple[str, ...] = get_args(RewardConfig.model_fields["backend"].annotation)
-NEEDS_CHECKPOINT = ("videoreward", "vlm_judge")
+_BACKENDS: dict[str, type] = {}
 
 
-def build_backend(cfg: RewardConfig) -> RewardBackend:
-    """Construct the backend `cfg.backend` names (see the module docstring)."""
-    if not isinstance(cfg, RewardConfig):
+def register_backend(section: type[RewardBackendConfig], backend: type) -> None:
+    """Make `backend` the scorer of `reward.backend: <name>`, configured by `section` (name: its `backend` default)."""
+    if not (isinstance(section, type) and issubclass(section, RewardBackendConfig)):
+        raise TypeError(f"a reward backend's section must subclass core.config.RewardBackendConfig, got {section!r}")
+    name = section.model_fields["backend"].default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{section.__name__}.backend must default to the backend's name")
+    missing = [m for m in ("score_batch", "info", "from_config") if not callable(getattr(backend, m, None))]
+    if missing:
+        raise TypeError(f"reward backend {backend!r} lacks {', '.join(missing)} (see core.reward.base.RewardBackend)")
+    if _BACKENDS.get(name, backend) is not backend:
+        raise ValueError(f"reward backend {name!r} is already registered ({_BACKENDS[name].__qualname__})")
+    REWARD_BACKENDS[name] = section
+    _BACKENDS[name] = backend
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def build_backend(cfg: RewardBackendConfig) -> RewardBackend:
+    """The backend the `reward:` section `cfg` names, built from it."""
+    if not isinstance(cfg, RewardBackendConfig):
         hint = " (pass the config's reward section: cfg.reward)" if hasattr(cfg, "reward") else ""
-        raise TypeError(f"build_backend takes a core.config.RewardConfig, got {type(cfg).__name__}{hint}")
-    backend = cfg.backend
-    if backend not in BACKENDS:  # only reachable through model_construct / unvalidated configs
-        raise ConfigError(f"reward.backend {backend!r} is not a reward backend; choose one of {', '.join(BACKENDS)}")
-    if backend in NEEDS_CHECKPOINT and not cfg.checkpoint:
-        raise ConfigError(f"reward.backend {backend!r} needs reward.checkpoint (a local model folder; "
-                          "nothing is downloaded at run time), or use reward.backend=motion")
-    if backend == "motion":
-        from core.reward.motion import MotionScorer
+        raise TypeError(f"build_backend takes a reward section (core.config.RewardBackendConfig), got "
+                        f"{type(cfg).__name__}{hint}")
+    if cfg.backend not in _BACKENDS:
+        raise ValueError(f"reward.backend {cfg.backend!r} has a section class but no registered backend; register "
+                         "both with core.reward.registry.register_backend")
+    return _BACKENDS[cfg.backend].from_config(cfg)
 
-        return MotionScorer.from_config(cfg)
-    if backend == "vlm_judge":
-        from core.reward.vlm_judge import VLMJudge
 
-        return VLMJudge.from_config(cfg)
-    try:
-        from core.reward.videoreward import VideoRewardBackend
-    except ModuleNotFoundError as e:
-        if e.name != "core.reward.videoreward":
-            raise
-        raise RuntimeError("reward.backend 'videoreward' is not available in this build "
-                           "(core/reward/videoreward.py is missing); use reward.backend=motion") from e
-    return VideoRewardBackend.from_config(cfg)
+register_backend(MotionRewardConfig, MotionScorer)
+register_backend(VideoRewardConfig, VideoRewardBackend)
+register_backend(VLMJudgeConfig, VLMJudge)

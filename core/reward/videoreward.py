@@ -54,10 +54,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import AddedToken
 from torch import nn
+from transformers import AutoTokenizer, Qwen2VLConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLTextModel
 
-from core.checkpoint import mismatch_report
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+from core.config import VideoRewardConfig
+from core.model.lora import folded, is_lora_key, lora_pairs, lora_scale
+from core.records.checkpoint import mismatch_report
 from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
+from core.runtime import resolve_device, resolve_dtype
 
 BACKEND_NAME = "videoreward"
 SPECIAL_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -371,8 +383,6 @@ def locate_checkpoint(root: str | Path, step: int | None = None) -> VideoRewardF
 def find_arch_config(files: VideoRewardFiles, base_dir: Path | None, model_name: str | None) -> tuple[Any, str]:
     """The Qwen2-VL architecture: config.json in checkpoint-<step>/, next to model_config.json or in
     the local base folder; else the built-in Qwen2-VL-2B-Instruct one when the model names it."""
-    from transformers import Qwen2VLConfig
-
     candidates = [files.checkpoint_dir / "config.json", files.root / "config.json"]
     if base_dir is not None:
         candidates.append(base_dir / "config.json")
@@ -422,9 +432,6 @@ def _normalization_from(inference_config: dict[str, Any] | None, path: Path) -> 
 # ----------------------------------------------------------------------------- state dicts
 
 
-_LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
 def _net_key(key: str) -> str | None:
     """Checkpoint key (VideoAlign under transformers 4.45, peft-wrapped or not, or a transformers 5
     Qwen2-VL layout) -> key of `VideoRewardNet`; None for weights the reward model does not use."""
@@ -455,8 +462,6 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"base model folder {folder} has no *.safetensors weights")
@@ -468,27 +473,14 @@ def _load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], *, r: int, alpha: float, use_rslora: bool = False,
                           dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Fold peft LoRA pairs into their base weights: W += scale * B @ A with scale alpha / r
-    (alpha / sqrt(r) with rsLoRA), in float32, cast to `dtype`. Keys are returned in the
-    `VideoRewardNet` naming; `lm_head` and peft's `original_module` copies are dropped,
-    `modules_to_save` copies replace their originals. Returns (state dict, merged module count)."""
+    """Fold peft LoRA pairs into their base weights (core.model.lora: W += scale * B @ A, scale alpha / r or
+    alpha / sqrt(r) with rsLoRA, summed in float32, cast to `dtype`). Keys are returned in the `VideoRewardNet`
+    naming; `lm_head` and peft's `original_module` copies are dropped, `modules_to_save` copies replace their
+    originals. Returns (state dict, merged module count)."""
     plain: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    adapters: set[str] = set()
-    unsupported = [k for k in sd if "lora_embedding_" in k or "lora_magnitude_vector" in k]
-    if unsupported:
-        raise ValueError("unsupported LoRA variant in the checkpoint (embedding LoRA / DoRA): " + ", ".join(unsupported[:5]))
     for key, value in sd.items():
-        m = _LORA_RE.match(key)
-        if m:
-            module = _net_key(m["module"] + ".weight")
-            if module is None:
-                continue
-            pairs.setdefault(module[: -len(".weight")], {})[m["ab"]] = value
-            adapters.add(m["adapter"] or "default")
-            continue
-        if ".original_module." in key:
+        if is_lora_key(key) or ".original_module." in key:
             continue
         if ".modules_to_save." in key:
             head, _, tail = key.partition(".modules_to_save.")
@@ -499,22 +491,26 @@ def merge_lora_state_dict(sd: dict[str, torch.Tensor], *, r: int, alpha: float, 
         target = _net_key(key)
         if target is not None:
             plain[target] = value
-    if len(adapters) > 1:
-        raise ValueError(f"the checkpoint holds several LoRA adapters ({sorted(adapters)}); expected one")
     plain.update(saved)
-    scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA pair for {module} is incomplete (has {sorted(ab)})")
-        a, b = ab["A"].to(torch.float32), ab["B"].to(torch.float32)
+    lora = {k: v for k, v in sd.items() if is_lora_key(k)}
+    if not lora:
+        return plain, 0
+    pairs = lora_pairs(lora, "the VideoReward checkpoint", _net_module)
+    scale = lora_scale(alpha, r, use_rslora)
+    for module, (a, b) in pairs.items():
         if a.shape[0] != r or b.shape[1] != r:
             raise ValueError(f"LoRA rank of {module} is {a.shape[0]}, but peft_lora_config.lora_r is {r}")
         wkey = module + ".weight"
         if wkey not in plain:
             raise ValueError(f"LoRA weights for {module} but no base weight {wkey} in the checkpoint")
-        w = plain[wkey]
-        plain[wkey] = (w.to(torch.float32) + scale * (b @ a)).to(dtype or w.dtype)
+        plain[wkey] = folded(plain[wkey], a, b, scale, dtype)
     return plain, len(pairs)
+
+
+def _net_module(name: str) -> str | None:
+    """`_net_key` for a module name (None: a module the reward model does not use)."""
+    key = _net_key(name + ".weight")
+    return None if key is None else key[: -len(".weight")]
 
 
 # ----------------------------------------------------------------------------- model
@@ -546,13 +542,6 @@ class VideoRewardNet(nn.Module):
 
     def __init__(self, config: Any, output_dim: int, attn_implementation: str = "sdpa"):
         super().__init__()
-        try:
-            from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-                Qwen2VisionTransformerPretrainedModel,
-                Qwen2VLTextModel,
-            )
-        except ImportError as e:
-            raise ImportError("VideoReward needs transformers >= 4.52 (Qwen2VLTextModel)") from e
 
         self.visual = Qwen2VisionTransformerPretrainedModel._from_config(
             config.vision_config, attn_implementation=attn_implementation)
@@ -587,23 +576,6 @@ class VideoRewardNet(nn.Module):
         return logits.float()
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -629,8 +601,8 @@ class VideoRewardBackend:
                  min_pixels: int | None = None, max_pixels: int | None = None, quantize_resized: bool = False,
                  micro_batch_size: int | None = None, attn_implementation: str = "sdpa"):
         self.files = locate_checkpoint(checkpoint, step)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
         self.quantize_resized = bool(quantize_resized)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
@@ -661,10 +633,8 @@ class VideoRewardBackend:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg: Any, **kwargs: Any) -> VideoRewardBackend:
-        """From a `RewardConfig` (reward.checkpoint, reward.device, reward.dtype)."""
-        if not getattr(cfg, "checkpoint", None):
-            raise ValueError("reward.checkpoint must name the local VideoReward folder")
+    def from_config(cls, cfg: VideoRewardConfig, **kwargs: Any) -> VideoRewardBackend:
+        """From the `reward:` section (checkpoint, device, dtype)."""
         return cls(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, **kwargs)
 
     def _check_supported(self) -> None:
@@ -683,8 +653,6 @@ class VideoRewardBackend:
             raise ValueError(f"{path}: model_config.output_dim must be 1 or 3, got {self.output_dim}")
 
     def _load_tokenizer(self) -> Any:
-        from tokenizers import AddedToken
-        from transformers import AutoTokenizer
 
         folder = self.files.tokenizer_dir
         try:
@@ -753,8 +721,6 @@ class VideoRewardBackend:
         files = self.files
         if files.layout == "full":
             return _load_torch_file(files.weights[0]), str(files.weights[0])
-        from safetensors.torch import load_file
-
         base = self._base_model_dir()
         if base is None:
             raise FileNotFoundError(
@@ -776,14 +742,9 @@ class VideoRewardBackend:
         return sd, f"{files.weights[0]} + {files.weights[1].name} + base {base}"
 
     def _build_model(self, attn_implementation: str) -> VideoRewardNet:
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
-
         raw, source = self._raw_state_dict()
         lora_enabled = bool(self.lora_cfg.get("lora_enable", False))
-        has_lora = any(_LORA_RE.match(k) for k in raw)
+        has_lora = any(is_lora_key(k) for k in raw)
         if has_lora and not lora_enabled:
             raise ValueError(f"{source} holds LoRA weights but peft_lora_config.lora_enable is false")
         r = int(self.lora_cfg.get("lora_r", 16))
@@ -792,7 +753,7 @@ class VideoRewardBackend:
         state, self.merged_modules = merge_lora_state_dict(raw, r=r, alpha=alpha, use_rslora=rslora, dtype=self.dtype)
         del raw
         self.lora_summary = {"enabled": lora_enabled, "r": r, "alpha": alpha, "use_rslora": rslora,
-                             "scale": (alpha / math.sqrt(r) if rslora else alpha / r), "merged_modules": self.merged_modules}
+                             "scale": lora_scale(alpha, r, rslora), "merged_modules": self.merged_modules}
 
         cfg = self.arch_config
         embed = state.get("language_model.embed_tokens.weight")

@@ -3,8 +3,8 @@
 Any chat VLM that vLLM serves with multi-image input (Qwen2-VL / Qwen2.5-VL, InternVL, LLaVA-
 OneVision, ...) can judge. Per video:
 
-1. `judge_frame_indices`: `judge_max_frames` (8) frames evenly spaced over the whole clip,
-   first and last included (indices round(linspace(0, T-1, n)), n = min(T, judge_max_frames)).
+1. `judge_frame_indices`: `reward.max_frames` (8) frames evenly spaced over the whole clip,
+   first and last included (indices round(linspace(0, T-1, n)), n = min(T, reward.max_frames)).
 2. `resize_for_judge`: each frame shrunk (bicubic, aspect kept) so its long side is at most
    `max_side` (512) px, never enlarged; encoded as lossless PNG data URLs.
 3. `build_messages`: one user turn, the frames first as images in time order, then the rubric
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
-from core.config import ConfigError
+from core.config import ConfigError, VLMJudgeConfig
 from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,6 @@ def judge_size(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 def resize_for_judge(frame: np.ndarray, max_side: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [h, w, 3] (bicubic, PIL), long side <= max_side."""
-    from PIL import Image
-
     h, w = judge_size(frame.shape[0], frame.shape[1], max_side)
     if (h, w) == frame.shape[:2]:
         return frame
@@ -133,8 +132,6 @@ def resize_for_judge(frame: np.ndarray, max_side: int) -> np.ndarray:
 
 def frame_data_url(frame: np.ndarray) -> str:
     """Lossless PNG data URL of one uint8 [H, W, 3] frame (what vLLM's chat `image_url` takes)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -208,7 +205,7 @@ def parse_judge_output(text: str) -> tuple[dict[str, float], str]:
             except json.JSONDecodeError:
                 pass
         if obj is None:
-            hint = " (truncated? raise reward.judge_max_new_tokens)" if start >= 0 and end < start else ""
+            hint = " (truncated? raise reward.max_new_tokens)" if start >= 0 and end < start else ""
             raise JudgeOutputError(f"the judge's output is not a JSON object{hint}: {_quote(text)}") from None
     if not isinstance(obj, dict):
         raise JudgeOutputError(f"the judge's output is JSON but not an object: {_quote(text)}")
@@ -248,8 +245,7 @@ class JudgeEngine(Protocol):
 
 def _import_vllm():
     try:
-        import vllm  # noqa: F401
-        from vllm import LLM, SamplingParams
+        from vllm import LLM, SamplingParams  # optional: the vllm extra, needed only by this backend
     except ImportError as e:
         raise RuntimeError(f"reward.backend 'vlm_judge' needs vLLM, which is not importable here ({e}); "
                            f"{INSTALL_HINT}") from e
@@ -261,14 +257,14 @@ def judge_sampling_params(SamplingParams, max_new_tokens: int) -> tuple[Any, str
     vLLM has: (params, which API)."""
     common = {"temperature": 0.0, "max_tokens": max_new_tokens}
     try:
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import StructuredOutputsParams  # optional: vllm extra, newer releases
     except ImportError:
         pass
     else:
         return SamplingParams(**common, structured_outputs=StructuredOutputsParams(json=JUDGE_JSON_SCHEMA)), \
             "structured_outputs"
     try:
-        from vllm.sampling_params import GuidedDecodingParams
+        from vllm.sampling_params import GuidedDecodingParams  # optional: vllm extra, older releases
     except ImportError:
         pass
     else:
@@ -308,9 +304,9 @@ class VLMJudge:
                  normalization: Normalization = JUDGE_NORMALIZATION, engine: JudgeEngine | None = None,
                  **llm_kwargs):
         if max_frames < 1:
-            raise ConfigError(f"reward.judge_max_frames must be >= 1, got {max_frames}")
+            raise ConfigError(f"reward.max_frames must be >= 1, got {max_frames}")
         if max_new_tokens < 32:
-            raise ConfigError(f"reward.judge_max_new_tokens must be >= 32 to hold the JSON answer, got {max_new_tokens}")
+            raise ConfigError(f"reward.max_new_tokens must be >= 32 to hold the JSON answer, got {max_new_tokens}")
         if max_side < 28:
             raise ConfigError(f"max_side must be >= 28 px, got {max_side}")
         self.checkpoint = check_model_folder(checkpoint)
@@ -322,10 +318,10 @@ class VLMJudge:
         self.engine = engine
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> VLMJudge:
-        """From a core.config.RewardConfig (reward.checkpoint, dtype, judge_max_frames, judge_max_new_tokens)."""
-        return cls(cfg.checkpoint, max_frames=cfg.judge_max_frames, max_new_tokens=cfg.judge_max_new_tokens,
-                   dtype=cfg.dtype, **kwargs)
+    def from_config(cls, cfg: VLMJudgeConfig, **kwargs) -> VLMJudge:
+        """From the `reward:` section (checkpoint, dtype, max_frames, max_new_tokens)."""
+        return cls(cfg.checkpoint, max_frames=cfg.max_frames, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
+                   **kwargs)
 
     def score_batch(self, videos: list[VideoInput]) -> list[RewardScore]:
         if not videos:

@@ -1,77 +1,35 @@
-"""Text to streamed video frames: prompt -> umT5 -> causal generator blocks -> streaming decode
-(the Wan VAE, or the exact patch codec with `vae.kind: patch`).
+"""Text to video latents: prompt -> umT5 -> causal generator blocks, with the codec that decodes them (the Wan
+VAE, or the exact patch codec with `vae.kind: patch`).
 
-`VideoPipeline.stream` yields each block's decoded frames as soon as they exist,
-with the time spent denoising and decoding it, so callers (the CLI, the serving
-deployment, rollout actors) can write, send or score video while it is generated.
-With a window set, memory stays bounded however long the stream runs.
+`VideoPipeline` holds one generator, text encoder and codec for every caller: the CLI and the serving
+deployment stream from it (core.stream.session), rollout actors and the toy-world evaluation make their
+seeded rollouts with it (`training_rollout`, `generate`), so a sample's noise and exit step follow from
+its seed the same way everywhere.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
-from core.config import Config, ConfigError
-from core.rollout import SelfForcedRollout
-from core.scheduler import FlowMatchScheduler
-from core.text_encoder import TextEncoder
-from core.vae import Codec, build_codec, codec_class
-from core.wan.model import CausalWanModel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device is cuda but no CUDA device is visible: set runtime.device=cpu or auto")
-    return torch.device(name)
-
-
-def video_frames_for(latent_frames: int, cfg: Config) -> int:
-    """Video frames that `latent_frames` latent frames decode to with the codec `vae.kind` names:
-    the first latent gives one frame, every later one the codec's temporal stride (Wan's VAE:
-    1 + 4(n - 1), 81 for 21 latents; the patch codec: n)."""
-    if latent_frames < 1:
-        raise ValueError(f"the number of latent frames must be >= 1, got {latent_frames}")
-    return 1 + codec_class(cfg).temporal_stride * (latent_frames - 1)
-
-
-def latent_frames_for(video_frames: int, cfg: Config) -> int:
-    """Latent frames, in whole blocks of stream.num_frame_per_block, that decode to at least
-    `video_frames` frames with the codec `vae.kind` names (the inverse of video_frames_for, rounded up)."""
-    if video_frames < 1:
-        raise ValueError(f"the number of video frames must be >= 1, got {video_frames}")
-    latents = 1 + math.ceil((video_frames - 1) / codec_class(cfg).temporal_stride)
-    fpb = cfg.stream.num_frame_per_block
-    return math.ceil(latents / fpb) * fpb
-
-
-@dataclass
-class VideoChunk:
-    block: int
-    frames: torch.Tensor  # uint8 [T, H, W, 3]
-    denoise_s: float
-    decode_s: float
-    first_frame: int = 0  # index of frames[0] in the stream
+from core.algo.rollout import RolloutRecord, SelfForcedRollout, gaussian_noise
+from core.algo.scheduler import FlowMatchScheduler
+from core.codecs.text_encoder import TextEncoder
+from core.codecs.video import Codec, build_codec
+from core.config import Config
+from core.model.wan import CausalWanModel
+from core.records.checkpoint import load_into, load_wan_state_dict
+from core.runtime import resolve_device, resolve_dtype
 
 
 def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype | None = None) -> CausalWanModel:
     """The causal generator (frozen, in runtime.dtype unless `dtype` is given): seeded random weights,
     or the local checkpoint in checkpoint.generator."""
-    from core.checkpoint import load_into, load_wan_state_dict
-
     torch.manual_seed(cfg.runtime.seed)
     model = CausalWanModel(cfg.model, cfg.stream)
     if cfg.checkpoint.generator:
         load_into(model, load_wan_state_dict(cfg.checkpoint.generator, role="generator", use_ema=cfg.checkpoint.use_ema))
     model.attention_backend = cfg.runtime.attention_backend
-    return model.to(device=device, dtype=dtype or DTYPES[cfg.runtime.dtype]).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype or resolve_dtype(cfg.runtime.dtype)).eval().requires_grad_(False)
 
 
 class VideoPipeline:
@@ -82,7 +40,7 @@ class VideoPipeline:
         self.text_encoder = text_encoder
         self.vae = vae
         self.device = device
-        self.dtype = DTYPES[cfg.runtime.dtype]
+        self.dtype = next(generator.parameters()).dtype
         sched = FlowMatchScheduler.from_config(cfg.scheduler)
         timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
         self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise)
@@ -90,18 +48,32 @@ class VideoPipeline:
     @classmethod
     def from_config(cls, cfg: Config) -> "VideoPipeline":
         cfg.check_paths()
-        device = resolve_device(cfg.runtime.device)
-        dtype = DTYPES[cfg.runtime.dtype]
+        device, dtype = resolve_device(cfg.runtime.device), resolve_dtype(cfg.runtime.dtype)
         return cls(cfg, build_generator(cfg, device), TextEncoder.from_config(cfg, device, dtype),
                    build_codec(cfg, device, dtype), device)
 
-    def stream(self, prompt: str, seed: int, latent_frames: int | None = None) -> Iterator[VideoChunk]:
-        """Decoded frames block by block; forever when `latent_frames` is None."""
-        from core.streaming import StreamSession
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings in the generator's device and dtype."""
+        return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
+    def noise(self, batch: int, generator: torch.Generator, latent_hw: tuple[int, int] | None = None):
+        """Fresh noise for one block of `batch` videos per request, drawn from `generator`."""
+        shape = (batch, self.cfg.stream.num_frame_per_block, self.cfg.model.in_dim, *(latent_hw or self.cfg.video.latent_hw))
+        return gaussian_noise(shape, generator, self.dtype, self.device)
+
+    @torch.no_grad()
+    def training_rollout(self, prompt: str, seed: int) -> RolloutRecord:
+        """The training rollout of one prompt, as an actor records it: noise and exit step drawn from `seed`."""
+        gen = torch.Generator().manual_seed(seed)
+        cache = self.generator.init_cache(1, self.cfg.video.latent_hw)
+        blocks = self.cfg.video.num_latent_frames // self.cfg.stream.num_frame_per_block
+        return self.rollout.training_rollout(self.encode([prompt]), cache, self.noise(1, gen), blocks, generator=gen)
+
+    @torch.no_grad()
+    def generate(self, context: torch.Tensor, seed: int, latent_frames: int) -> torch.Tensor:
+        """Few-step rollouts [B, latent_frames, C, H, W] for encoded prompts `context` [B, ...], noise from `seed`."""
         fpb = self.cfg.stream.num_frame_per_block
-        if latent_frames is not None and latent_frames % fpb:
-            raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({fpb})")
-        session = StreamSession(self, prompt, seed)
-        while latent_frames is None or session.blocks < latent_frames // fpb:
-            yield session.next_chunk()
+        cache = self.generator.init_cache(context.shape[0], self.cfg.video.latent_hw)
+        noise = self.noise(context.shape[0], torch.Generator().manual_seed(seed))
+        latents = self.rollout.generate(context.to(self.device, self.dtype), cache, noise, -(-latent_frames // fpb))
+        return latents[:, :latent_frames]

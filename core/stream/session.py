@@ -17,12 +17,22 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from core.pipeline import VideoChunk, VideoPipeline
-from core.rollout import _bcfhw, gaussian_noise
-from core.vae import to_uint8_frames
+from core.codecs.video import to_uint8_frames
+from core.stream.pipeline import VideoPipeline
+
+
+@dataclass
+class VideoChunk:
+    block: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3]
+    denoise_s: float
+    decode_s: float
+    first_frame: int = 0  # index of frames[0] in the stream
 
 
 class StreamSession:
@@ -41,14 +51,13 @@ class StreamSession:
         self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window // self.fpb))  # clean blocks the window holds
         self.cache = pipe.generator.init_cache(1, self.latent_hw)
         self.decoder = pipe.vae.stream_decoder()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.noise = gaussian_noise((1, self.fpb, cfg.model.in_dim, *self.latent_hw), gen, pipe.dtype, pipe.device)
+        self.noise = pipe.noise(1, torch.Generator(device="cpu").manual_seed(seed), self.latent_hw)
         self.blocks = self.frames = 0
         self.prompt = prompt
         self.context = self._encode(prompt)
 
     def _encode(self, prompt: str) -> torch.Tensor:
-        return self.pipe.text_encoder.encode([prompt]).to(self.pipe.device, self.pipe.dtype)
+        return self.pipe.encode([prompt])
 
     def _sync(self) -> float:
         if self.pipe.device.type == "cuda":
@@ -78,11 +87,16 @@ class StreamSession:
         self.prompt, self.context = prompt, self._encode(prompt)
         first = self.cache.frames - self.fpb * len(self.recent)
         self.cache.restart_at(first)
-        model, t_ctx = self.pipe.generator, float(self.pipe.cfg.scheduler.context_noise)
         for i, latents in enumerate(self.recent):
-            t = torch.full(latents.shape[:2], t_ctx, dtype=torch.float32, device=latents.device)
-            model(_bcfhw(latents), t, self.context, cache=self.cache, start_frame=first + i * self.fpb)
+            self.pipe.rollout.write_cache(latents, self.context, self.cache, first + i * self.fpb)
         return self._sync() - t0
+
+    def chunks(self, latent_frames: int | None = None) -> Iterator[VideoChunk]:
+        """Decoded chunks block by block until `latent_frames` latent frames (forever when None)."""
+        if latent_frames is not None and latent_frames % self.fpb:
+            raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({self.fpb})")
+        while latent_frames is None or self.blocks < latent_frames // self.fpb:
+            yield self.next_chunk()
 
     def memory_bytes(self) -> int:
         """KV cache plus the kept clean latents: constant once the window is full."""

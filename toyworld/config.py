@@ -1,0 +1,97 @@
+"""The toy world's config: `Config` plus the sections of its recipes (teacher pretraining, ODE init).
+
+`launch.py` loads every config with `WorldConfig`, so a file may carry these sections (the embedded
+default does) or leave them at their defaults; the roles (actors, learner, services) only read the
+`Config` part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from core.config import REPO_ROOT, Config, ConfigSection, load_config
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"  # the embedded default: the toy world with its shipped weights
+
+
+class _RecipeConfig(ConfigSection):
+    """What the toy-world training recipes share: `steps` AdamW steps of `batch_size` clips from `num_clips`
+    world scenes (seeds `seed`..); the learning rate warms up linearly over `warmup_steps`, then follows a
+    cosine down to a tenth of `lr`; `output` gets loss.csv (every step; the bar shows the loss every
+    `log_every`), the weights and eval.json (`eval_clips` held-out scenes, 0: skip)."""
+
+    steps: int
+    batch_size: int = 8
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float = 1.0
+    num_clips: int
+    seed: int
+    output: str
+    log_every: int = 10
+    eval_clips: int = 24
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "_RecipeConfig":
+        if min(self.num_clips, self.steps, self.batch_size) < 1:
+            raise ValueError("num_clips, steps and batch_size of a training recipe must be >= 1")
+        return self
+
+
+class PretrainConfig(_RecipeConfig):
+    """Flow-matching pretraining of a small bidirectional teacher on the toy world (`launch.py pretrain-teacher`),
+    the prompt dropped for `cfg_dropout` of the clips (so the teacher supports classifier-free guidance).
+    Training timesteps come from a table of its own `shift`: at 32 px a shift-5 table spends most steps at
+    noise levels where no shape is visible, so the teacher would learn backgrounds long before shapes. The
+    teacher is the exponential moving average of the weights (`ema_decay`; 0 keeps the last weights): with
+    batches of a few clips the last weights are noisy. The held-out samples are drawn with `eval_steps`
+    Euler steps at CFG `eval_guidance`."""
+
+    steps: int = 2000
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    num_clips: int = 4096
+    seed: int = 0
+    output: str = "runs/teacher"
+    shift: float = 1.0
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    eval_steps: int = 20
+    eval_guidance: float = 3.0
+
+
+class OdeInitConfig(_RecipeConfig):
+    """ODE-regression initialisation of the causal student (`launch.py ode-init`, toyworld/ode_init.py): the
+    teacher in learner.teacher.checkpoint solves its guided flow ODE (`ode_steps` Euler steps, CFG `guidance`)
+    for the prompts of the `num_clips` scenes, then the student regresses the ODE's end from the states at
+    its few-step timesteps. `output` gets `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
+
+    steps: int = 400
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    num_clips: int = 256
+    seed: int = 100_000
+    output: str = "runs/ode_init"
+    ode_steps: int = 20
+    guidance: float = 3.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "OdeInitConfig":
+        if self.ode_steps < 1:
+            raise ValueError("ode_init.ode_steps must be >= 1")
+        return self
+
+
+class WorldConfig(Config):
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    ode_init: OdeInitConfig = Field(default_factory=OdeInitConfig)
+
+
+def load_world_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WorldConfig:
+    """A config (the embedded default when `path` is None) validated with the toy world's sections."""
+    return load_config(path or DEFAULT_CONFIG, overrides, schema=WorldConfig)
