@@ -252,7 +252,7 @@ def main() -> int:
         else:
             x = in_learner_rollout(rollout, context, generator, noise_fn(e), num_blocks, e, latent_hw)
         t_gen = clock()
-        loss, _ = distill.generator_loss(x, critic, teacher, context, negative_context, weights, loss_rng)
+        loss, _ = distill.generator_loss(x, critic, teacher, context, negative_context, weights, loss_rng, ["a prompt"])
         t_loss = clock()
         loss.backward()
         counters.backward_calls += 1

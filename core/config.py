@@ -374,13 +374,29 @@ WAN_NEGATIVE_PROMPT = (
     "杂乱的背景，三条腿，背景人很多，倒着走")
 
 
-class TeacherConfig(ConfigSection):
-    """The frozen real-score model (bidirectional Wan). `arch` None means the student's `model`
-    architecture (the paper uses Wan2.1-T2V-14B: set `arch` to its sizes). `checkpoint` None
-    builds seeded random weights (tiny configs only)."""
+# teacher kinds: "wan", and those a recipe registers with core.algo.distill.register_teacher
+TEACHER_KINDS: set[str] = {"wan"}
 
+
+class TeacherConfig(ConfigSection):
+    """The frozen real-score model. `kind` "wan": a bidirectional Wan DiT, `arch` None meaning the student's
+    `model` architecture (the paper uses Wan2.1-T2V-14B: set `arch` to its sizes) and `checkpoint` None seeded
+    random weights (tiny configs only). Other kinds are registered by recipes and have no weights: the toy
+    world's `exact_world` is its closed-form optimal denoiser (toyworld/exact.py)."""
+
+    kind: str = "wan"
     arch: WanArchConfig | None = None
     checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.kind not in TEACHER_KINDS:
+            raise ValueError(f"learner.teacher.kind {self.kind!r} is not a teacher; choose one of "
+                             f"{', '.join(sorted(TEACHER_KINDS))} (exact_world comes with the toy world's config)")
+        if self.kind != "wan" and (self.arch is not None or self.checkpoint is not None):
+            raise ValueError(f"learner.teacher.kind {self.kind!r} has no weights: unset learner.teacher.arch and "
+                             "learner.teacher.checkpoint")
+        return self
 
 
 class LearnerConfig(ConfigSection):
@@ -390,7 +406,7 @@ class LearnerConfig(ConfigSection):
     `dfake_gen_update_ratio`-th iteration (starting with the first) is also a generator update
     (replay of the samples' exit steps, Re-DMD), after which the weights are published to the
     actors as a new version. `max_steps` counts iterations. The critic (fake score) starts from
-    `critic_checkpoint`, or from the teacher's weights when the architectures match.
+    `critic_checkpoint`, or from the teacher's weights when it is a Wan of the student's architecture.
     """
 
     num_workers: int = 1

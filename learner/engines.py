@@ -44,7 +44,7 @@ def deepspeed_config(learner: LearnerConfig, lr: float, bf16: bool) -> dict:
 class Models:
     generator: deepspeed.DeepSpeedEngine
     critic: deepspeed.DeepSpeedEngine
-    teacher: torch.nn.Module  # a plain frozen module, or a ZeRO-3 engine sharding it under stage 3
+    teacher: torch.nn.Module  # a plain frozen module, or a ZeRO-3 engine sharding a Wan teacher under stage 3
     device: torch.device
     dtype: torch.dtype
 
@@ -71,7 +71,7 @@ def build_models(cfg: Config, device: torch.device) -> Models:
         engine, *_ = deepspeed.initialize(model=model.to(device), model_parameters=list(model.parameters()),
                                           config=deepspeed_config(learner, lr, bf16))
         engines.append(engine)
-    if learner.zero_stage == 3:
+    if learner.zero_stage == 3 and any(True for _ in teacher.parameters()):  # a teacher with weights to shard
         teacher, *_ = deepspeed.initialize(model=teacher.to(device), config={
             "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16},
             "steps_per_print": 2**62})

@@ -131,7 +131,7 @@ class Learner:
             context = self._context(sample)
             x = self.distill.replay(m.generator_module, self._record(sample), context)
             loss, stats = self.distill.generator_loss(x, m.critic_module, m.teacher, context, self.negative_context,
-                                                      weights[i:i + 1], self.rng)
+                                                      weights[i:i + 1], self.rng, [sample.prompt])
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())

@@ -59,7 +59,8 @@ def test_pretrain_teacher_command_lowers_the_loss_and_writes_a_teacher(tmp_path,
     losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     teacher = load_wan_state_dict(out / "teacher")
-    cfg = load_world_config(None, [*SMALL, f"learner.teacher.checkpoint={out / 'teacher'}"])
+    cfg = load_world_config(None, [*SMALL, "learner.teacher.kind=wan", "learner.critic_checkpoint=null",
+                                   f"learner.teacher.checkpoint={out / 'teacher'}"])
     teacher_model, critic = build_score_models(cfg)
     assert torch.equal(teacher_model.state_dict()["head.head.bias"], teacher["head.head.bias"])
     printed = capsys.readouterr().out

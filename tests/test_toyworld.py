@@ -12,14 +12,15 @@ from toyworld.world import (
     COLOURS,
     DIRECTIONS,
     SHAPES,
+    SIZES,
     SPEEDS,
     Scene,
+    all_attributes,
     clips,
     colour_of,
     direction_of,
-    feature_distance,
     initial_frame_similarity,
-    prompt_adherence,
+    parse_prompt,
     render,
     velocity_of,
 )
@@ -45,7 +46,7 @@ def test_colour_and_direction_are_read_back_exactly_for_every_scene_kind(size):
         x0, y0 = rng.choice([0.02, 0.5, 0.97]), rng.choice([0.03, 0.5, 0.96])  # starts across an edge too
         scene = Scene(shape, colour, background, direction, speed, float(x0), float(y0), float(rng.uniform(0.12, 0.2)))
         video = render(scene, 21, size, size)
-        assert prompt_adherence(video, scene) == {"colour": True, "direction": True}, scene
+        assert colour_of(video) == scene.colour and direction_of(video) == scene.direction, scene
         vx, vy = velocity_of(video)
         ex, ey = scene.velocity(size)
         assert abs(vx - ex) < 0.15 * size / 32 and abs(vy - ey) < 0.15 * size / 32, (scene, vx, vy)
@@ -58,11 +59,17 @@ def test_measures_on_videos_outside_the_world():
     moving = render(Scene("circle", "blue", "black", "right", "quickly", 0.5, 0.5, 0.15))
     assert initial_frame_similarity(still) == 1.0
     assert initial_frame_similarity(moving) < initial_frame_similarity(still)
-    noise = [np.random.default_rng(i).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8) for i in range(8)]
-    world_a = [v for _, v in clips(40, seed=0)]
-    world_b = [v for _, v in clips(40, seed=1000)]
-    assert feature_distance(world_a, world_a) == 0.0
-    assert feature_distance(world_a, world_b) < feature_distance(world_a, noise)
+
+
+def test_a_prompt_leaves_only_the_grid_position_and_a_few_sizes_open():
+    for scene, video in clips(200, seed=0, frames=3):
+        assert scene.x0 * 32 == int(scene.x0 * 32) and scene.y0 * 32 == int(scene.y0 * 32) and scene.size in SIZES
+        assert parse_prompt(scene.prompt).prompt == scene.prompt
+    assert len(all_attributes()) == 3 * 6 * 3 * (1 + 4 * 3) and abs(sum(p for _, p in all_attributes()) - 1) < 1e-12
+    assert parse_prompt("A  Red circle stays still on a GRAY background").background == "gray"
+    for bad in ("a corgi runs on a beach", "a pink circle stays still on a gray background"):
+        with pytest.raises(ValueError, match="not a prompt of the toy world.*colours red, green"):
+            parse_prompt(bad)
 
 
 def test_world_tokenizer_gives_one_id_per_word_and_the_shipped_copy_is_current(tmp_path):

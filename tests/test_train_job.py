@@ -71,7 +71,8 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
     assert "runtime.device is cpu" in message and "needs 8 GPU" in message and "needs 4.75 CPU" in message
     check_resources(load_world_config(), {"CPU": 2.0})  # the embedded default fits a 2-core laptop
 
-    missing = subprocess.run([sys.executable, "launch.py", "train", "learner.teacher.checkpoint=/nonexistent/wan14b"],
+    missing = subprocess.run([sys.executable, "launch.py", "train", "learner.teacher.kind=wan",
+                              "learner.teacher.checkpoint=/nonexistent/wan14b"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "learner.teacher.checkpoint: /nonexistent/wan14b" in missing.stderr
     unknown = subprocess.run([sys.executable, "launch.py", "train", "learner.max_stepz=3"],

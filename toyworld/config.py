@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from core.config import REPO_ROOT, Config, ConfigSection, load_config
+from toyworld import exact  # noqa: F401 - registers learner.teacher.kind exact_world wherever the world config is read
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"  # the embedded default: the toy world with its shipped weights
 
@@ -66,9 +67,11 @@ class PretrainConfig(_RecipeConfig):
 
 class OdeInitConfig(_RecipeConfig):
     """ODE-regression initialisation of the causal student (`launch.py ode-init`, toyworld/ode_init.py): the
-    teacher in learner.teacher.checkpoint solves its guided flow ODE (`ode_steps` Euler steps, CFG `guidance`)
-    for the prompts of the `num_clips` scenes, then the student regresses the ODE's end from the states at
-    its few-step timesteps. `output` gets `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
+    teacher learner.teacher describes solves its flow ODE (`ode_steps` Euler steps, CFG `guidance`; 1 is
+    unguided; with `causal` block by block, the autoregressive teacher Causal Forcing asks for) for the prompts
+    of the `num_clips` scenes, then the student, started from `init` (or the Wan
+    teacher's weights), regresses the ODE's end from the states at its few-step timesteps. `output` gets
+    `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
 
     steps: int = 400
     lr: float = 2e-4
@@ -79,6 +82,14 @@ class OdeInitConfig(_RecipeConfig):
     output: str = "runs/ode_init"
     ode_steps: int = 20
     guidance: float = 3.0
+    init: str | None = None  # the student's starting weights; None: the teacher's (a Wan teacher), else Wan's init
+    causal: bool = False  # solve block by block, each conditioned on the clean blocks before it (Causal Forcing)
+
+    @model_validator(mode="after")
+    def _causal_is_unguided(self) -> "OdeInitConfig":
+        if self.causal and self.guidance != 1:
+            raise ValueError("ode_init.causal solves the conditional ODE unguided: set ode_init.guidance to 1")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> "OdeInitConfig":
@@ -87,9 +98,27 @@ class OdeInitConfig(_RecipeConfig):
         return self
 
 
+class EvaluationConfig(ConfigSection):
+    """The exact held-out measures of a student (toyworld/evaluate.py): `prompts` scenes from seed `first_scene`,
+    one clip per prompt and noise seed in `seeds`. With `around_train`, `launch.py train` measures the starting
+    student (checkpoint.generator) before the job and the exported one after it, and prints both."""
+
+    prompts: int = 24
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    first_scene: int = 1_000_000
+    around_train: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluationConfig":
+        if self.prompts < 1 or not self.seeds:
+            raise ValueError("evaluation.prompts must be >= 1 and evaluation.seeds not empty")
+        return self
+
+
 class WorldConfig(Config):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     ode_init: OdeInitConfig = Field(default_factory=OdeInitConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
 def load_world_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WorldConfig:

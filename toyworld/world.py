@@ -7,10 +7,16 @@ moves quickly left across a gray background"). Everything is deterministic by se
 rendered with hard edges, so the colour and the motion of a clip can be read back exactly:
 `colour_of` and `direction_of` recover the scene's colour and direction from pixels alone
 (tested on every scene kind), which makes prompt adherence measurable without a learned model.
+
+What a prompt leaves open is finite: the shape starts centred on one of GRID x GRID grid points and
+has one of SIZES (and a static shape any speed). So the clips of a prompt are the torus translations
+of a few base clips, and the world's optimal denoiser has a closed form (toyworld/exact.py).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (16, 16, 16), "gray": (
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "static": (0, 0)}
 SPEEDS: dict[str, float] = {"slowly": 0.5, "steadily": 1.0, "quickly": 1.5}  # pixels per frame at 32 px
+GRID = 32  # start positions per axis: the centre starts on a pixel of the 32 x 32 world
+SIZES = (0.125, 0.15625, 0.1875)  # half-extents in fractions of the frame: 4, 5 and 6 px at 32 px
+STATIC_FRACTION = 0.2  # of scenes; the others move in one of the four directions, equally often
 
 
 @dataclass(frozen=True)
@@ -46,13 +55,13 @@ class Scene:
         return f"{what} moves {self.speed} {self.direction} across a {self.background} background"
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, static_fraction: float = 0.2) -> "Scene":
+    def sample(cls, rng: np.random.Generator) -> "Scene":
         moving = [d for d in DIRECTIONS if d != "static"]
-        direction = "static" if rng.random() < static_fraction else moving[rng.integers(len(moving))]
+        direction = "static" if rng.random() < STATIC_FRACTION else moving[rng.integers(len(moving))]
         return cls(shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
                    background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], direction=direction,
-                   speed=list(SPEEDS)[rng.integers(len(SPEEDS))], x0=float(rng.uniform(0, 1)),
-                   y0=float(rng.uniform(0, 1)), size=float(rng.uniform(0.12, 0.2)))
+                   speed=list(SPEEDS)[rng.integers(len(SPEEDS))], x0=float(rng.integers(GRID)) / GRID,
+                   y0=float(rng.integers(GRID)) / GRID, size=SIZES[rng.integers(len(SIZES))])
 
     @classmethod
     def from_seed(cls, seed: int) -> "Scene":
@@ -65,6 +74,61 @@ class Scene:
         return dx * v, dy * v
 
 
+@dataclass(frozen=True)
+class Attributes:
+    """What a prompt says: everything of a scene but where it starts and how big it is (and, for a static
+    shape, its speed)."""
+
+    shape: str
+    colour: str
+    background: str
+    direction: str
+    speed: str | None  # None for a static shape
+
+    @property
+    def prompt(self) -> str:
+        return Scene(self.shape, self.colour, self.background, self.direction, self.speed or "slowly", 0, 0,
+                     SIZES[0]).prompt
+
+    @property
+    def motion(self) -> tuple[str, str | None]:
+        return self.direction, self.speed
+
+
+_PROMPT = re.compile(r"a (?P<colour>\w+) (?P<shape>\w+) (?:stays still on|moves (?P<speed>\w+) (?P<direction>\w+) "
+                     r"across) a (?P<background>\w+) background")
+
+
+def parse_prompt(prompt: str) -> Attributes:
+    """The attributes a world prompt states (the inverse of `Scene.prompt`); a ValueError naming the world's
+    vocabulary for any other text."""
+    m = _PROMPT.fullmatch(" ".join(prompt.lower().split()))
+    attrs = None
+    if m:
+        attrs = Attributes(m["shape"], m["colour"], m["background"], m["direction"] or "static", m["speed"])
+    if (attrs is None or attrs.shape not in SHAPES or attrs.colour not in COLOURS or attrs.background not in BACKGROUNDS
+            or attrs.direction not in DIRECTIONS or (attrs.speed is not None and attrs.speed not in SPEEDS)):
+        raise ValueError(f"{prompt!r} is not a prompt of the toy world: it says 'a <colour> <shape> moves <speed> "
+                         f"<direction> across a <background> background' or 'a <colour> <shape> stays still on a "
+                         f"<background> background', with colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
+                         f"speeds {', '.join(SPEEDS)}; directions {', '.join(d for d in DIRECTIONS if d != 'static')}; "
+                         f"backgrounds {', '.join(BACKGROUNDS)}")
+    return attrs
+
+
+def all_attributes() -> list[tuple[Attributes, float]]:
+    """Every prompt of the world with its probability under `Scene.sample`."""
+    moving = [d for d in DIRECTIONS if d != "static"]
+    base = 1 / (len(SHAPES) * len(COLOURS) * len(BACKGROUNDS))
+    out = []
+    for shape, colour, background in itertools.product(SHAPES, COLOURS, BACKGROUNDS):
+        out.append((Attributes(shape, colour, background, "static", None), base * STATIC_FRACTION))
+        for direction, speed in itertools.product(moving, SPEEDS):
+            out.append((Attributes(shape, colour, background, direction, speed),
+                        base * (1 - STATIC_FRACTION) / (len(moving) * len(SPEEDS))))
+    return out
+
+
 def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Pixel centres (u, v relative to the shape's centre) covered by the shape of half-extent r."""
     if shape == "circle":
@@ -74,18 +138,25 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     return (v <= r) & (v >= -r) & (np.abs(u) <= (v + r) / 2)  # triangle pointing up
 
 
-def render(scene: Scene, frames: int = 21, height: int = 32, width: int = 32) -> np.ndarray:
-    """uint8 [frames, height, width, 3] of `scene`, wrapping around the edges."""
+def shape_mask(scene: Scene, frames: int = 21, height: int = 32, width: int = 32) -> np.ndarray:
+    """bool [frames, height, width]: the pixels the shape covers, wrapping around the edges."""
     vx, vy = scene.velocity(width)
     r = scene.size * min(height, width)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
-    video = np.empty((frames, height, width, 3), dtype=np.uint8)
-    video[:] = BACKGROUNDS[scene.background]
+    mask = np.empty((frames, height, width), dtype=bool)
     for t in range(frames):
         cx, cy = (scene.x0 * width + vx * t) % width, (scene.y0 * height + vy * t) % height
         u = (xs - cx + width / 2) % width - width / 2  # torus: the nearest copy of the centre
         v = (ys - cy + height / 2) % height - height / 2
-        video[t][_inside(scene.shape, u, v, r)] = COLOURS[scene.colour]
+        mask[t] = _inside(scene.shape, u, v, r)
+    return mask
+
+
+def render(scene: Scene, frames: int = 21, height: int = 32, width: int = 32) -> np.ndarray:
+    """uint8 [frames, height, width, 3] of `scene`: its colour where `shape_mask` is set, the background elsewhere."""
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    video[:] = BACKGROUNDS[scene.background]
+    video[shape_mask(scene, frames, height, width)] = COLOURS[scene.colour]
     return video
 
 
@@ -183,11 +254,6 @@ def direction_of(video: np.ndarray, still_below: float = 0.2) -> str | None:
     return "down" if vy > 0 else "up"
 
 
-def prompt_adherence(video: np.ndarray, scene: Scene) -> dict[str, bool]:
-    """Whether the video shows the scene's colour and direction (exact classifiers of this world)."""
-    return {"colour": colour_of(video) == scene.colour, "direction": direction_of(video) == scene.direction}
-
-
 def initial_frame_similarity(video: np.ndarray, head: int = 3, tail: int | None = None) -> float:
     """How much the last `tail` frames (default: the last quarter) look like the first `head` frames:
     1 - mean |late - nearest early| / 255, averaged over late frames. Near 1 means the video keeps
@@ -197,19 +263,3 @@ def initial_frame_similarity(video: np.ndarray, head: int = 3, tail: int | None 
     early, late = frames[:head], frames[-tail:]
     diffs = np.abs(late[:, None] - early[None]).mean(axis=(2, 3, 4)) / 255  # [tail, head]
     return float(1 - diffs.min(axis=1).mean())
-
-
-def clip_features(video: np.ndarray) -> np.ndarray:
-    """Simple per-clip features: foreground fraction, median foreground RGB / 255, speed, background RGB / 255."""
-    mask = foreground(video)
-    fg = np.median(video[mask].astype(np.float64), axis=0) / 255 if mask.any() else np.zeros(3)
-    velocity = velocity_of(video) or (0.0, 0.0)
-    speed = float(np.hypot(*velocity)) * 32 / video.shape[2]
-    return np.array([mask.mean(), *fg, speed, *(background_colour(video) / 255)])
-
-
-def feature_distance(videos_a: list[np.ndarray], videos_b: list[np.ndarray]) -> float:
-    """Fréchet distance between diagonal Gaussians fitted to the clip features of two sets (0: same statistics)."""
-    fa = np.stack([clip_features(v) for v in videos_a])
-    fb = np.stack([clip_features(v) for v in videos_b])
-    return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + ((fa.std(0) - fb.std(0)) ** 2).sum())

@@ -11,18 +11,20 @@ the flow of the detached samples. Optimisers, sharding and orchestration live el
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from core.algo.losses import critic_loss, dmd_gradient, noisy_latent, training_timesteps, weighted_dmd_loss
 from core.algo.rollout import RolloutRecord, SelfForcedRollout
 from core.algo.scheduler import FlowMatchScheduler
-from core.config import Config, ConfigError, LearnerConfig
+from core.config import TEACHER_KINDS, Config, ConfigError, LearnerConfig
 from core.model.wan import CausalWanModel, WanModel
 from core.records.checkpoint import load_into, load_wan_state_dict
 
 
 def predict_x0(model: torch.nn.Module, sched: FlowMatchScheduler, x_t: torch.Tensor, t: torch.Tensor,
-               context: torch.Tensor) -> torch.Tensor:
+               context: torch.Tensor | list[str]) -> torch.Tensor:
     """x0 prediction of a bidirectional Wan for x_t [B, F, C, H, W] at per-frame timesteps t [B, F]."""
     b, f = x_t.shape[:2]
     flow = model(x_t.transpose(1, 2), t, context).transpose(1, 2)
@@ -53,18 +55,22 @@ class ReDMD:
         cache = generator.init_cache(noisy.shape[0], tuple(noisy.shape[-2:]), device=noisy.device, dtype=noisy.dtype)
         return rollout.replay_exit_steps(record, context, cache)
 
-    def generator_loss(self, x: torch.Tensor, critic: WanModel, teacher: WanModel, context: torch.Tensor,
-                       negative_context: torch.Tensor, weights: torch.Tensor,
-                       rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Re-DMD loss of the replayed sample x (weights = exp(beta * reward) per video)."""
+    def generator_loss(self, x: torch.Tensor, critic: WanModel, teacher: torch.nn.Module, context: torch.Tensor,
+                       negative_context: torch.Tensor, weights: torch.Tensor, rng: torch.Generator,
+                       prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Re-DMD loss of the replayed sample x (weights = exp(beta * reward) per video); `context` embeds
+        `prompts`, which a teacher reading text gets instead. With guidance_scale 0 the teacher runs once."""
         b, f = x.shape[:2]
         t = self._timesteps(b, f, rng, x.device)
+        guidance = self.learner.guidance_scale
         with torch.no_grad():
             x_t = noisy_latent(self.scheduler, x.detach(), self._noise(x, rng), t)
             pred_fake = predict_x0(critic, self.scheduler, x_t, t, context)
-            pred_cond = predict_x0(teacher, self.scheduler, x_t, t, context)
-            pred_uncond = predict_x0(teacher, self.scheduler, x_t, t, negative_context)
-            grad = dmd_gradient(x.detach(), pred_fake, pred_cond, pred_uncond, self.learner.guidance_scale)
+            pred_cond = predict_x0(teacher, self.scheduler, x_t, t, teacher_context(teacher, context, prompts))
+            pred_uncond = pred_cond if guidance == 0 else predict_x0(
+                teacher, self.scheduler, x_t, t,
+                teacher_context(teacher, negative_context, [self.learner.negative_prompt] * b))
+            grad = dmd_gradient(x.detach(), pred_fake, pred_cond, pred_uncond, guidance)
         loss = weighted_dmd_loss(x, grad, weights)
         return loss, {"dmd_grad_norm": float(grad.abs().mean()), "dmd_timestep": float(t[:, 0].mean())}
 
@@ -79,24 +85,53 @@ class ReDMD:
         return critic_loss(self.scheduler, clean, noise, t, pred_x0), {"critic_timestep": float(t[:, 0].mean())}
 
 
-def build_score_models(cfg: Config) -> tuple[WanModel, WanModel]:
-    """(teacher, critic) in float32 on CPU: from their checkpoints, the critic from the teacher's weights when
-    the architectures match and no critic checkpoint is set, or seeded random weights (tiny configs)."""
-    learner = cfg.learner
-    teacher_arch = learner.teacher.arch or cfg.model
+TeacherBuilder = Callable[[Config], torch.nn.Module]
+
+
+def _wan_teacher(cfg: Config) -> WanModel:
     torch.manual_seed(cfg.runtime.seed)
-    teacher = WanModel(teacher_arch)
-    if learner.teacher.checkpoint:
-        load_into(teacher, load_wan_state_dict(learner.teacher.checkpoint))
+    teacher = WanModel(cfg.learner.teacher.arch or cfg.model)
+    if cfg.learner.teacher.checkpoint:
+        load_into(teacher, load_wan_state_dict(cfg.learner.teacher.checkpoint))
+    teacher.attention_backend = cfg.runtime.attention_backend
+    return teacher
+
+
+_TEACHERS: dict[str, TeacherBuilder] = {"wan": _wan_teacher}
+
+
+def register_teacher(kind: str, builder: TeacherBuilder) -> None:
+    """Make `learner.teacher.kind: <kind>` build its teacher with `builder(cfg)`: a module with
+    forward(x, t, context) -> flow, which sets `conditions_on = "prompts"` when it reads the prompts' text
+    (then `context` is the list of prompts) rather than their embeddings."""
+    TEACHER_KINDS.add(kind)
+    _TEACHERS[kind] = builder
+
+
+def build_teacher(cfg: Config) -> torch.nn.Module:
+    """The frozen real-score model `learner.teacher` describes, in float32 on the CPU."""
+    return _TEACHERS[cfg.learner.teacher.kind](cfg).eval().requires_grad_(False)
+
+
+def teacher_context(teacher: torch.nn.Module, embeddings: torch.Tensor, prompts: list[str]) -> torch.Tensor | list[str]:
+    """What the teacher conditions on: the prompts' embeddings, or their text for a teacher that reads it."""
+    return prompts if getattr(teacher, "conditions_on", "embeddings") == "prompts" else embeddings
+
+
+def build_score_models(cfg: Config) -> tuple[torch.nn.Module, WanModel]:
+    """(teacher, critic) in float32 on CPU: the teacher `learner.teacher` describes; the critic from
+    learner.critic_checkpoint, or from the teacher's weights when it is a Wan of the student's architecture."""
+    learner = cfg.learner
+    teacher = build_teacher(cfg)
     torch.manual_seed(cfg.runtime.seed)
     critic = WanModel(cfg.model)
     if learner.critic_checkpoint:
         load_into(critic, load_wan_state_dict(learner.critic_checkpoint, role="critic"))
-    elif teacher_arch == cfg.model:
+    elif isinstance(teacher, WanModel) and teacher.cfg == cfg.model:
         critic.load_state_dict(teacher.state_dict())
     else:
-        raise ConfigError("learner.critic_checkpoint is required when the teacher's architecture differs from the "
-                          "student's (the paper starts the critic from base Wan2.1-T2V-1.3B)")
-    for m in (teacher, critic):
-        m.attention_backend = cfg.runtime.attention_backend
-    return teacher.eval().requires_grad_(False), critic.train().requires_grad_(True)
+        raise ConfigError("learner.critic_checkpoint is required when the teacher is not a Wan of the student's "
+                          "architecture (the paper starts the critic from base Wan2.1-T2V-1.3B; the toy world from "
+                          "its learned flow-matching teacher)")
+    critic.attention_backend = cfg.runtime.attention_backend
+    return teacher, critic.train().requires_grad_(True)
