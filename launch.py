@@ -8,8 +8,8 @@ Commands:
   pretrain-teacher
                  flow-matching pretraining of the toy world's small teacher (the embedded default's).
   ode-init       regression of the causal student on the teacher's ODE trajectories (Self Forcing's ode_init.pt).
-  evaluate       toy-world measures of a student: motion reward, fidelity to the teacher, prompt adherence,
-                 initial-frame copying on long rollouts.
+  evaluate       exact toy-world measures of a student: prompt adherence, fidelity to the world, motion,
+                 block-boundary jumps, motion reward, initial-frame copying on long rollouts.
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
@@ -46,10 +46,9 @@ from reward_service.app import build_app as build_reward_app
 from reward_service.client import RewardError, RewardHTTPClient
 from serve.app import build_app as build_stream_app
 from toyworld.config import WorldConfig, load_world_config
-from toyworld.evaluate import evaluate_config, evaluate_teacher
+from toyworld.evaluate import evaluate_config, evaluate_teacher, format_change, format_measures
 from toyworld.ode_init import ode_init
 from toyworld.pretrain import pretrain_teacher
-from toyworld.world import COLOURS, DIRECTIONS
 
 
 def _positive_int(text: str) -> int:
@@ -111,7 +110,17 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
-    print_summary(run(cfg, args.address, args.wait_for_resources, args.config))
+    ev = cfg.evaluation
+    if ev.around_train:  # the toy world: the exact figure of the starting student, then of the trained one
+        print("measuring the starting student (checkpoint.generator) on held-out prompts ...", flush=True)
+        before = evaluate_config(cfg, None, ev.prompts, tuple(ev.seeds), ev.first_scene, long_prompts=0)
+    summary = run(cfg, args.address, args.wait_for_resources, args.config)
+    print_summary(summary)
+    if ev.around_train:
+        trained = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+            update={"generator": summary["export"]["safetensors"], "use_ema": False})})
+        after = evaluate_config(trained, None, ev.prompts, tuple(ev.seeds), ev.first_scene, long_prompts=0)
+        print(format_change(before, after))
 
 
 def _serve_until_stopped(what: str) -> None:
@@ -203,33 +212,25 @@ def cmd_ode_init(cfg: WorldConfig, args: argparse.Namespace) -> None:
     save_self_forcing(out / "ode_init.pt", student.state_dict())
     print(f"wrote {out / 'ode_init.pt'} (checkpoint.generator loads it) and {out / 'loss.csv'}; {summary}")
     if o.eval_clips:
-        scores = _evaluate(cfg, student, o.eval_clips, seed=1_000_000, long_prompts=0)
+        scores = _evaluate(cfg, student, o.eval_clips, long_prompts=0)
         (out / "eval.json").write_text(json.dumps(scores, indent=2))
 
 
-def _evaluate(cfg: WorldConfig, generator=None, prompts: int = 32, seed: int = 1_000_000, long_frames: int = 63,
-              long_prompts: int = 8) -> dict:
+def _evaluate(cfg: WorldConfig, generator=None, prompts: int = 24, seeds: tuple[int, ...] = (0, 1, 2),
+              first_scene: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8,
+              figure: str | None = None) -> dict:
     """toyworld.evaluate on `generator` (default: checkpoint.generator), printed as a table."""
-    scores = evaluate_config(cfg, generator, prompts, seed, long_frames, long_prompts)
-    rows = [("motion reward (" + cfg.learner.reward_axis + ")", scores["motion_reward"], scores["motion_reward_world"]),
-            ("colour adherence", scores["colour_adherence"], 1 / len(COLOURS)),
-            ("direction adherence", scores["direction_adherence"], 1 / len(DIRECTIONS)),
-            ("feature distance to the world", scores["feature_distance"], 0.0)]
-    if "teacher_loss" in scores:
-        rows.append(("teacher flow loss", scores["teacher_loss"], scores["teacher_loss_world"]))
-    if "initial_frame_copy" in scores:
-        rows.append((f"initial-frame copy ({long_frames} latents)", scores["initial_frame_copy"],
-                     scores["initial_frame_copy_world"]))
-    print(f"{'measure (' + str(prompts) + ' held-out prompts)':<40} {'student':>9} {'reference':>10}")
-    for name, value, ref in rows:
-        print(f"{name:<40} {value:>9.3f} {ref:>10.3f}")
-    print("reference: world clips of the same scenes (chance for adherence)")
-    return scores
+    result = evaluate_config(cfg, generator, prompts, seeds, first_scene, long_frames, long_prompts, figure)
+    print(format_measures(result))
+    return result
 
 
 def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     cfg.check_paths()
-    scores = _evaluate(cfg, None, args.prompts, args.seed, args.long_frames, args.long_prompts)
+    scores = _evaluate(cfg, None, args.prompts, tuple(range(args.seeds)), args.first_scene, args.long_frames,
+                       args.long_prompts, args.figure)
+    if args.figure:
+        print(f"wrote {args.figure}: the first prompts' clips (noise seed 0), each over the world clip of its scene")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(scores, indent=2))
@@ -281,19 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
 
-    p = command("serve", "streaming inference on Ray Serve with a web page", "configs/serve.yaml")
+    p = command("serve", "streaming inference on Ray Serve with a web page (default: the shipped world student)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
     command("pretrain-teacher", "train the toy-world teacher with flow matching")
     command("ode-init", "initialise the causal student by regression on teacher ODE trajectories")
 
-    p = command("evaluate", "toy-world measures of a student: motion reward, fidelity, adherence, copying")
+    p = command("evaluate", "exact toy-world measures of a student: adherence, fidelity, motion, block boundaries, copying")
     p.add_argument("--checkpoint", default=None, help="student weights (sets checkpoint.generator)")
-    p.add_argument("--prompts", type=_positive_int, default=32, help="held-out world prompts (default 32)")
-    p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (default 1000000, held out)")
+    p.add_argument("--prompts", type=_positive_int, default=24, help="held-out world prompts (default 24)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="noise seeds 0..N-1 (default 3): mean ± std over them")
+    p.add_argument("--first-scene", type=int, default=1_000_000, help="first scene seed (default 1000000, held out)")
     p.add_argument("--long-frames", type=_positive_int, default=63, help="latent frames of the long rollouts")
     p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (0: skip)")
     p.add_argument("--out", default=None, help="write the measures as JSON here")
+    p.add_argument("--figure", default=None, help="write a PNG of the first 6 prompts' clips over the world's here")
 
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")

@@ -1,22 +1,22 @@
-"""What distillation does on the toy world: Re-DMD vs DMD, and the EMA sink vs a plain sink.
+"""What distillation does on the toy world: Re-DMD vs DMD, the EMA sink vs a plain sink, rollout staleness.
 
 What it measures
 ----------------
-Every run is the real job, `python launch.py train` on the embedded default (the toy-world
-teacher and ODE-initialised student that `pretrain-teacher` and `ode-init` wrote, the motion reward),
-for --steps learner steps from the same start, followed by `toyworld.evaluate` on the exported student over
---prompts held-out world
-prompts (scene seeds 1000000..), using the raw generator weights (a 40-step run's EMA would mostly hold
-the weights at ema_start_step):
+Every run is the real job, `python launch.py train` on the embedded default (the world's exact teacher, the
+ODE-initialised student, the motion reward), for --steps learner steps from the same start, followed by the
+exact measures of `toyworld.evaluate` on the exported student over --prompts held-out world prompts (scene
+seeds 1000000..) and --eval-noise noise seeds, using the raw generator weights (a short run's EMA would mostly
+hold the weights at ema_start_step):
 
 --study reward: Re-DMD (learner.beta=2) against vanilla DMD (learner.beta=0). The paper's claim is more
-  motion at equal fidelity: compare the motion reward (the MQ axis the learner weights by) with the
-  fidelity columns (the teacher's flow loss on the student's videos, the feature distance to world clips)
-  and prompt adherence.
+  motion at equal fidelity: compare the motion reward (the MQ axis the learner weights by) and the
+  displacement per frame with the fidelity and adherence columns.
 --study sink: the student trained and rolled out with an EMA sink of alpha 0.999, one of alpha 0.9, and a
   plain (static) sink, each measured on --long-frames latent frames (past the 12-frame window) by the
   initial-frame copy measure: how much the last quarter of a long video looks like its first frames
   (lower: less copying), next to the same measure on true world clips.
+--study staleness: actors.max_staleness 0, 1 and 2; the table adds each run's wall time, for quality per
+  minute.
 
 Each setting runs once per seed in --seeds (the seed sets runtime.seed and actors.prompt_seed), and the
 table gives mean and standard deviation over seeds, plus the starting student's numbers for reference.
@@ -26,9 +26,10 @@ training rollouts are shorter than the attention window (the embedded default's 
 window never evict, so the sink setting cannot change what is learnt, only how long rollouts run).
 The numbers are what they are: BENCHMARKS.md records them with the machine and the command.
 
-    python benchmarks/toyworld_learning.py --study reward --steps 40 --seeds 0,1,2
+    python benchmarks/toyworld_learning.py --study reward --steps 40 --seeds 0,1,2,3,4
     python benchmarks/toyworld_learning.py --study sink --steps 0 --seeds 0,1,2,3 --json sink.json
-    python benchmarks/toyworld_learning.py learner.teacher.checkpoint=my/teacher   # overrides for every run
+    python benchmarks/toyworld_learning.py --study staleness --steps 80 --seeds 0,1,2,3,4
+    python benchmarks/toyworld_learning.py learner.generator_lr=1e-5   # overrides for every run
 
 Needs what `launch.py train` needs (Ray with Serve and Train, DeepSpeed, torch).
 """
@@ -55,9 +56,10 @@ STUDIES = {
     "sink": {"EMA sink 0.999": ["stream.sink_mode=ema", "stream.compression_alpha=0.999"],
              "EMA sink 0.9": ["stream.sink_mode=ema", "stream.compression_alpha=0.9"],
              "plain sink": ["stream.sink_mode=static"]},
+    "staleness": {f"max_staleness {k}": [f"actors.max_staleness={k}"] for k in (0, 1, 2)},
 }
-MEASURES = ("motion_reward", "teacher_loss", "feature_distance", "colour_adherence", "direction_adherence",
-            "initial_frame_copy")
+MEASURES = ("adherence_all", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
+            "motion_reward", "initial_frame_copy")
 
 
 def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float]:
@@ -78,12 +80,17 @@ def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float
 
 
 def evaluate(overrides: list[str], checkpoint: str, args, eval_seed: int | None = None) -> dict:
-    from core.config import load_config
+    """The exact measures of the student in `checkpoint`, each the mean over --eval-noise noise seeds; plus the
+    world clips' values under "world"."""
+    from toyworld.config import load_world_config
     from toyworld.evaluate import evaluate_config
 
-    cfg = load_config(args.config, [*overrides, f"checkpoint.generator={json.dumps(checkpoint)}", "checkpoint.use_ema=false"])
-    return evaluate_config(cfg, None, args.prompts, args.eval_seed if eval_seed is None else eval_seed,
-                           args.long_frames, args.long_prompts)
+    cfg = load_world_config(args.config, [*overrides, f"checkpoint.generator={json.dumps(checkpoint)}",
+                                          "checkpoint.use_ema=false"])
+    result = evaluate_config(cfg, None, args.prompts, tuple(range(args.eval_noise)),
+                             args.eval_seed if eval_seed is None else eval_seed, args.long_frames, args.long_prompts)
+    return {k: m["mean"] for k, m in result["measures"].items()} | {"world": {k: m["world"] for k, m in
+                                                                              result["measures"].items()}}
 
 
 def spread(values: list[float]) -> str:
@@ -98,7 +105,8 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. learner.generator_lr=1e-5")
     p.add_argument("--steps", type=int, default=40, help="learner.max_steps per run (default 40; 0: evaluate the start)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one run per setting each (default 0,1)")
-    p.add_argument("--prompts", type=int, default=32, help="held-out evaluation prompts (default 32)")
+    p.add_argument("--prompts", type=int, default=24, help="held-out evaluation prompts (default 24)")
+    p.add_argument("--eval-noise", type=int, default=2, help="noise seeds per evaluated student (default 2)")
     p.add_argument("--eval-seed", type=int, default=1_000_000, help="first held-out scene seed (default 1000000)")
     p.add_argument("--long-frames", type=int, default=63, help="latent frames of the long rollouts (default 63)")
     p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (default 8)")
@@ -119,9 +127,9 @@ def main() -> int:
     results: dict = {"machine": machine, "args": vars(args), "runs": []}
     settings = {name: [*args.overrides, *overrides] for name, overrides in settings.items()}
     start_overrides = next(iter(settings.values()))
-    from core.config import load_config
+    from toyworld.config import load_world_config
 
-    start = load_config(args.config, args.overrides).checkpoint.generator
+    start = load_world_config(args.config, args.overrides).checkpoint.generator
     results["start"] = evaluate(start_overrides, start, args)
     print(f"start ({start}): " + ", ".join(f"{k} {results['start'][k]:.3f}" for k in MEASURES), flush=True)
     with tempfile.TemporaryDirectory(prefix="toyworld_bench_") as tmp:
@@ -139,17 +147,14 @@ def main() -> int:
 
     print(f"\n{args.study} study: {args.steps} learner steps from the ODE-init student, seeds {seeds}, "
           f"{args.prompts} held-out prompts, copy measure on {args.long_frames} latent frames (mean ± std over seeds)")
-    print(f"{'setting':<18}" + "".join(f"{k:>24}" for k in MEASURES))
-    print(f"{'start':<18}" + "".join(f"{results['start'][k]:>24.3f}" for k in MEASURES))
+    print(f"{'setting':<18}" + "".join(f"{k:>22}" for k in (*MEASURES, "train_s")))
+    print(f"{'start':<18}" + "".join(f"{results['start'][k]:>22.3f}" for k in MEASURES))
     results["summary"] = {}
     for name in settings:
         runs = [r for r in results["runs"] if r["setting"] == name]
-        results["summary"][name] = {k: [r[k] for r in runs] for k in MEASURES}
-        print(f"{name:<18}" + "".join(f"{spread([r[k] for r in runs]):>24}" for k in MEASURES))
-    world = results["start"]
-    print(f"{'world clips':<18}{world['motion_reward_world']:>24.3f}{world['teacher_loss_world']:>24.3f}{0.0:>24.3f}"
-          f"{world['colour_adherence_world']:>24.3f}{world['direction_adherence_world']:>24.3f}"
-          f"{world['initial_frame_copy_world']:>24.3f}")
+        results["summary"][name] = {k: [r[k] for r in runs] for k in (*MEASURES, "train_s")}
+        print(f"{name:<18}" + "".join(f"{spread([r[k] for r in runs]):>22}" for k in (*MEASURES, "train_s")))
+    print(f"{'world clips':<18}" + "".join(f"{results['start']['world'][k]:>22.3f}" for k in MEASURES))
     finish(results, args.json)
     return 0
 

@@ -108,8 +108,14 @@ def _deploy_reward_service(cfg: Config) -> str:
     return name
 
 
-def _progress_line(row: dict, pool_metrics: dict, elapsed: float) -> dict:
-    post = {"v": row["version"], "reward": f"{row['reward']:.3f}", "critic": f"{row['critic_loss']:.4f}",
+TREND = 10  # steps in the progress line's running mean of the reward
+
+
+def _progress_line(row: dict, pool_metrics: dict, elapsed: float, rewards: list[float]) -> dict:
+    """What the bar shows; `reward~10` is the mean reward of the last TREND steps, the trend a single sample hides."""
+    recent = rewards[-TREND:]
+    post = {"v": row["version"], f"reward~{TREND}": f"{sum(recent) / len(recent):.3f}",
+            "critic": f"{row['critic_loss']:.4f}",
             "samples/s": f"{pool_metrics.get('delivered', 0) / max(elapsed, 1e-9):.2f}", "stale": f"{row['staleness']:.1f}",
             "queue": pool_metrics.get("queue_depth", 0), "drops": sum(pool_metrics.get("drops", {}).values())}
     if "generator_loss" in row:
@@ -148,7 +154,7 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
     metrics_log = MetricsLog(out)
     (out / "videos").mkdir(exist_ok=True)
     bar = tqdm(total=cfg.learner.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
-    t0, interrupted, pool_metrics = time.monotonic(), False, {}
+    t0, interrupted, pool_metrics, rewards = time.monotonic(), False, {}, []
     thread.start()
     try:
         while not done.is_set():
@@ -166,7 +172,8 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
                     if cfg.learner.video_every and row["step"] % cfg.learner.video_every == 0:
                         pool.request_video.remote(str(out / "videos" / f"step_{row['step']:06d}_v{row['version']}.mp4"))
                     bar.update(row["step"] - bar.n)
-                    bar.set_postfix(_progress_line(row, pool_metrics, time.monotonic() - t0))
+                    rewards.append(row["reward"])
+                    bar.set_postfix(_progress_line(row, pool_metrics, time.monotonic() - t0, rewards))
             except KeyboardInterrupt:
                 if interrupted:
                     raise

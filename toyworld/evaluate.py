@@ -1,33 +1,53 @@
-"""Toy-world evaluation of a causal student: the numbers `launch.py evaluate` and the benchmarks report.
+"""Toy-world evaluation of a causal student, exact where the world allows it: what `launch.py evaluate`, the
+training job's start and end figures and the benchmarks report.
 
-On a fixed set of held-out world scenes (seeds from `seed`) the student generates one video per prompt,
-and the measures are:
-- motion reward: the reward axis the learner trains on, from the motion scorer (core/reward/motion.py);
-- fidelity, two ways: the teacher's flow-matching loss on the student's latents (same timesteps and noise as
-  on the true world clips of the same scenes, so the two are comparable), and the Fréchet distance between
-  simple clip features of the student's videos and of those world clips;
-- prompt adherence: the fraction whose colour and direction the exact world classifiers read back;
-- initial-frame copy on long rollouts (`long_frames` latent frames, past the attention window): how much the
-  last quarter of the video looks like its first frames, next to the same measure on world clips.
+On held-out world scenes (seeds from `first_scene`) the student makes one clip per prompt for each noise seed,
+and each clip is measured with the world's exact machinery (toyworld/exact.py):
+- fidelity: the RMS distance (pixels in [-1, 1]) to the nearest world clip of its own prompt, at any size and
+  position (0 for a world clip);
+- adherence: the colour, shape, background, direction and speed of the nearest world clip of any prompt,
+  counted only when the shape is visible in every frame (a shape that fades or vanishes does not adhere);
+  `all` when every attribute does;
+- motion: the shape's mean displacement per frame, and its distance from the prompted speed;
+- block boundaries: the mean frame-to-frame change across the student's block boundaries over the mean change
+  within blocks (1 for world clips);
+- motion reward: the MQ axis the learner weights Re-DMD by (core/reward/motion.py);
+- initial-frame copy on long rollouts (`long_frames` latent frames, past the attention window).
+Each is the mean over noise seeds with its standard deviation, next to the world clips of the same scenes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
+from core.algo.distill import teacher_context
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
-from core.codecs.video import Codec, build_codec, to_uint8_frames
-from core.model.wan import CausalWanModel, WanModel
-from core.records.checkpoint import load_into, load_wan_state_dict
+from core.codecs.video import Codec, build_codec, from_uint8_frames, to_uint8_frames
+from core.model.wan import CausalWanModel
 from core.reward.base import VideoInput
 from core.reward.motion import MotionScorer
 from core.stream.pipeline import VideoPipeline, build_generator
 from toyworld.config import WorldConfig
-from toyworld.recipe import flow_matching_loss, world_latents
+from toyworld.exact import WorldClips
 from toyworld.sampler import sample
-from toyworld.world import COLOURS, DIRECTIONS, Scene, feature_distance, initial_frame_similarity, prompt_adherence, render
+from toyworld.world import (
+    COLOURS,
+    DIRECTIONS,
+    SPEEDS,
+    Scene,
+    foreground,
+    initial_frame_similarity,
+    parse_prompt,
+    render,
+    velocity_of,
+)
+
+ATTRIBUTES = ("colour", "shape", "background", "direction", "speed")
 
 
 def decode_videos(codec: Codec, latents: torch.Tensor) -> list[np.ndarray]:
@@ -35,13 +55,33 @@ def decode_videos(codec: Codec, latents: torch.Tensor) -> list[np.ndarray]:
     return [to_uint8_frames(v).numpy() for v in codec.decode(latents.transpose(1, 2).float())]
 
 
-@torch.no_grad()
-def teacher_loss(cfg: WorldConfig, teacher: WanModel, latents: torch.Tensor, context: torch.Tensor, seed: int) -> float:
-    """The teacher's flow-matching loss on `latents` at seeded timesteps and noise (lower: more like its data)."""
-    sched = FlowMatchScheduler(cfg.pretrain.shift, cfg.scheduler.num_train_timesteps)
-    rng = torch.Generator().manual_seed(seed)
-    return float(np.mean([flow_matching_loss(teacher, sched, latents[i:i + 1], context[i:i + 1], rng).item()
-                          for i in range(latents.shape[0])]))
+def measure_clip(video: np.ndarray, prompt: str, clips: WorldClips, frames_per_block: int) -> dict[str, float]:
+    """The exact measures of the module docstring for one clip (uint8 [T, H, W, 3]) made for `prompt`."""
+    attrs = parse_prompt(prompt)
+    pixels = from_uint8_frames(video, torch.float64)[0]
+    visible = foreground(video).any(axis=(1, 2))
+    near = clips.nearest(pixels)
+    shown = visible.all()
+    out = {"fidelity_rms": clips.nearest(pixels, [attrs]).rms, "visible_frames": float(visible.mean())}
+    for name in ATTRIBUTES:
+        out[f"adherence_{name}"] = float(shown and getattr(near.attributes, name) == getattr(attrs, name))
+    out["adherence_all"] = float(shown and near.attributes == attrs)
+    velocity = velocity_of(video)
+    moved = float(np.hypot(*velocity)) if velocity is not None else 0.0
+    prompted = SPEEDS[attrs.speed] * video.shape[2] / 32 if attrs.speed else 0.0
+    out.update(displacement_px=moved, speed_error_px=abs(moved - prompted))
+    steps = np.abs(np.diff(video.astype(np.float64), axis=0)).mean(axis=(1, 2, 3)) / 255  # [T - 1]
+    at_boundary = (np.arange(1, len(video)) % frames_per_block) == 0
+    out.update(boundary_step=float(steps[at_boundary].mean()), within_step=float(steps[~at_boundary].mean()))
+    return out
+
+
+def _mean_measures(videos: list[np.ndarray], prompts: list[str], clips: WorldClips, cfg: WorldConfig) -> dict[str, float]:
+    per_clip = [measure_clip(v, p, clips, cfg.stream.num_frame_per_block) for v, p in zip(videos, prompts)]
+    out = {k: float(np.mean([m[k] for m in per_clip])) for k in per_clip[0]}
+    out["boundary_ratio"] = out["boundary_step"] / max(out["within_step"], 1e-12)
+    out["motion_reward"] = float(np.mean(motion_rewards(cfg, videos, prompts)))
+    return out
 
 
 def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str]) -> list[float]:
@@ -50,69 +90,118 @@ def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str
     return [s.normalized[cfg.learner.reward_axis] for s in scores]
 
 
-def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline, teacher: WanModel | None, num_prompts: int = 32,
-                     seed: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8) -> dict[str, float]:
-    """All measures of the module docstring for the pipeline's generator on scenes `seed`.. `seed + num_prompts - 1`."""
+def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline, num_prompts: int = 24, seeds: tuple[int, ...] = (0, 1, 2),
+                     first_scene: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8,
+                     figure: str | Path | None = None, figure_prompts: int = 6) -> dict:
+    """Every measure of the module docstring for the pipeline's generator on scenes `first_scene`.. , one clip per
+    prompt and noise seed: {"measures": {name: {"mean", "std", "world"}}, "prompts", "seeds", "first_scene"}.
+    With `figure`, also a contact sheet there: the first `figure_prompts` clips of the first seed over the world's."""
     video = cfg.video
-    scenes = [Scene.from_seed(seed + i) for i in range(num_prompts)]
+    scenes = [Scene.from_seed(first_scene + i) for i in range(num_prompts)]
     prompts = [s.prompt for s in scenes]
     context = pipe.encode(prompts)
-    latents = pipe.generate(context, seed, video.num_latent_frames)
-    videos = decode_videos(pipe.vae, latents)
-    world = [render(s, len(videos[0]), video.height, video.width) for s in scenes]
-    hits = [prompt_adherence(v, s) for v, s in zip(videos, scenes)]
-    world_hits = [prompt_adherence(v, s) for v, s in zip(world, scenes)]
-    rewards = motion_rewards(cfg, videos, prompts)
-    out = {"prompts": num_prompts, "seed": seed,
-           "motion_reward": float(np.mean(rewards)), "motion_reward_world": float(np.mean(motion_rewards(cfg, world, prompts))),
-           "colour_adherence": float(np.mean([h["colour"] for h in hits])),
-           "direction_adherence": float(np.mean([h["direction"] for h in hits])),
-           "colour_adherence_world": float(np.mean([h["colour"] for h in world_hits])),
-           "direction_adherence_world": float(np.mean([h["direction"] for h in world_hits])),
-           "feature_distance": feature_distance(videos, world)}
-    if teacher is not None:
-        world_x0 = world_latents(pipe.vae, scenes, video.num_latent_frames, video.height, video.width)
-        out["teacher_loss"] = teacher_loss(cfg, teacher, latents, context, seed)
-        out["teacher_loss_world"] = teacher_loss(cfg, teacher, world_x0.to(latents), context, seed)
+    clips = WorldClips(video.num_latent_frames, video.height, video.width)
+    made = {seed: decode_videos(pipe.vae, pipe.generate(context, seed, video.num_latent_frames)) for seed in seeds}
+    world_clips = [render(s, video.num_latent_frames, video.height, video.width) for s in scenes]
+    runs = [_mean_measures(made[seed], prompts, clips, cfg) for seed in seeds]
+    world = _mean_measures(world_clips, prompts, clips, cfg)
+    if figure is not None:
+        contact_sheet(made[seeds[0]][:figure_prompts], world_clips[:figure_prompts], figure)
     if long_prompts:
-        long_scenes = scenes[:long_prompts]
-        long_videos = decode_videos(pipe.vae, pipe.generate(context[:long_prompts], seed + 1, long_frames))
-        long_world = [render(s, len(long_videos[0]), video.height, video.width) for s in long_scenes]
-        out.update(long_frames=long_frames,
-                   initial_frame_copy=float(np.mean([initial_frame_similarity(v) for v in long_videos])),
-                   initial_frame_copy_world=float(np.mean([initial_frame_similarity(v) for v in long_world])))
-    return out
+        copies = [float(np.mean([initial_frame_similarity(v) for v in decode_videos(
+            pipe.vae, pipe.generate(context[:long_prompts], seed + 1, long_frames))])) for seed in seeds]
+        for run, copy in zip(runs, copies):
+            run["initial_frame_copy"] = copy
+        world["initial_frame_copy"] = float(np.mean([initial_frame_similarity(render(s, long_frames, video.height,
+                                                                                      video.width))
+                                                     for s in scenes[:long_prompts]]))
+    measures = {k: {"mean": float(np.mean([r[k] for r in runs])), "std": float(np.std([r[k] for r in runs])),
+                    "world": world[k]} for k in runs[0]}
+    return {"prompts": num_prompts, "seeds": list(seeds), "first_scene": first_scene, "long_frames": long_frames,
+            "measures": measures}
 
 
-def evaluate_config(cfg: WorldConfig, generator: CausalWanModel | None = None, num_prompts: int = 32, seed: int = 1_000_000,
-                    long_frames: int = 63, long_prompts: int = 8) -> dict[str, float]:
+def evaluate_config(cfg: WorldConfig, generator: CausalWanModel | None = None, num_prompts: int = 24,
+                    seeds: tuple[int, ...] = (0, 1, 2), first_scene: int = 1_000_000, long_frames: int = 63,
+                    long_prompts: int = 8, figure: str | Path | None = None) -> dict:
     """`evaluate_student` with everything built from `cfg` on the CPU in float32: the generator from
-    checkpoint.generator unless given, the teacher from learner.teacher.checkpoint (no teacher loss without one),
-    the text encoder and the codec."""
+    checkpoint.generator unless given, the text encoder and the codec."""
     if generator is None:
         generator = build_generator(cfg, torch.device("cpu"), torch.float32)
-    teacher = None
-    if cfg.learner.teacher.checkpoint:
-        teacher = load_into(WanModel(cfg.learner.teacher.arch or cfg.model),
-                            load_wan_state_dict(cfg.learner.teacher.checkpoint)).eval()
     pipe = VideoPipeline(cfg, generator.float().eval(), TextEncoder.from_config(cfg, "cpu", torch.float32),
                          build_codec(cfg), torch.device("cpu"))
-    return evaluate_student(cfg, pipe, teacher, num_prompts, seed, long_frames, long_prompts)
+    return evaluate_student(cfg, pipe, num_prompts, seeds, first_scene, long_frames, long_prompts, figure)
 
 
-def evaluate_teacher(cfg: WorldConfig, model: WanModel, num_clips: int = 24, steps: int = 20, guidance: float = 3.0,
-                     seed: int = 1_000_000) -> dict[str, float]:
-    """Prompt adherence of teacher samples on held-out world scenes (seeds from `seed`): the fraction whose
-    colour and whose direction the exact world classifiers read back, against chance (1/6 and 1/5)."""
+# what the table shows, in order: (key, label, which way is better)
+REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
+            ("adherence_colour", "adherence: colour", "higher"), ("adherence_shape", "adherence: shape", "higher"),
+            ("adherence_direction", "adherence: direction", "higher"), ("adherence_speed", "adherence: speed", "higher"),
+            ("visible_frames", "frames showing the shape", "higher"),
+            ("fidelity_rms", "distance to the prompt's nearest clip", "lower"),
+            ("displacement_px", "displacement per frame (px)", "as world"),
+            ("speed_error_px", "error from the prompted speed (px)", "lower"),
+            ("boundary_ratio", "block-boundary / within-block change", "as world"),
+            ("motion_reward", "motion reward (MQ)", "higher"),
+            ("initial_frame_copy", "initial-frame copy (long rollouts)", "as world"))
+
+
+def format_measures(result: dict) -> str:
+    """`evaluate_student`'s result as a table: mean ± std over the noise seeds, and the world clips' value."""
+    seeds = ", ".join(map(str, result["seeds"]))
+    lines = [f"{result['prompts']} held-out prompts (scenes from {result['first_scene']}), noise seeds {seeds}",
+             f"{'measure':<40} {'student':>17} {'world':>8}  better"]
+    for key, label, better in REPORTED:
+        if key in result["measures"]:
+            m = result["measures"][key]
+            lines.append(f"{label:<40} {m['mean']:>8.3f} ± {m['std']:<6.3f} {m['world']:>8.3f}  {better}")
+    return "\n".join(lines)
+
+
+def format_change(before: dict, after: dict) -> str:
+    """Two `evaluate_student` results on the same prompts and seeds, side by side: what training changed."""
+    lines = [f"exact measures, {after['prompts']} held-out prompts x noise seeds {', '.join(map(str, after['seeds']))}"
+             f" (mean ± std over seeds)", f"{'measure':<40} {'start':>15} {'trained':>15} {'world':>8}  better"]
+    for key, label, better in REPORTED:
+        if key in after["measures"]:
+            b, a = before["measures"][key], after["measures"][key]
+            lines.append(f"{label:<40} {b['mean']:>7.3f} ± {b['std']:<5.3f} {a['mean']:>7.3f} ± {a['std']:<5.3f} "
+                         f"{a['world']:>8.3f}  {better}")
+    return "\n".join(lines)
+
+
+def contact_sheet(videos: list[np.ndarray], references: list[np.ndarray], path: str | Path, scale: int = 4,
+                  gap: int = 2) -> None:
+    """A PNG of clips over their references, every frame side by side: for each clip a row of its frames and
+    under it a row of the reference's, scaled up `scale` times without smoothing (what the eye should check)."""
+    t, h, w = videos[0].shape[:3]
+    sheet = np.full((len(videos) * (2 * h + 3 * gap), t * (w + gap), 3), 255, dtype=np.uint8)
+    for i, (video, reference) in enumerate(zip(videos, references)):
+        top = i * (2 * h + 3 * gap)
+        for row, clip in ((top, video), (top + h + gap, reference)):
+            for f in range(t):
+                sheet[row:row + h, f * (w + gap):f * (w + gap) + w] = clip[f]
+    image = Image.fromarray(sheet)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def evaluate_teacher(cfg: WorldConfig, model: torch.nn.Module, num_clips: int = 24, steps: int = 20,
+                     guidance: float = 3.0, seed: int = 1_000_000) -> dict[str, float]:
+    """Prompt adherence of teacher samples on held-out world scenes (seeds from `seed`), measured exactly as
+    for students (`measure_clip`): the fraction whose colour and whose direction the nearest world clip
+    shows, with the shape visible throughout, against chance (1/6 and 1/5)."""
     scenes = [Scene.from_seed(seed + i) for i in range(num_clips)]
+    prompts = [s.prompt for s in scenes]
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
-    context, uncond = encoder.encode([s.prompt for s in scenes]), encoder.encode([""] * num_clips)
+    context = teacher_context(model, encoder.encode(prompts), prompts)
+    uncond = None if guidance == 1 else teacher_context(model, encoder.encode([""] * num_clips), [""] * num_clips)
     lh, lw = cfg.video.latent_hw
     x0 = sample(model, FlowMatchScheduler.from_config(cfg.scheduler), context, uncond,
                 (num_clips, cfg.video.num_latent_frames, cfg.model.in_dim, lh, lw), steps, guidance,
                 torch.Generator().manual_seed(seed))
-    videos = decode_videos(build_codec(cfg), x0)
-    hits = [prompt_adherence(v, s) for v, s in zip(videos, scenes)]
-    return {"colour": float(np.mean([h["colour"] for h in hits])),
-            "direction": float(np.mean([h["direction"] for h in hits])),
+    clips = WorldClips(cfg.video.num_latent_frames, cfg.video.height, cfg.video.width)
+    measured = [measure_clip(v, p, clips, cfg.stream.num_frame_per_block)
+                for v, p in zip(decode_videos(build_codec(cfg), x0), prompts)]
+    return {"colour": float(np.mean([m["adherence_colour"] for m in measured])),
+            "direction": float(np.mean([m["adherence_direction"] for m in measured])),
             "colour_chance": 1 / len(COLOURS), "direction_chance": 1 / len(DIRECTIONS)}

@@ -11,12 +11,14 @@ predictions with grad. No Ray; `launch.py ode-init` drives it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.algo.distill import build_teacher, teacher_context
 from core.algo.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
@@ -25,7 +27,7 @@ from core.model.wan import CausalWanModel, WanModel
 from core.records.checkpoint import load_into, load_wan_state_dict
 from toyworld.config import WorldConfig
 from toyworld.recipe import RecipeOptimizer
-from toyworld.sampler import ode_trajectory
+from toyworld.sampler import causal_ode_trajectory, ode_trajectory
 from toyworld.world import Scene
 
 
@@ -42,19 +44,26 @@ def student_timesteps(cfg: WorldConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_trajectories(cfg: WorldConfig, teacher: WanModel, encoder, prompts: list[str], seed: int,
-                         on_batch=None) -> OdePairs:
-    """Guided ODE solves of `teacher` for `prompts`, `ode_init.batch_size` at a time (seeded per batch)."""
+def teacher_trajectories(cfg: WorldConfig, teacher: torch.nn.Module, encoder: TextEncoder, prompts: list[str],
+                         seed: int, on_batch: Callable[[int], None] | None = None) -> OdePairs:
+    """ODE solves of `teacher` for `prompts`, `ode_init.batch_size` at a time, seeded per batch: block by block
+    with ode_init.causal (unguided), else for the whole clip (guided unless ode_init.guidance is 1)."""
     o, lh_lw = cfg.ode_init, cfg.video.latent_hw
     sched = FlowMatchScheduler.from_config(cfg.scheduler)
     keep = tuple(student_timesteps(cfg).tolist())
     states, clean = [], []
     for start in range(0, len(prompts), o.batch_size):
         chunk = prompts[start:start + o.batch_size]
-        context, uncond = encoder.encode(chunk), encoder.encode([""] * len(chunk))
+        context = teacher_context(teacher, encoder.encode(chunk), chunk)
         shape = (len(chunk), cfg.video.num_latent_frames, cfg.model.in_dim, *lh_lw)
-        *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance,
-                                       torch.Generator().manual_seed(seed + start), keep)
+        rng = torch.Generator().manual_seed(seed + start)
+        if o.causal:
+            *at_steps, x0 = causal_ode_trajectory(teacher, sched, context, shape, cfg.stream.num_frame_per_block,
+                                                  o.ode_steps, rng, keep)
+        else:
+            uncond = None if o.guidance == 1 else teacher_context(teacher, encoder.encode([""] * len(chunk)),
+                                                                  [""] * len(chunk))
+            *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance, rng, keep)
         states.append(torch.stack(at_steps, dim=1))
         clean.append(x0)
         if on_batch is not None:
@@ -85,30 +94,36 @@ def ode_regression_loss(generator: CausalWanModel, sched: FlowMatchScheduler, ti
     return F.mse_loss(rollout.replay_exit_steps(record, context, cache), clean)
 
 
-def ode_init(cfg: WorldConfig, on_stage=None, on_step=None) -> tuple[CausalWanModel, list[float]]:
-    """Train the causal student, started from the teacher's weights (same architecture), on teacher
-    trajectories per `cfg.ode_init`; returns (student, losses).
+def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = None,
+             on_step: Callable[[int, float | None], None] | None = None) -> tuple[CausalWanModel, list[float]]:
+    """Train the causal student on trajectories of the teacher learner.teacher describes, per `cfg.ode_init`;
+    returns (student, losses). The student starts from ode_init.init, else from a Wan teacher's weights, else
+    from Wan's initialisation.
 
     `on_stage(name, total)` announces "trajectories" (in clips) and "regression" (in steps); `on_step(n, loss)`
     reports progress within a stage (loss None while solving trajectories)."""
     o = cfg.ode_init
-    if cfg.learner.teacher.checkpoint is None:
+    if cfg.learner.teacher.kind == "wan" and cfg.learner.teacher.checkpoint is None:
         raise ConfigError("ode_init needs a trained teacher: set learner.teacher.checkpoint to its folder "
-                          "(python launch.py pretrain-teacher makes one)")
-    weights = load_wan_state_dict(cfg.learner.teacher.checkpoint)
-    teacher = load_into(WanModel(cfg.model), weights).eval()
-    teacher.attention_backend = cfg.runtime.attention_backend
+                          "(python launch.py pretrain-teacher makes one) or learner.teacher.kind=exact_world")
+    teacher = build_teacher(cfg)
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
     prompts = [Scene.from_seed(o.seed + i).prompt for i in range(o.num_clips)]
     if on_stage is not None:
         on_stage("trajectories", o.num_clips)
     pairs = teacher_trajectories(cfg, teacher, encoder, prompts, o.seed,
                                  None if on_step is None else lambda n: on_step(n, None))
+    start = teacher.state_dict() if o.init is None and isinstance(teacher, WanModel) else None
     del teacher
 
     torch.manual_seed(cfg.runtime.seed)
     student = CausalWanModel(cfg.model, cfg.stream)
-    load_into(student, weights)
+    if o.init is not None:
+        start = load_wan_state_dict(o.init)
+    if start is None:
+        student.init_weights()
+    else:
+        load_into(student, start)
     student.attention_backend = cfg.runtime.attention_backend
     student.train()
     sched = FlowMatchScheduler.from_config(cfg.scheduler)

@@ -1,5 +1,7 @@
 """The Euler flow-ODE sampler of a bidirectional teacher: the teacher's samples (`sample`) and the trajectory
-states ODE init regresses from (`ode_trajectory`). With the true flow it lands exactly on x0 (tested)."""
+states ODE init regresses from, solved for the whole clip at once (`ode_trajectory`) or block by block
+(`causal_ode_trajectory`: each block's ODE conditioned on the clean blocks before it, the later ones unseen).
+With the true flow it lands exactly on x0 (tested)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,23 @@ def ode_grid(sched: FlowMatchScheduler, steps: int) -> torch.Tensor:
     return torch.cat([sched.sigmas[index], torch.zeros(1)]).double()
 
 
+def _grid(sched: FlowMatchScheduler, steps: int, keep: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The solve's sigmas, its timesteps and the grid indices of the timesteps `keep`."""
+    sigmas = ode_grid(sched, steps)
+    grid_t = (sigmas[:-1] * sched.num_train_timesteps).float()
+    keep_at = []
+    for t in keep:
+        match = (grid_t - t).abs() < 1e-3
+        if not match.any():
+            raise ValueError(f"timestep {t:.3f} is not on the {steps}-step ODE grid; use a number of ODE steps that "
+                             f"is a multiple of the student's denoising steps")
+        keep_at.append(int(match.nonzero()[0]))
+    return sigmas, grid_t, keep_at
+
+
 @torch.no_grad()
-def ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor, uncond: torch.Tensor | None,
+def ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+                   uncond: torch.Tensor | list[str] | None,
                    shape: tuple[int, ...], steps: int = 20, guidance: float = 3.0, rng: torch.Generator | None = None,
                    keep: tuple[float, ...] = ()) -> list[torch.Tensor]:
     """Euler integration of the teacher's flow ODE from noise (sigma 1) to x0 (sigma 0) on `ode_grid`.
@@ -26,17 +43,9 @@ def ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: t
     followed by x0.
     """
     b, f = shape[:2]
-    sigmas = ode_grid(sched, steps)
-    grid_t = (sigmas[:-1] * sched.num_train_timesteps).float()
-    keep_at = []
-    for t in keep:
-        match = (grid_t - t).abs() < 1e-3
-        if not match.any():
-            raise ValueError(f"timestep {t:.3f} is not on the {steps}-step ODE grid; use a number of ODE steps that "
-                             f"is a multiple of the student's denoising steps")
-        keep_at.append(int(match.nonzero()[0]))
+    sigmas, grid_t, keep_at = _grid(sched, steps, keep)
     x = torch.randn(shape, generator=rng).double()
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.parameters(), torch.zeros(())).dtype  # the exact teacher has no weights: float32 states
     states = {}
     for i in range(steps):
         states[i] = x.to(dtype)
@@ -49,8 +58,38 @@ def ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: t
     return [states[i] for i in keep_at] + [x.to(dtype)]
 
 
-def sample(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor, uncond: torch.Tensor | None,
+def sample(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+           uncond: torch.Tensor | list[str] | None,
            shape: tuple[int, ...], steps: int = 20, guidance: float = 3.0,
            rng: torch.Generator | None = None) -> torch.Tensor:
     """Teacher samples x0 [B, F, C, H, W]: the end of `ode_trajectory`."""
     return ode_trajectory(model, sched, context, uncond, shape, steps, guidance, rng)[-1]
+
+
+@torch.no_grad()
+def causal_ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+                          shape: tuple[int, ...], frames_per_block: int, steps: int = 20,
+                          rng: torch.Generator | None = None, keep: tuple[float, ...] = ()) -> list[torch.Tensor]:
+    """`ode_trajectory` (unguided) block by block, the autoregressive teacher Causal Forcing asks ODE init to use:
+    block b's ODE runs with the blocks before it clean (timestep 0) and the ones after it pure noise (timestep
+    1000: unseen), so its end depends only on its own noise and the past, as a causal student's output does.
+    Returns the states [B, F, C, H, W] at the timesteps `keep` (each block at its own solve's), then x0."""
+    b, f = shape[:2]
+    sigmas, grid_t, keep_at = _grid(sched, steps, keep)
+    noise = torch.randn(shape, generator=rng).double()
+    dtype = next(model.parameters(), torch.zeros(())).dtype
+    x0, states = noise.clone(), [noise.clone() for _ in keep_at]
+    for start in range(0, f, frames_per_block):
+        block = slice(start, start + frames_per_block)
+        x = noise[:, block]
+        for i in range(steps):
+            for slot, at in enumerate(keep_at):
+                if at == i:
+                    states[slot][:, block] = x
+            t = torch.full((b, f), float(sched.num_train_timesteps))
+            t[:, :start], t[:, block] = 0.0, float(grid_t[i])
+            frames = torch.cat([x0[:, :start], x, noise[:, block.stop:]], dim=1)
+            flow = model(frames.to(dtype).transpose(1, 2), t, context).transpose(1, 2).double()[:, block]
+            x = x + (sigmas[i + 1] - sigmas[i]) * flow
+        x0[:, block] = x
+    return [s.to(dtype) for s in states] + [x0.to(dtype)]
