@@ -313,6 +313,7 @@ class StreamServer:
                 "checkpoint": cfg.checkpoint.generator, "use_ema": cfg.checkpoint.use_ema, "lora": self.merged_lora,
                 "lora_adapters": sorted(self.svc.lora_adapters),
                 "stream": cfg.stream.model_dump(), "fps": cfg.video.fps,
+                "vocabulary": self.pipe.text_encoder.vocabulary(),  # the words a word-level model knows, else null
                 "presets": {k: {"height": v[0], "width": v[1]} for k, v in self.svc.presets.items()},
                 "default_preset": self.svc.default_preset,
                 "limits": {"max_sessions_per_replica": self.svc.max_sessions,

@@ -19,6 +19,7 @@ from core.model.wan import CausalWanModel
 from core.records.video_io import read_video
 from helpers import peft_adapter
 from serve.app import FRAME_HEADER, build_app
+from toyworld.config import load_world_config
 
 BASE = ["serve.num_cpus=0.25"]
 
@@ -127,6 +128,7 @@ def test_generate_mp4_and_fragmented_stream(app_url):
 def test_info_health_and_page(app_url):
     info = httpx.get(f"{app_url}/v1/info").json()
     assert info["presets"]["tiny"] == {"height": 64, "width": 64} and info["default_preset"] == "tiny"
+    assert info["vocabulary"] is None  # a byte-level tokenizer: no word list to show
     assert info["limits"]["max_sessions_per_replica"] == 1 and info["auth"] is False
     assert httpx.get(f"{app_url}/healthz").json()["status"] == "ok"
     page = httpx.get(f"{app_url}/")
@@ -188,3 +190,19 @@ def test_serve_deploy_file_is_a_valid_serve_config():
     app = spec.applications[0]
     assert app.import_path == "serve.app:app_builder"
     assert load_config(REPO_ROOT / app.args["config"], app.args["overrides"]).serve.num_gpus == 1.0
+
+
+def test_the_default_serves_the_world_student_and_its_vocabulary(serve_instance):
+    """`launch.py serve` with no --config: the shipped world student at 32x32, and the words it knows for the page."""
+    cfg = load_world_config(None, [*BASE, "serve.app_name=stream_world"])
+    serve.run(build_app(cfg), name="stream_world", route_prefix="/stream_world")
+    try:
+        url = f"{serve_instance}/stream_world"
+        info = httpx.get(f"{url}/v1/info").json()
+        assert info["presets"] == {"world": {"height": 32, "width": 32}} and info["checkpoint"] == cfg.checkpoint.generator
+        assert {"circle", "red", "left", "slowly", "background"} <= set(info["vocabulary"])
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red circle moves slowly left across a gray background",
+                                                  "frames": 9}, timeout=120)
+        assert r.status_code == 200 and read_video(r.content).frames.shape == (9, 32, 32, 3)
+    finally:
+        serve.delete("stream_world")

@@ -306,6 +306,15 @@ class TextEncoder:
     def device(self) -> torch.device:
         return self.model.shared.weight.device
 
+    def vocabulary(self, limit: int = 1000) -> list[str] | None:
+        """The words a word-level tokenizer knows (a small world's prompts), sorted; None for sub-word or byte
+        tokenizers and for vocabularies over `limit` words, where a word list says nothing useful."""
+        vocab = getattr(self.tokenizer, "get_vocab", lambda: None)()
+        specials = set(getattr(self.tokenizer, "all_special_tokens", []))
+        if vocab is None or len(vocab) > limit or not all(w.isalpha() for w in vocab if w not in specials):
+            return None
+        return sorted(w for w in vocab if w not in specials)
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [B, text_len], padded (and truncated) to text_len, eos last."""
         out = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
