@@ -41,7 +41,7 @@ def test_default_is_the_toy_world_on_plumbing_and_tokens_per_frame_derived():
     cfg = load_world_config()
     assert cfg.vae.kind == "patch" and cfg.model.in_dim == 12 and cfg.tokens_per_frame == 64  # 32x32 -> 8x8 tokens
     assert cfg.learner.teacher.kind == "exact_world" and cfg.checkpoint.generator  # the exact teacher, the shipped student
-    assert cfg.learner.critic_checkpoint and cfg.learner.guidance_scale == 0 and cfg.ode_init.causal
+    assert cfg.learner.critic_checkpoint and cfg.learner.guidance_scale == 0 and cfg.ode_init.pairs == "few_step"
     plumbing = load_config(PLUMBING_CONFIG)
     assert plumbing.model.dim == 64 and plumbing.tokens_per_frame == 16 and plumbing.checkpoint.generator is None
     big = load_config(REPO / "configs" / "reward_forcing_1.3b_stream.yaml")

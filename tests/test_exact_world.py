@@ -16,7 +16,8 @@ from core.config import ConfigError
 from core.model.wan import WanModel
 from toyworld.config import load_world_config
 from toyworld.exact import ExactWorldTeacher, WorldClips
-from toyworld.sampler import causal_ode_trajectory, sample
+from toyworld.ode_init import student_timesteps
+from toyworld.sampler import causal_ode_trajectory, few_step_trajectory, sample
 from toyworld.world import SIZES, Scene, parse_prompt, render
 
 EXACT = ["learner.teacher.kind=exact_world", "learner.teacher.checkpoint=null"]
@@ -115,6 +116,26 @@ def test_causal_ode_pairs_end_on_world_clips_and_each_block_ignores_the_future()
     assert (clips.posterior_mean(x, sigma, attrs) - clips.posterior_mean(other, sigma, attrs)).abs().max() < 1e-12
 
 
+def test_the_students_sampler_with_the_exact_denoiser_makes_world_clips_as_prompted():
+    """The student's own 4-step sampler (re-noising between steps, block by block) with the exact denoiser in its
+    place: its clips are world clips of their prompts, so a student that learns those x0s can make them too."""
+    cfg = load_world_config(None, EXACT)
+    teacher, sched = build_teacher(cfg), FlowMatchScheduler.from_config(cfg.scheduler)
+    scenes = [Scene.from_seed(1_000_000 + i) for i in range(8)]
+    shape = (len(scenes), 9, cfg.model.in_dim, *cfg.video.latent_hw)
+    timesteps = student_timesteps(cfg)
+    states, x0s, clean = few_step_trajectory(teacher, sched, [s.prompt for s in scenes], shape, 3, timesteps,
+                                             torch.Generator().manual_seed(0))
+    assert states.shape == x0s.shape == (4, *shape) and torch.equal(x0s[-1], clean)
+    for k in range(3):  # each state is the last x0 re-noised to the next timestep
+        sigma = float(timesteps[k + 1]) / 1000
+        assert ((states[k + 1] - (1 - sigma) * x0s[k]) / sigma).std().item() == pytest.approx(1.0, abs=0.02)
+    videos = build_codec(cfg, dtype=torch.float64).decode(clean.transpose(1, 2).double())
+    for scene, video in zip(scenes, videos):
+        near = teacher.clips(9).nearest(video)
+        assert near.attributes == parse_prompt(scene.prompt) and near.rms < 0.05, (scene.prompt, near)
+
+
 def test_behind_the_teacher_interface_with_the_learned_critic():
     cfg = load_world_config(None, EXACT)  # the embedded default: the exact teacher, the learned critic
     teacher, critic = build_score_models(cfg)
@@ -152,5 +173,5 @@ def test_config_errors():
         ExactWorldTeacher(load_world_config("configs/plumbing.yaml"))
     with pytest.raises(ConfigError, match="critic_checkpoint is required"):
         build_score_models(load_world_config(None, [*EXACT, "learner.critic_checkpoint=null"]))
-    with pytest.raises(ConfigError, match="ode_init.causal solves the conditional ODE unguided"):
+    with pytest.raises(ConfigError, match="ode_init.pairs=few_step runs the conditional teacher unguided"):
         load_world_config(None, ["ode_init.guidance=3"])

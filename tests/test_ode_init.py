@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import launch
+from core.algo.distill import build_teacher
+from core.algo.rollout import SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
 from core.model.wan import CausalWanModel, WanModel
@@ -17,7 +19,14 @@ from core.records.checkpoint import load_wan_state_dict, save_wan_folder
 from core.stream.pipeline import build_generator
 from helpers import TrueFlow
 from toyworld.config import load_world_config
-from toyworld.ode_init import ode_regression_loss, regression_record, student_timesteps, teacher_trajectories
+from toyworld.ode_init import (
+    ode_regression_loss,
+    on_policy_loss,
+    regression_record,
+    student_timesteps,
+    teacher_trajectories,
+    teacher_x0_at_exit,
+)
 from toyworld.sampler import ode_trajectory
 
 SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6",
@@ -50,25 +59,54 @@ def test_regression_record_slices_blocks_at_the_exit_step():
 
 def test_regression_through_the_replay_path_fits_teacher_trajectories():
     cfg = load_world_config(None, [*SMALL, *LEARNED, "ode_init.num_clips=2", "ode_init.ode_steps=4",
-                                   "ode_init.batch_size=2"])
+                                   "ode_init.batch_size=2", "ode_init.pairs=ode"])
     torch.manual_seed(0)
     teacher = WanModel(cfg.model).eval()
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
     prompts = ["a red circle moves left across a gray background", "a white square stays still on a black background"]
     pairs = teacher_trajectories(cfg, teacher, encoder, prompts, seed=0)
-    assert pairs.states.shape == (2, 4, 6, 12, 16, 16) and pairs.clean.shape == (2, 6, 12, 16, 16)
+    assert pairs.states.shape == pairs.targets.shape == (2, 4, 6, 12, 16, 16) and pairs.clean.shape == (2, 6, 12, 16, 16)
+    assert torch.equal(pairs.targets[:, 2], pairs.clean)  # every state of an ODE regresses its end
     student = CausalWanModel(cfg.model, cfg.stream)
     student.load_state_dict(teacher.state_dict())
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     sched, timesteps, context = FlowMatchScheduler.from_config(cfg.scheduler), student_timesteps(cfg), encoder.encode(prompts)
     losses = []
     for _ in range(15):
-        loss = ode_regression_loss(student, sched, timesteps, pairs.states, pairs.clean, context, exit_index=1)
+        loss = ode_regression_loss(student, sched, timesteps, pairs.states, pairs.targets, pairs.clean, context,
+                                   exit_index=1)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_on_policy_targets_are_the_teachers_x0_at_the_students_own_states():
+    """DAgger: the student's rollout picks the states; the target of each block is the exact teacher's x0 there,
+    given the student's earlier blocks as the clean past and no future; the loss trains through the replay."""
+    cfg = load_world_config(None, SMALL)
+    torch.manual_seed(0)
+    student, teacher = CausalWanModel(cfg.model, cfg.stream), build_teacher(cfg)
+    sched, timesteps = FlowMatchScheduler.from_config(cfg.scheduler), student_timesteps(cfg)
+    prompts = ["a red circle moves quickly left across a gray background",
+               "a white square stays still on a black background"]
+    context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode(prompts)
+    shape = (2, 6, cfg.model.in_dim, *cfg.video.latent_hw)
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        record = SelfForcedRollout(student, sched, timesteps).training_rollout(
+            context, student.init_cache(2, shape[-2:]), gaussian_noise((2, 3, *shape[2:]), rng, torch.float32, "cpu"),
+            2, exit_index=2)
+    targets = teacher_x0_at_exit(teacher, sched, record, prompts, rng)
+    sigma = torch.tensor([0.0] * 3 + [record.exit_timestep / 1000] * 3)
+    frames = torch.cat([record.blocks[0].clean, record.blocks[1].noisy], dim=1).transpose(1, 2).double()
+    direct = teacher.codec.encode(teacher.denoise(teacher.codec.decode(frames), sigma.expand(2, 6), prompts))
+    assert (targets[:, 3:] - direct.transpose(1, 2)[:, 3:]).abs().max().item() < 1e-4
+
+    loss = on_policy_loss(student, teacher, sched, timesteps, context, prompts, shape, 1, rng)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
 def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_load(tmp_path, capsys):
@@ -78,7 +116,7 @@ def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_lo
     out = tmp_path / "ode"
     args = ["ode-init", *SMALL, *LEARNED, f"learner.teacher.checkpoint={tmp_path / 'teacher'}", "ode_init.num_clips=3",
             "ode_init.ode_steps=4", "ode_init.steps=4", "ode_init.batch_size=2", "ode_init.eval_clips=2",
-            f"ode_init.output={out}"]
+            "ode_init.on_policy=0.5", f"ode_init.output={out}"]
     assert launch.main(args) == 0
     assert len(list(csv.DictReader((out / "loss.csv").open()))) == 4
     saved = load_wan_state_dict(out / "ode_init.pt")
@@ -99,7 +137,8 @@ def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_lo
     assert world["adherence_all"] == world["visible_frames"] == 1.0 and world["fidelity_rms"] < 1e-9
     assert world["speed_error_px"] < 0.05 and abs(world["boundary_ratio"] - 1) < 0.15
     printed = capsys.readouterr().out
-    assert "adherence: every attribute" in printed and "initial-frame copy (long rollouts)" in printed
+    assert "adherence: every attribute" in printed and "long rollouts: initial-frame copy" in printed
+    assert world["long_fidelity_end"] < 1e-6 and world["long_adherence_end"] == 1.0
 
 
 def test_ode_init_refuses_a_wan_teacher_without_weights():

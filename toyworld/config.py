@@ -8,6 +8,7 @@ default does) or leave them at their defaults; the roles (actors, learner, servi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -66,12 +67,17 @@ class PretrainConfig(_RecipeConfig):
 
 
 class OdeInitConfig(_RecipeConfig):
-    """ODE-regression initialisation of the causal student (`launch.py ode-init`, toyworld/ode_init.py): the
-    teacher learner.teacher describes solves its flow ODE (`ode_steps` Euler steps, CFG `guidance`; 1 is
-    unguided; with `causal` block by block, the autoregressive teacher Causal Forcing asks for) for the prompts
-    of the `num_clips` scenes, then the student, started from `init` (or the Wan
-    teacher's weights), regresses the ODE's end from the states at its few-step timesteps. `output` gets
-    `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
+    """Regression initialisation of the causal student (`launch.py ode-init`, toyworld/ode_init.py) from the
+    teacher learner.teacher describes, on the prompts of the `num_clips` scenes; `pairs` says what it regresses:
+    - `ode`: the end of the teacher's flow ODE (`ode_steps` Euler steps, CFG `guidance`; 1 is unguided) from
+      its states at the student's few-step timesteps (CausVid, Self Forcing);
+    - `causal_ode`: the same ODE solved block by block, each conditioned on the clean blocks before it (the
+      autoregressive teacher Causal Forcing asks for; unguided);
+    - `few_step`: the teacher's x0 at each state of the student's own few-step sampler run with the teacher as
+      its denoiser (unguided), so the student learns the denoiser where it will be used.
+    With `on_policy`, that fraction of the steps instead regresses the teacher's x0 at the states the student's
+    own rollout reaches (DAgger). The student starts from `init` (or the Wan teacher's weights). `output` gets `ode_init.pt` (Self-Forcing
+    layout: checkpoint.generator loads it)."""
 
     steps: int = 400
     lr: float = 2e-4
@@ -83,18 +89,22 @@ class OdeInitConfig(_RecipeConfig):
     ode_steps: int = 20
     guidance: float = 3.0
     init: str | None = None  # the student's starting weights; None: the teacher's (a Wan teacher), else Wan's init
-    causal: bool = False  # solve block by block, each conditioned on the clean blocks before it (Causal Forcing)
+    pairs: Literal["ode", "causal_ode", "few_step"] = "ode"
+    on_policy: float = 0.0  # the fraction of steps regressing the teacher's x0 at the student's own rollout states
 
     @model_validator(mode="after")
-    def _causal_is_unguided(self) -> "OdeInitConfig":
-        if self.causal and self.guidance != 1:
-            raise ValueError("ode_init.causal solves the conditional ODE unguided: set ode_init.guidance to 1")
+    def _block_wise_is_unguided(self) -> "OdeInitConfig":
+        if self.pairs != "ode" and self.guidance != 1:
+            raise ValueError(f"ode_init.pairs={self.pairs} runs the conditional teacher unguided: set "
+                             "ode_init.guidance to 1")
         return self
 
     @model_validator(mode="after")
     def _check(self) -> "OdeInitConfig":
         if self.ode_steps < 1:
             raise ValueError("ode_init.ode_steps must be >= 1")
+        if not 0 <= self.on_policy <= 1:
+            raise ValueError(f"ode_init.on_policy is a fraction of the steps: it must be in [0, 1], got {self.on_policy}")
         return self
 
 

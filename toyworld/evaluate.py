@@ -12,7 +12,8 @@ and each clip is measured with the world's exact machinery (toyworld/exact.py):
 - block boundaries: the mean frame-to-frame change across the student's block boundaries over the mean change
   within blocks (1 for world clips);
 - motion reward: the MQ axis the learner weights Re-DMD by (core/reward/motion.py);
-- initial-frame copy on long rollouts (`long_frames` latent frames, past the attention window).
+- long rollouts (`long_frames` latent frames, past the attention window): initial-frame copy, and fidelity and
+  adherence of the first and the last clip-length window.
 Each is the mean over noise seeds with its standard deviation, next to the world clips of the same scenes.
 """
 
@@ -84,6 +85,18 @@ def _mean_measures(videos: list[np.ndarray], prompts: list[str], clips: WorldCli
     return out
 
 
+def _long_measures(videos: list[np.ndarray], prompts: list[str], clips: WorldClips, cfg: WorldConfig) -> dict[str, float]:
+    """Long rollouts: how much the end copies the start, and the fidelity and adherence of the first and the last
+    clip-length window (does the picture hold up over time?)."""
+    fpb, n = cfg.stream.num_frame_per_block, clips.frames
+    first = [measure_clip(v[:n], p, clips, fpb) for v, p in zip(videos, prompts)]
+    last = [measure_clip(v[-n:], p, clips, fpb) for v, p in zip(videos, prompts)]
+    return {"initial_frame_copy": float(np.mean([initial_frame_similarity(v) for v in videos])),
+            "long_fidelity_start": float(np.mean([m["fidelity_rms"] for m in first])),
+            "long_fidelity_end": float(np.mean([m["fidelity_rms"] for m in last])),
+            "long_adherence_end": float(np.mean([m["adherence_all"] for m in last]))}
+
+
 def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str]) -> list[float]:
     """The learner's reward axis (normalised) from the motion scorer, one per video."""
     scores = MotionScorer().score_batch([VideoInput(v, float(cfg.video.fps), p) for v, p in zip(videos, prompts)])
@@ -108,13 +121,11 @@ def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline, num_prompts: int = 2
     if figure is not None:
         contact_sheet(made[seeds[0]][:figure_prompts], world_clips[:figure_prompts], figure)
     if long_prompts:
-        copies = [float(np.mean([initial_frame_similarity(v) for v in decode_videos(
-            pipe.vae, pipe.generate(context[:long_prompts], seed + 1, long_frames))])) for seed in seeds]
-        for run, copy in zip(runs, copies):
-            run["initial_frame_copy"] = copy
-        world["initial_frame_copy"] = float(np.mean([initial_frame_similarity(render(s, long_frames, video.height,
-                                                                                      video.width))
-                                                     for s in scenes[:long_prompts]]))
+        for run, seed in zip(runs, seeds):
+            run.update(_long_measures(decode_videos(pipe.vae, pipe.generate(context[:long_prompts], seed + 1,
+                                                                            long_frames)), prompts, clips, cfg))
+        world.update(_long_measures([render(s, long_frames, video.height, video.width) for s in scenes[:long_prompts]],
+                                    prompts, clips, cfg))
     measures = {k: {"mean": float(np.mean([r[k] for r in runs])), "std": float(np.std([r[k] for r in runs])),
                     "world": world[k]} for k in runs[0]}
     return {"prompts": num_prompts, "seeds": list(seeds), "first_scene": first_scene, "long_frames": long_frames,
@@ -143,7 +154,10 @@ REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
             ("speed_error_px", "error from the prompted speed (px)", "lower"),
             ("boundary_ratio", "block-boundary / within-block change", "as world"),
             ("motion_reward", "motion reward (MQ)", "higher"),
-            ("initial_frame_copy", "initial-frame copy (long rollouts)", "as world"))
+            ("initial_frame_copy", "long rollouts: initial-frame copy", "as world"),
+            ("long_fidelity_start", "long rollouts: distance, first window", "lower"),
+            ("long_fidelity_end", "long rollouts: distance, last window", "lower"),
+            ("long_adherence_end", "long rollouts: every attribute, last", "higher"))
 
 
 def format_measures(result: dict) -> str:

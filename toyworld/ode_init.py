@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from core.algo.distill import build_teacher, teacher_context
-from core.algo.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout
+from core.algo.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
 from core.config import ConfigError
@@ -27,7 +27,7 @@ from core.model.wan import CausalWanModel, WanModel
 from core.records.checkpoint import load_into, load_wan_state_dict
 from toyworld.config import WorldConfig
 from toyworld.recipe import RecipeOptimizer
-from toyworld.sampler import causal_ode_trajectory, ode_trajectory
+from toyworld.sampler import causal_ode_trajectory, few_step_trajectory, ode_trajectory
 from toyworld.world import Scene
 
 
@@ -35,7 +35,8 @@ from toyworld.world import Scene
 class OdePairs:
     prompts: list[str]
     states: torch.Tensor  # [N, K, F, C, H, W]: the trajectory at each of the student's K timesteps
-    clean: torch.Tensor  # [N, F, C, H, W]: where the ODE ends
+    targets: torch.Tensor  # [N, K, F, C, H, W]: what the student regresses at each (the ODE's end, or the x0s)
+    clean: torch.Tensor  # [N, F, C, H, W]: where the trajectory ends: the cached context of each block
 
 
 def student_timesteps(cfg: WorldConfig) -> torch.Tensor:
@@ -46,29 +47,38 @@ def student_timesteps(cfg: WorldConfig) -> torch.Tensor:
 @torch.no_grad()
 def teacher_trajectories(cfg: WorldConfig, teacher: torch.nn.Module, encoder: TextEncoder, prompts: list[str],
                          seed: int, on_batch: Callable[[int], None] | None = None) -> OdePairs:
-    """ODE solves of `teacher` for `prompts`, `ode_init.batch_size` at a time, seeded per batch: block by block
-    with ode_init.causal (unguided), else for the whole clip (guided unless ode_init.guidance is 1)."""
+    """Trajectories of `teacher` for `prompts` of the kind ode_init.pairs names, `ode_init.batch_size` at a time,
+    seeded per batch."""
     o, lh_lw = cfg.ode_init, cfg.video.latent_hw
     sched = FlowMatchScheduler.from_config(cfg.scheduler)
-    keep = tuple(student_timesteps(cfg).tolist())
-    states, clean = [], []
+    timesteps = student_timesteps(cfg)
+    keep = tuple(timesteps.tolist())
+    states, targets, clean = [], [], []
     for start in range(0, len(prompts), o.batch_size):
         chunk = prompts[start:start + o.batch_size]
         context = teacher_context(teacher, encoder.encode(chunk), chunk)
         shape = (len(chunk), cfg.video.num_latent_frames, cfg.model.in_dim, *lh_lw)
         rng = torch.Generator().manual_seed(seed + start)
-        if o.causal:
-            *at_steps, x0 = causal_ode_trajectory(teacher, sched, context, shape, cfg.stream.num_frame_per_block,
-                                                  o.ode_steps, rng, keep)
+        if o.pairs == "few_step":
+            at_steps, x0s, x0 = few_step_trajectory(teacher, sched, context, shape, cfg.stream.num_frame_per_block,
+                                                    timesteps, rng)
+            states.append(at_steps.transpose(0, 1))
+            targets.append(x0s.transpose(0, 1))
         else:
-            uncond = None if o.guidance == 1 else teacher_context(teacher, encoder.encode([""] * len(chunk)),
-                                                                  [""] * len(chunk))
-            *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance, rng, keep)
-        states.append(torch.stack(at_steps, dim=1))
+            if o.pairs == "causal_ode":
+                *at_steps, x0 = causal_ode_trajectory(teacher, sched, context, shape, cfg.stream.num_frame_per_block,
+                                                      o.ode_steps, rng, keep)
+            else:
+                uncond = None if o.guidance == 1 else teacher_context(teacher, encoder.encode([""] * len(chunk)),
+                                                                      [""] * len(chunk))
+                *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance, rng,
+                                               keep)
+            states.append(torch.stack(at_steps, dim=1))
+            targets.append(x0[:, None].expand(-1, len(keep), *x0.shape[1:]))
         clean.append(x0)
         if on_batch is not None:
             on_batch(len(chunk))
-    return OdePairs(prompts, torch.cat(states), torch.cat(clean))
+    return OdePairs(prompts, torch.cat(states), torch.cat(targets), torch.cat(clean))
 
 
 def regression_record(states: torch.Tensor, clean: torch.Tensor, exit_index: int, exit_timestep: float,
@@ -84,14 +94,53 @@ def regression_record(states: torch.Tensor, clean: torch.Tensor, exit_index: int
 
 
 def ode_regression_loss(generator: CausalWanModel, sched: FlowMatchScheduler, timesteps: torch.Tensor,
-                        states: torch.Tensor, clean: torch.Tensor, context: torch.Tensor, exit_index: int,
-                        context_noise: int = 0) -> torch.Tensor:
-    """mse(student's x0 from the trajectory state at timestep `exit_index`, the ODE's end), over every block."""
+                        states: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor, context: torch.Tensor,
+                        exit_index: int, context_noise: int = 0) -> torch.Tensor:
+    """mse(student's x0 from the trajectory state at timestep `exit_index`, its target there), over every block,
+    each attending to the clean blocks before it."""
     rollout = SelfForcedRollout(generator, sched, timesteps, context_noise)
     record = regression_record(states, clean, exit_index, float(timesteps[exit_index]),
                                generator.stream.num_frame_per_block, float(context_noise))
     cache = generator.init_cache(clean.shape[0], tuple(clean.shape[-2:]), device=clean.device, dtype=clean.dtype)
-    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), clean)
+    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), targets[:, exit_index])
+
+
+@torch.no_grad()
+def teacher_x0_at_exit(teacher: torch.nn.Module, sched: FlowMatchScheduler, record: RolloutRecord,
+                       context: torch.Tensor | list[str], rng: torch.Generator) -> torch.Tensor:
+    """The teacher's x0 for each block's exit-step input of a rollout, given the rollout's blocks before it as its
+    clean past (at the context timestep) and no future (noise at timestep 1000): [B, F, C, H, W]."""
+    inputs = [blk.clean if blk.context_input is None else blk.context_input for blk in record.blocks]
+    b, f = record.blocks[0].noisy.shape[0], sum(blk.noisy.shape[1] for blk in record.blocks)
+    out = []
+    for n, blk in enumerate(record.blocks):
+        start, stop = blk.start_frame, blk.start_frame + blk.noisy.shape[1]
+        future = torch.randn((b, f - stop, *blk.noisy.shape[2:]), generator=rng, dtype=blk.noisy.dtype)
+        frames = torch.cat([*inputs[:n], blk.noisy, future], dim=1)
+        t = torch.full((b, f), float(sched.num_train_timesteps))
+        t[:, :start], t[:, start:stop] = record.context_timestep, record.exit_timestep
+        flow = teacher(frames.transpose(1, 2), t, context).transpose(1, 2)[:, start:stop]
+        t_block = torch.full((b * (stop - start),), record.exit_timestep)
+        out.append(sched.x0_from_flow(flow.flatten(0, 1), blk.noisy.flatten(0, 1), t_block).unflatten(0, (b, -1)))
+    return torch.cat(out, dim=1).to(record.blocks[0].noisy.dtype)
+
+
+def on_policy_loss(generator: CausalWanModel, teacher: torch.nn.Module, sched: FlowMatchScheduler,
+                   timesteps: torch.Tensor, context: torch.Tensor, teacher_ctx: torch.Tensor | list[str],
+                   shape: tuple[int, ...], exit_index: int, rng: torch.Generator, context_noise: int = 0) -> torch.Tensor:
+    """DAgger for a few-step student: mse(its x0 at the states its own rollout reaches, the teacher's x0 there).
+    Offline pairs teach the student the teacher's sampler on the teacher's states; its own small errors then lead
+    it to states it never saw. Here it learns the teacher's answer at those."""
+    rollout = SelfForcedRollout(generator, sched, timesteps, context_noise)
+    b, f = shape[:2]
+    fpb = generator.stream.num_frame_per_block
+    noise = gaussian_noise((b, fpb, *shape[2:]), rng, torch.float32, "cpu")
+    with torch.no_grad():
+        cache = generator.init_cache(b, tuple(shape[-2:]), device="cpu", dtype=torch.float32)
+        record = rollout.training_rollout(context, cache, noise, f // fpb, exit_index)
+    targets = teacher_x0_at_exit(teacher, sched, record, teacher_ctx, rng)
+    cache = generator.init_cache(b, tuple(shape[-2:]), device="cpu", dtype=torch.float32)
+    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), targets)
 
 
 def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = None,
@@ -114,7 +163,6 @@ def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = Non
     pairs = teacher_trajectories(cfg, teacher, encoder, prompts, o.seed,
                                  None if on_step is None else lambda n: on_step(n, None))
     start = teacher.state_dict() if o.init is None and isinstance(teacher, WanModel) else None
-    del teacher
 
     torch.manual_seed(cfg.runtime.seed)
     student = CausalWanModel(cfg.model, cfg.stream)
@@ -130,16 +178,24 @@ def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = Non
     timesteps = student_timesteps(cfg)
     opt = RecipeOptimizer(student, o.lr, o.weight_decay, o.warmup_steps, o.steps, o.grad_clip)
     rng = np.random.default_rng(o.seed)
+    noise_rng = torch.Generator().manual_seed(o.seed)
     if on_stage is not None:
         on_stage("regression", o.steps)
     losses = []
     for step in range(o.steps):
         pick = torch.as_tensor(rng.choice(o.num_clips, size=min(o.batch_size, o.num_clips), replace=False))
         exit_index = int(rng.integers(len(timesteps)))
+        chosen = [pairs.prompts[i] for i in pick.tolist()]
         with torch.no_grad():
-            context = encoder.encode([pairs.prompts[i] for i in pick.tolist()])
-        losses.append(opt.step(ode_regression_loss(student, sched, timesteps, pairs.states[pick], pairs.clean[pick],
-                                                   context, exit_index, cfg.scheduler.context_noise)))
+            context = encoder.encode(chosen)
+        if rng.random() < o.on_policy:
+            loss = on_policy_loss(student, teacher, sched, timesteps, context, teacher_context(teacher, context, chosen),
+                                  (len(chosen), *pairs.clean.shape[1:]), exit_index, noise_rng,
+                                  cfg.scheduler.context_noise)
+        else:
+            loss = ode_regression_loss(student, sched, timesteps, pairs.states[pick], pairs.targets[pick],
+                                       pairs.clean[pick], context, exit_index, cfg.scheduler.context_noise)
+        losses.append(opt.step(loss))
         if on_step is not None:
             on_step(1, losses[-1])
     return student.eval(), losses

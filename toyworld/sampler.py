@@ -1,7 +1,8 @@
-"""The Euler flow-ODE sampler of a bidirectional teacher: the teacher's samples (`sample`) and the trajectory
+"""Samplers of a bidirectional teacher: its Euler flow ODE (the teacher's samples, `sample`) and the trajectory
 states ODE init regresses from, solved for the whole clip at once (`ode_trajectory`) or block by block
-(`causal_ode_trajectory`: each block's ODE conditioned on the clean blocks before it, the later ones unseen).
-With the true flow it lands exactly on x0 (tested)."""
+(`causal_ode_trajectory`: each block's ODE conditioned on the clean blocks before it, the later ones unseen);
+with the true flow it lands exactly on x0 (tested). And the student's own few-step sampler with the teacher
+as its denoiser (`few_step_trajectory`), whose states and x0s a student can learn to follow."""
 
 from __future__ import annotations
 
@@ -93,3 +94,39 @@ def causal_ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, con
             x = x + (sigmas[i + 1] - sigmas[i]) * flow
         x0[:, block] = x
     return [s.to(dtype) for s in states] + [x0.to(dtype)]
+
+
+@torch.no_grad()
+def few_step_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+                        shape: tuple[int, ...], frames_per_block: int, timesteps: torch.Tensor,
+                        rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal student's own sampler run with the teacher as its denoiser: block by block (the clean blocks
+    before at timestep 0, the ones after unseen at 1000), the teacher's x0 at each of the student's `timesteps`,
+    re-noised with fresh noise to the next one, as `SelfForcedRollout.stream` does.
+
+    Returns (states, x0s, clean): the inputs at each timestep and the teacher's x0 for them [K, B, F, C, H, W],
+    and the finished clip [B, F, C, H, W]. A student that learns x0s from states follows this sampler."""
+    b, f = shape[:2]
+    noise = torch.randn(shape, generator=rng).double()
+    dtype = next(model.parameters(), torch.zeros(())).dtype
+    k = len(timesteps)
+    states, x0s = torch.zeros((k, *shape), dtype=torch.float64), torch.zeros((k, *shape), dtype=torch.float64)
+    clean = noise.clone()
+    for start in range(0, f, frames_per_block):
+        block = slice(start, start + frames_per_block)
+        x = noise[:, block]
+        for i, t in enumerate(timesteps.tolist()):
+            states[i][:, block] = x
+            t_frames = torch.full((b, f), float(sched.num_train_timesteps))
+            t_frames[:, :start], t_frames[:, block] = 0.0, t
+            frames = torch.cat([clean[:, :start], x, noise[:, block.stop:]], dim=1)
+            flow = model(frames.to(dtype).transpose(1, 2), t_frames, context).transpose(1, 2).double()[:, block]
+            t_block = torch.full((b * x.shape[1],), t)
+            x0 = sched.x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), t_block).unflatten(0, x.shape[:2])
+            x0s[i][:, block] = x0
+            if i + 1 < k:
+                fresh = torch.randn(x0.shape, generator=rng).double()
+                t_next = torch.full((b * x.shape[1],), float(timesteps[i + 1]))
+                x = sched.add_noise(x0.flatten(0, 1), fresh.flatten(0, 1), t_next).unflatten(0, x0.shape[:2])
+        clean[:, block] = x0
+    return states.to(dtype), x0s.to(dtype), clean.to(dtype)
