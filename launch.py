@@ -7,7 +7,9 @@ Commands:
                  web page to watch it (local Ray, or --address to join).
   pretrain-teacher
                  flow-matching pretraining of the toy world's small teacher (the embedded default's).
-  ode-init       regression of the causal student on the teacher's ODE trajectories (Self Forcing's ode_init.pt).
+  ode-init       regression of the causal student on teacher trajectories (ode_init.pairs: ODE pairs, or the
+                 teacher's x0s on the student's own few-step sampler; ode_init.on_policy: DAgger steps), Self
+                 Forcing's ode_init.pt.
   evaluate       exact toy-world measures of a student: prompt adherence, fidelity to the world, motion,
                  block-boundary jumps, motion reward, initial-frame copying on long rollouts.
   generate       text to MP4: stream the causal generator block by block, decode each block as
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
     command("pretrain-teacher", "train the toy-world teacher with flow matching")
-    command("ode-init", "initialise the causal student by regression on teacher ODE trajectories")
+    command("ode-init", "initialise the causal student by regression on teacher trajectories (ode_init.pairs)")
 
     p = command("evaluate", "exact toy-world measures of a student: adherence, fidelity, motion, block boundaries, copying")
     p.add_argument("--checkpoint", default=None, help="student weights (sets checkpoint.generator)")

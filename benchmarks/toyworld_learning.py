@@ -15,8 +15,8 @@ hold the weights at ema_start_step):
   (static) sink, and no sink (the window alone), each measured on --long-frames latent frames (past the 12-frame window) by the
   initial-frame copy measure: how much the last quarter of a long video looks like its first frames
   (lower: less copying), next to the same measure on true world clips.
---study staleness: actors.max_staleness 0, 1 and 2; the table adds each run's wall time, for quality per
-  minute.
+--study staleness: actors.max_staleness 0, 1 and 2; the table adds each run's wall time and the samples
+  the actors delivered (used or dropped as stale), for quality per minute and per sample.
 
 Each setting runs once per seed in --seeds (the seed sets runtime.seed and actors.prompt_seed), and the
 table gives mean and standard deviation over seeds, plus the starting student's numbers for reference.
@@ -58,12 +58,13 @@ STUDIES = {
              "no sink": ["stream.sink_mode=static", "stream.sink_size=0"]},
     "staleness": {f"max_staleness {k}": [f"actors.max_staleness={k}"] for k in (0, 1, 2)},
 }
-MEASURES = ("adherence_all", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
+MEASURES = ("adherence_all", "adherence_colour", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
             "motion_reward", "initial_frame_copy", "long_fidelity_end", "long_adherence_end")
 
 
-def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float]:
-    """One `launch.py train` run; returns its export (reward_forcing.pt) and the wall time."""
+def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float, int]:
+    """One `launch.py train` run; returns its export (reward_forcing.pt), the wall time and the samples the
+    actors delivered (used or dropped as stale)."""
     cmd = [sys.executable, "launch.py", "train", "--config", args.config, "--address", "local", *overrides,
            f"runtime.seed={seed}",
            f"actors.prompt_seed={seed}", f"learner.max_steps={args.steps}", f"learner.output_dir={out}",
@@ -76,7 +77,7 @@ def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float
         tail = "\n".join(proc.stderr.splitlines()[-40:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}; stderr tail:\n{tail}")
     summary = json.loads((out / "summary.json").read_text())
-    return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0
+    return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0, int(summary["samples_delivered"])
 
 
 def evaluate(overrides: list[str], checkpoint: str, args, eval_seed: int | None = None) -> dict:
@@ -131,30 +132,31 @@ def main() -> int:
 
     start = load_world_config(args.config, args.overrides).checkpoint.generator
     results["start"] = evaluate(start_overrides, start, args)
-    print(f"start ({start}): " + ", ".join(f"{k} {results['start'][k]:.3f}" for k in MEASURES), flush=True)
+    measures = [k for k in MEASURES if k in results["start"]]  # the long-rollout ones only with --long-prompts
+    print(f"start ({start}): " + ", ".join(f"{k} {results['start'][k]:.3f}" for k in measures), flush=True)
     with tempfile.TemporaryDirectory(prefix="toyworld_bench_") as tmp:
         for seed in seeds:
             for name, overrides in settings.items():
                 if args.steps == 0:
-                    export, wall, eval_seed = start, 0.0, args.eval_seed + 10_000 * seed
+                    export, wall, samples, eval_seed = start, 0.0, 0, args.eval_seed + 10_000 * seed
                 else:
-                    export, wall = train(overrides, seed, args, Path(tmp) / f"{name.replace(' ', '_')}_{seed}")
+                    export, wall, samples = train(overrides, seed, args, Path(tmp) / f"{name.replace(' ', '_')}_{seed}")
                     eval_seed = args.eval_seed
                 scores = evaluate(overrides, str(export), args, eval_seed)
-                results["runs"].append({"setting": name, "seed": seed, "train_s": wall, **scores})
-                print(f"  {name}, seed {seed} ({wall:.0f} s): " + ", ".join(f"{k} {scores[k]:.3f}" for k in MEASURES),
+                results["runs"].append({"setting": name, "seed": seed, "train_s": wall, "samples": samples, **scores})
+                print(f"  {name}, seed {seed} ({wall:.0f} s): " + ", ".join(f"{k} {scores[k]:.3f}" for k in measures),
                       flush=True)
 
     print(f"\n{args.study} study: {args.steps} learner steps from the ODE-init student, seeds {seeds}, "
           f"{args.prompts} held-out prompts, copy measure on {args.long_frames} latent frames (mean ± std over seeds)")
-    print(f"{'setting':<18}" + "".join(f"{k:>22}" for k in (*MEASURES, "train_s")))
-    print(f"{'start':<18}" + "".join(f"{results['start'][k]:>22.3f}" for k in MEASURES))
+    print(f"{'setting':<18}" + "".join(f"{k:>22}" for k in (*measures, "train_s", "samples")))
+    print(f"{'start':<18}" + "".join(f"{results['start'][k]:>22.3f}" for k in measures))
     results["summary"] = {}
     for name in settings:
         runs = [r for r in results["runs"] if r["setting"] == name]
-        results["summary"][name] = {k: [r[k] for r in runs] for k in (*MEASURES, "train_s")}
-        print(f"{name:<18}" + "".join(f"{spread([r[k] for r in runs]):>22}" for k in (*MEASURES, "train_s")))
-    print(f"{'world clips':<18}" + "".join(f"{results['start']['world'][k]:>22.3f}" for k in MEASURES))
+        results["summary"][name] = {k: [r[k] for r in runs] for k in (*measures, "train_s", "samples")}
+        print(f"{name:<18}" + "".join(f"{spread([r[k] for r in runs]):>22}" for k in (*measures, "train_s", "samples")))
+    print(f"{'world clips':<18}" + "".join(f"{results['start']['world'][k]:>22.3f}" for k in measures))
     finish(results, args.json)
     return 0
 
