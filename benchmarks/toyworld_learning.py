@@ -16,7 +16,7 @@ hold the weights at ema_start_step):
   initial-frame copy measure: how much the last quarter of a long video looks like its first frames
   (lower: less copying), next to the same measure on true world clips.
 --study staleness: actors.max_staleness 0, 1 and 2; the table adds each run's wall time and the samples
-  the actors delivered (used or dropped as stale), for quality per minute and per sample.
+  the actors made (used or dropped as stale), for quality per minute and per sample.
 
 Each setting runs once per seed in --seeds (the seed sets runtime.seed and actors.prompt_seed), and the
 table gives mean and standard deviation over seeds, plus the starting student's numbers for reference.
@@ -64,7 +64,7 @@ MEASURES = ("adherence_all", "adherence_colour", "adherence_direction", "fidelit
 
 def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float, int]:
     """One `launch.py train` run; returns its export (reward_forcing.pt), the wall time and the samples the
-    actors delivered (used or dropped as stale)."""
+    actors made (delivered to the learner plus dropped, e.g. as stale)."""
     cmd = [sys.executable, "launch.py", "train", "--config", args.config, "--address", "local", *overrides,
            f"runtime.seed={seed}",
            f"actors.prompt_seed={seed}", f"learner.max_steps={args.steps}", f"learner.output_dir={out}",
@@ -77,7 +77,8 @@ def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float
         tail = "\n".join(proc.stderr.splitlines()[-40:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}; stderr tail:\n{tail}")
     summary = json.loads((out / "summary.json").read_text())
-    return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0, int(summary["samples_delivered"])
+    made = int(summary["samples_delivered"]) + sum((summary.get("drops") or {}).values())
+    return Path(summary["export"]["self_forcing_pt"]), time.perf_counter() - t0, made
 
 
 def evaluate(overrides: list[str], checkpoint: str, args, eval_seed: int | None = None) -> dict:
