@@ -7,6 +7,11 @@ learns to map each of those states straight to the ODE's end point. Here the stu
 the same path the learner uses: a trajectory becomes a `RolloutRecord` whose exit step is one of the
 student's timesteps, with the ODE's clean end as the cached context, and `replay_exit_steps` gives the
 predictions with grad. No Ray; `launch.py ode-init` drives it.
+
+`ode_init.pairs` also offers the pairs of the student's own few-step sampler run with the teacher as its
+denoiser (the teacher's x0 at each state, not the ODE's end), and `ode_init.on_policy` DAgger steps: the
+teacher's x0 at the states the student's own rollout reaches. On the toy world, where the exact teacher
+makes them cheap, that is what makes a student whose shapes move as prompted (README, Toy world).
 """
 
 from __future__ import annotations
