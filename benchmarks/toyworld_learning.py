@@ -12,9 +12,10 @@ hold the weights at ema_start_step):
   motion at equal fidelity: compare the motion reward (the MQ axis the learner weights by) and the
   displacement per frame with the fidelity and adherence columns.
 --study sink: the student trained and rolled out with an EMA sink of alpha 0.999, 0.99 and 0.9, a plain
-  (static) sink, and no sink (the window alone), each measured on --long-frames latent frames (past the 12-frame window) by the
-  initial-frame copy measure: how much the last quarter of a long video looks like its first frames
-  (lower: less copying), next to the same measure on true world clips.
+  (static) sink, and no sink (the window alone), each measured on --long-frames latent frames (past the
+  12-frame window) by the initial-frame copy measure (how much the last quarter of a long video looks like
+  its first frames; lower: less copying) and the fidelity and adherence of the last window, next to the
+  same measures on true world clips.
 --study staleness: actors.max_staleness 0, 1 and 2; the table adds each run's wall time and the samples
   the actors made (used or dropped as stale), for quality per minute and per sample.
 

@@ -76,8 +76,8 @@ class OdeInitConfig(_RecipeConfig):
     - `few_step`: the teacher's x0 at each state of the student's own few-step sampler run with the teacher as
       its denoiser (unguided), so the student learns the denoiser where it will be used.
     With `on_policy`, that fraction of the steps instead regresses the teacher's x0 at the states the student's
-    own rollout reaches (DAgger). The student starts from `init` (or the Wan teacher's weights). `output` gets `ode_init.pt` (Self-Forcing
-    layout: checkpoint.generator loads it)."""
+    own rollout reaches (DAgger). The student starts from `init` (or the Wan teacher's weights). `output` gets
+    `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
 
     steps: int = 400
     lr: float = 2e-4

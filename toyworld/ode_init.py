@@ -32,7 +32,7 @@ from core.model.wan import CausalWanModel, WanModel
 from core.records.checkpoint import load_into, load_wan_state_dict
 from toyworld.config import WorldConfig
 from toyworld.recipe import RecipeOptimizer
-from toyworld.sampler import causal_ode_trajectory, few_step_trajectory, ode_trajectory
+from toyworld.sampler import block_x0, causal_ode_trajectory, few_step_trajectory, ode_trajectory
 from toyworld.world import Scene
 
 
@@ -79,11 +79,13 @@ def teacher_trajectories(cfg: WorldConfig, teacher: torch.nn.Module, encoder: Te
                 *at_steps, x0 = ode_trajectory(teacher, sched, context, uncond, shape, o.ode_steps, o.guidance, rng,
                                                keep)
             states.append(torch.stack(at_steps, dim=1))
-            targets.append(x0[:, None].expand(-1, len(keep), *x0.shape[1:]))
         clean.append(x0)
         if on_batch is not None:
             on_batch(len(chunk))
-    return OdePairs(prompts, torch.cat(states), torch.cat(targets), torch.cat(clean))
+    clean = torch.cat(clean)
+    # an ODE's every state regresses its end: a view of `clean`, not K copies of it
+    targets = torch.cat(targets) if targets else clean[:, None].expand(-1, len(keep), *clean.shape[1:])
+    return OdePairs(prompts, torch.cat(states), targets, clean)
 
 
 def regression_record(states: torch.Tensor, clean: torch.Tensor, exit_index: int, exit_timestep: float,
@@ -116,18 +118,15 @@ def teacher_x0_at_exit(teacher: torch.nn.Module, sched: FlowMatchScheduler, reco
     """The teacher's x0 for each block's exit-step input of a rollout, given the rollout's blocks before it as its
     clean past (at the context timestep) and no future (noise at timestep 1000): [B, F, C, H, W]."""
     inputs = [blk.clean if blk.context_input is None else blk.context_input for blk in record.blocks]
-    b, f = record.blocks[0].noisy.shape[0], sum(blk.noisy.shape[1] for blk in record.blocks)
-    out = []
-    for n, blk in enumerate(record.blocks):
-        start, stop = blk.start_frame, blk.start_frame + blk.noisy.shape[1]
-        future = torch.randn((b, f - stop, *blk.noisy.shape[2:]), generator=rng, dtype=blk.noisy.dtype)
-        frames = torch.cat([*inputs[:n], blk.noisy, future], dim=1)
-        t = torch.full((b, f), float(sched.num_train_timesteps))
-        t[:, :start], t[:, start:stop] = record.context_timestep, record.exit_timestep
-        flow = teacher(frames.transpose(1, 2), t, context).transpose(1, 2)[:, start:stop]
-        t_block = torch.full((b * (stop - start),), record.exit_timestep)
-        out.append(sched.x0_from_flow(flow.flatten(0, 1), blk.noisy.flatten(0, 1), t_block).unflatten(0, (b, -1)))
-    return torch.cat(out, dim=1).to(record.blocks[0].noisy.dtype)
+    f = sum(blk.noisy.shape[1] for blk in record.blocks)
+    past, out = record.blocks[0].noisy[:, :0], []
+    for blk, done in zip(record.blocks, inputs):
+        stop = blk.start_frame + blk.noisy.shape[1]
+        future = torch.randn((blk.noisy.shape[0], f - stop, *blk.noisy.shape[2:]), generator=rng, dtype=blk.noisy.dtype)
+        out.append(block_x0(teacher, sched, context, past, blk.noisy, future, record.exit_timestep,
+                            record.context_timestep))
+        past = torch.cat([past, done], dim=1)
+    return torch.cat(out, dim=1)
 
 
 def on_policy_loss(generator: CausalWanModel, teacher: torch.nn.Module, sched: FlowMatchScheduler,
@@ -168,6 +167,8 @@ def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = Non
     pairs = teacher_trajectories(cfg, teacher, encoder, prompts, o.seed,
                                  None if on_step is None else lambda n: on_step(n, None))
     start = teacher.state_dict() if o.init is None and isinstance(teacher, WanModel) else None
+    if not o.on_policy:
+        del teacher  # only DAgger steps call it again
 
     torch.manual_seed(cfg.runtime.seed)
     student = CausalWanModel(cfg.model, cfg.stream)

@@ -67,6 +67,27 @@ def sample(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Ten
     return ode_trajectory(model, sched, context, uncond, shape, steps, guidance, rng)[-1]
 
 
+def block_flow(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+               past: torch.Tensor, x: torch.Tensor, future: torch.Tensor, t: float,
+               past_t: float = 0.0) -> torch.Tensor:
+    """The teacher's flow for one block x [B, f, C, H, W] at timestep t, in x's dtype: the autoregressive
+    conditional, with the frames before it at `past_t` (clean) and the unseen ones after it at timestep 1000."""
+    frames = torch.cat([past, x, future], dim=1)
+    start, stop = past.shape[1], past.shape[1] + x.shape[1]
+    t_frames = torch.full(frames.shape[:2], float(sched.num_train_timesteps))
+    t_frames[:, :start], t_frames[:, start:stop] = past_t, t
+    dtype = next(model.parameters(), torch.zeros(())).dtype  # the exact teacher has no weights: float32
+    return model(frames.to(dtype).transpose(1, 2), t_frames, context).transpose(1, 2)[:, start:stop].to(x.dtype)
+
+
+def block_x0(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
+             past: torch.Tensor, x: torch.Tensor, future: torch.Tensor, t: float, past_t: float = 0.0) -> torch.Tensor:
+    """`block_flow` as the teacher's x0 for the block."""
+    flow = block_flow(model, sched, context, past, x, future, t, past_t)
+    t_block = torch.full((x.shape[0] * x.shape[1],), t)
+    return sched.x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), t_block).unflatten(0, x.shape[:2])
+
+
 @torch.no_grad()
 def causal_ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, context: torch.Tensor | list[str],
                           shape: tuple[int, ...], frames_per_block: int, steps: int = 20,
@@ -75,7 +96,7 @@ def causal_ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, con
     block b's ODE runs with the blocks before it clean (timestep 0) and the ones after it pure noise (timestep
     1000: unseen), so its end depends only on its own noise and the past, as a causal student's output does.
     Returns the states [B, F, C, H, W] at the timesteps `keep` (each block at its own solve's), then x0."""
-    b, f = shape[:2]
+    f = shape[1]
     sigmas, grid_t, keep_at = _grid(sched, steps, keep)
     noise = torch.randn(shape, generator=rng).double()
     dtype = next(model.parameters(), torch.zeros(())).dtype
@@ -87,10 +108,7 @@ def causal_ode_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, con
             for slot, at in enumerate(keep_at):
                 if at == i:
                     states[slot][:, block] = x
-            t = torch.full((b, f), float(sched.num_train_timesteps))
-            t[:, :start], t[:, block] = 0.0, float(grid_t[i])
-            frames = torch.cat([x0[:, :start], x, noise[:, block.stop:]], dim=1)
-            flow = model(frames.to(dtype).transpose(1, 2), t, context).transpose(1, 2).double()[:, block]
+            flow = block_flow(model, sched, context, x0[:, :start], x, noise[:, block.stop:], float(grid_t[i]))
             x = x + (sigmas[i + 1] - sigmas[i]) * flow
         x0[:, block] = x
     return [s.to(dtype) for s in states] + [x0.to(dtype)]
@@ -117,12 +135,7 @@ def few_step_trajectory(model: torch.nn.Module, sched: FlowMatchScheduler, conte
         x = noise[:, block]
         for i, t in enumerate(timesteps.tolist()):
             states[i][:, block] = x
-            t_frames = torch.full((b, f), float(sched.num_train_timesteps))
-            t_frames[:, :start], t_frames[:, block] = 0.0, t
-            frames = torch.cat([clean[:, :start], x, noise[:, block.stop:]], dim=1)
-            flow = model(frames.to(dtype).transpose(1, 2), t_frames, context).transpose(1, 2).double()[:, block]
-            t_block = torch.full((b * x.shape[1],), t)
-            x0 = sched.x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), t_block).unflatten(0, x.shape[:2])
+            x0 = block_x0(model, sched, context, clean[:, :start], x, noise[:, block.stop:], t)
             x0s[i][:, block] = x0
             if i + 1 < k:
                 fresh = torch.randn(x0.shape, generator=rng).double()
