@@ -199,3 +199,28 @@ def test_cache_hits_misses_and_lru():
     assert torch.equal(fresh.encode(["a", "b", "a"]), first)
     fresh.encode(["a"])
     assert fresh.cache_misses == 3  # no cache: every call encodes
+
+
+# ------------------------------------------------------------------------------------ what the model will not read
+
+
+def test_unknown_words_are_named_and_warned_once_per_prompt(tmp_path, caplog):
+    """A word-level tokenizer reads words outside its vocabulary as <unk>: they are named (the exact pieces, case as
+    typed), logged when the prompt is first encoded, and a cached prompt is not reported again."""
+    enc = tiny_encoder("model.text_len=8")
+    enc.model.save_pretrained(tmp_path)
+    word_tokenizer_folder(tmp_path)
+    words = tiny_encoder(f"text_encoder.checkpoint={tmp_path}", "model.text_len=8")
+    assert words.unknown_words("the  Corgi sits, on the corgi mat!") == ["Corgi", ",", "corgi", "!"]
+    assert words.unknown_words("the cat sits on the mat") == []
+    (unknown,) = words.prompt_warnings("a corgi sits")
+    assert "corgi" in unknown and "it knows: a cat dog mat on sits the" in unknown
+    (cut,) = words.prompt_warnings("the cat sits on the mat on the mat")
+    assert "10 tokens" in cut and "reads 8" in cut  # 9 words and eos: the last two are cut off
+    with caplog.at_level("WARNING", logger="core.codecs.text_encoder"):
+        words.encode(["a corgi sits", "the cat sits"])
+        words.encode(["a corgi sits"])
+    assert [r.getMessage().count("corgi") for r in caplog.records] == [2]  # the prompt and the word, once
+    # A byte-level tokenizer has no unknown token: nothing to report but truncation.
+    assert enc.unknown_words("a corgi ☃") == [] and enc.prompt_warnings("a corgi") == []
+    assert "tokens long" in enc.prompt_warnings("x" * 20)[0]

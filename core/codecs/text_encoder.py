@@ -10,6 +10,7 @@ replica's popular prompts, a learner's prompt list) are encoded once.
 from __future__ import annotations
 
 import html
+import logging
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +22,8 @@ from transformers.models.umt5.modeling_umt5 import UMT5LayerNorm
 
 from core.config import Config, ConfigError
 from core.records.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("expected Wan's models_t5_umt5-xxl-enc-bf16.pth (a flat state dict with Wan T5 keys such as "
            "token_embedding.weight, blocks.0.attn.q.weight) or a Hugging Face UMT5 folder (config.json + weights)")
@@ -194,9 +197,12 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32) -> UMT5Encod
 
 
 class Tokenizer(Protocol):
-    """What TextEncoder needs: the Hugging Face tokenizer call and `len()` (ids in use)."""
+    """What TextEncoder needs: the Hugging Face tokenizer call, `encode` (one text's ids, eos included) and `len()`
+    (ids in use)."""
 
     def __call__(self, texts: list[str], **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str) -> list[int]: ...
 
     def __len__(self) -> int: ...
 
@@ -248,6 +254,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def clean_prompt(text: str) -> str:
     """Wan's 'whitespace' cleaning: HTML entities unescaped, runs of whitespace collapsed (ftfy not applied)."""
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
+    """The pieces of `prompt` (after Wan's cleaning) that `tokenizer` maps to its unknown token, each once, in
+    order: a model reads them all as the same `<unk>`, so they are lost without a trace unless someone says so. A
+    word-level tokenizer (the toy world's) does this to every word or punctuation mark outside its vocabulary;
+    umT5's sentencepiece only to characters it has never seen; byte-level tokenizers never. Fast tokenizers name
+    the exact piece (from their offsets); others the whitespace-separated words that hold one."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    text = clean_prompt(prompt)
+    if getattr(tokenizer, "is_fast", False):
+        out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = (text[a:b] for i, (a, b) in zip(out["input_ids"], out["offset_mapping"]) if i == unk)
+    else:
+        pieces = (w for w in text.split() if unk in tokenizer.encode(w))
+    return list(dict.fromkeys(pieces))
 
 
 # ------------------------------------------------------------------------------------ encoder
@@ -315,6 +339,25 @@ class TextEncoder:
             return None
         return sorted(w for w in vocab if w not in specials)
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The pieces of `prompt` this encoder's tokenizer reads as unknown (`unknown_words`)."""
+        return unknown_words(self.tokenizer, prompt)
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What the model will not read of `prompt`, as sentences for a person: words it maps to unknown, and
+        tokens past `text_len` that truncation drops. Empty when it reads the whole prompt."""
+        warnings = []
+        if unknown := self.unknown_words(prompt):
+            known = self.vocabulary()
+            hint = f"; it knows: {' '.join(known)}" if known is not None else ""
+            warnings.append(f"the text encoder's tokenizer does not know {len(unknown)} word(s) of the prompt and "
+                            f"reads each as <unk>: {', '.join(unknown)}{hint}")
+        tokens = len(self.tokenizer.encode(clean_prompt(prompt)))
+        if tokens > self.text_len:
+            warnings.append(f"the prompt is {tokens} tokens long but the model reads {self.text_len} "
+                            f"(model.text_len): the rest is cut off")
+        return warnings
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [B, text_len], padded (and truncated) to text_len, eos last."""
         out = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
@@ -338,6 +381,9 @@ class TextEncoder:
         rows = {p: self._cache[p] for p in unique if p in self._cache}
         for p in rows:
             self._cache.move_to_end(p)
+        for p in new:  # once per prompt the cache does not hold, so a repeated prompt is not re-reported
+            for warning in self.prompt_warnings(p):
+                logger.warning("prompt %r: %s", p, warning)
         if new:
             ids, mask = self.tokenize(new)
             for p, emb, n in zip(new, self.encode_tokens(ids, mask), mask.gt(0).sum(dim=1).tolist()):
