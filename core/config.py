@@ -472,9 +472,14 @@ class ServeConfig(ConfigSection):
 
     Each replica holds one pipeline and at most `max_sessions` streams (one per GPU replica);
     a session beyond that is refused with 503 and Retry-After. `presets` name the offered
-    resolutions as [height, width] (multiples of VAE stride x patch). `lora` adapters are merged
-    into the generator at startup; `lora_adapters` are named adapters a session may ask for
-    (applied for that session only). `max_session_frames` 0 means unbounded streams.
+    resolutions as [height, width]; each must fit the model's video geometry (`preset_problems`),
+    checked when the app is built. `lora` adapters are merged into the generator at startup;
+    `lora_adapters` are named adapters a session may ask for (applied for that session only).
+    `max_session_frames` 0 means streams unbounded in frames; every request is still bounded in
+    time: `generate_timeout_s` per POST /v1/generate (arrival to last byte), `stream_timeout_s` per
+    WebSocket session (accept to close), `start_timeout_s` for a session's first valid `start`.
+    `drain_check_s`: how often a replica holding sessions asks Serve whether its application is
+    being deleted, to close them with 1001 before the replica is stopped.
     """
 
     host: str = "127.0.0.1"
@@ -493,6 +498,9 @@ class ServeConfig(ConfigSection):
     max_generate_frames: int = 481
     jpeg_quality: int = 85
     start_timeout_s: float = 60.0
+    generate_timeout_s: float = 300.0
+    stream_timeout_s: float = 3600.0
+    drain_check_s: float = 1.0
     auth_token_env: str | None = None
     auth_token_file: str | None = None
     lora: list[dict[str, Any]] = Field(default_factory=list)  # [{path, weight?, alpha?}]
@@ -500,6 +508,10 @@ class ServeConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
+        timeouts = {k: getattr(self, k) for k in ("start_timeout_s", "generate_timeout_s", "stream_timeout_s",
+                                                  "drain_check_s")}
+        if bad := {k: v for k, v in timeouts.items() if not 0 < v < float("inf")}:  # NaN fails too
+            raise ValueError(f"serve timeouts must be finite numbers of seconds > 0, got {bad}")
         if self.max_sessions < 1 or not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError("need serve.max_sessions >= 1 and 1 <= serve.min_replicas <= serve.max_replicas")
         if self.default_preset not in self.presets:
@@ -510,6 +522,28 @@ class ServeConfig(ConfigSection):
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("serve.jpeg_quality must be in [1, 100]")
         return self
+
+    def preset_problems(self, video: VideoConfig, patch_size: list[int]) -> list[str]:
+        """Why presets do not fit the model's video geometry (empty when all do).
+
+        A preset fits when each side is a multiple of VAE stride x patch size (the codec and the patch embedding
+        tile it exactly; StreamSession refuses anything else) and it has at most the tokens per frame of
+        `video.height x video.width`, the size the model, its KV cache and its cost per block are configured for
+        (the transposed or another aspect ratio of no more tokens fits; a larger frame multiplies every block's
+        attention cost by the square of the ratio: 480x832 on the toy world's 32x32 model is 390x the tokens)."""
+        tile_h, tile_w = video.vae_stride[1] * patch_size[1], video.vae_stride[2] * patch_size[2]
+        budget = (video.height // tile_h) * (video.width // tile_w)
+        problems = []
+        for name, (height, width) in self.presets.items():
+            if height % tile_h or width % tile_w:
+                why = f"its sides are not multiples of {tile_h}x{tile_w} (video.vae_stride x model.patch_size)"
+            elif (tokens := (height // tile_h) * (width // tile_w)) > budget:
+                why = f"it has {tokens} tokens per frame, above the model's {budget}"
+            else:
+                continue
+            problems.append(f"serve.presets.{name} is {height}x{width} (height x width) but the model's video geometry "
+                            f"is {video.height}x{video.width} (video.height x video.width): {why}")
+        return problems
 
 
 class Config(ConfigSection):

@@ -15,28 +15,44 @@ Each replica holds one pipeline and at most `serve.max_sessions` sessions (strea
 one more is refused with 503 and Retry-After (the WebSocket handshake is denied before a session is
 allocated, as is a wrong bearer token). The model runs in a worker thread, so control messages, health
 checks and other connections are answered while a block is being made.
+
+Every piece of work is bounded: presets are checked against the model's video geometry when the app is built
+(`ServeConfig.preset_problems`), and each generate call and stream session has a deadline (`_Bound`) that the
+model checks before every transformer block, so work past it stops within one block's forward and the slot is
+freed: 504 for generate, a close with 1008 and a reason for a stream. When Serve deletes the application (or
+`launch.py serve` stops), open streams are closed with 1001 ("going away") before the replica goes.
+Words of a prompt the tokenizer reads as unknown (or cut off past text_len) are returned to the client:
+`warnings` in the stream's `started` / `switched` messages, the `X-Prompt-Warnings` header (a JSON list) of
+/v1/generate.
 """
 
 import asyncio
+import contextlib
 import hmac
 import io
 import json
+import logging
 import struct
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.background import BackgroundTask
 
-from core.config import Config, load_bearer_token, load_config
+from core.config import Config, ConfigError, load_bearer_token, load_config
 from core.model.lora import LoraAdapter, applied, merge
 from core.records.video_io import FragmentedMP4Encoder, MP4Writer
 from core.stream.pipeline import VideoPipeline
@@ -44,6 +60,9 @@ from core.stream.session import StreamSession
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 FRAME_HEADER = struct.Struct("<IId")  # frame index, block, seconds since the stream started
+CLOSE_POLICY, CLOSE_GOING_AWAY, CLOSE_INTERNAL = 1008, 1001, 1011  # WebSocket close codes (RFC 6455)
+SHUTDOWN_MESSAGE = "the server is shutting down; reconnect to continue on another replica"
+logger = logging.getLogger(__name__)
 
 api = FastAPI(title="Streaming video generation",
               description="Real-time causal Wan2.1 generation (Reward Forcing): WebSocket frames, MP4, a web page.",
@@ -76,6 +95,97 @@ class RequestError(ValueError):
         self.status, self.message = status, message
 
 
+class WorkEnded(Exception):
+    """A request's work stopped before it was done: its deadline passed, or the replica is shutting down.
+
+    `status` is what a generate call answers, `close_code` and `reason` (at most 123 bytes, the WebSocket limit)
+    what a stream is closed with, `counter` the metrics key that counts it."""
+
+    def __init__(self, status: int, close_code: int, reason: str, counter: str):
+        super().__init__(reason)
+        self.status, self.close_code, self.reason, self.counter = status, close_code, reason, counter
+
+
+_WORKER = threading.local()  # the _Bound of the request whose model work this worker thread is running
+
+
+def _check_bound(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook on every transformer block: stop the running request's work once its bound says so."""
+    bound = getattr(_WORKER, "bound", None)
+    if bound is not None:
+        bound.check()
+
+
+class _Bound:
+    """One request's bound in time: a deadline (`seconds` from now, the config key `setting`), and an early end
+    when the replica shuts down.
+
+    The model runs in worker threads that Python cannot interrupt, so the bound is checked cooperatively: by the
+    forward pre-hook on each transformer block (`_check_bound`) in the thread that runs the request's work, and by
+    `scope()` (an asyncio timeout) around everything else the request awaits (sends, a paused stream, the start
+    message). Past the deadline the work therefore stops within one block's forward."""
+
+    def __init__(self, seconds: float, setting: str, what: str):
+        self.seconds, self.setting, self.what = seconds, setting, what
+        self.expires = time.monotonic() + seconds
+        self.shutting_down = False
+        self.abandoned = False  # the awaiting coroutine was cancelled (the client left): stop the thread too
+        self._timeout: asyncio.Timeout | None = None
+
+    def ended(self) -> WorkEnded:
+        if self.shutting_down:
+            return WorkEnded(503, CLOSE_GOING_AWAY, SHUTDOWN_MESSAGE, "closed_for_shutdown")
+        return WorkEnded(504, CLOSE_POLICY, f"the {self.what} reached its deadline, {self.setting} = {self.seconds:g} s",
+                         f"deadline_{self.what}")
+
+    def check(self) -> None:
+        if self.shutting_down or self.abandoned or time.monotonic() >= self.expires:
+            raise self.ended()
+
+    def end_for_shutdown(self) -> None:
+        """End the request now (called on the event loop): its thread stops at the next block, its scope exits."""
+        self.shutting_down = True
+        if self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    @contextlib.asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        """Everything awaited inside ends at the deadline (or shutdown) with `WorkEnded`."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(loop.time() + max(0.0, self.expires - time.monotonic())) as self._timeout:
+                if self.shutting_down:
+                    self._timeout.reschedule(loop.time())
+                yield
+        except TimeoutError:
+            if not self._timeout.expired():
+                raise
+            raise self.ended() from None
+        finally:
+            self._timeout = None
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread under this bound. If the awaiting coroutine is cancelled (the deadline's
+        scope, a client that left), the thread is told to stop and waited for, so the model is free before the
+        request's slot is."""
+        work = asyncio.get_running_loop().run_in_executor(None, self._call, fn, *args)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.abandoned = True
+            await asyncio.wait([work])
+            if not work.cancelled():
+                work.exception()  # retrieved: the thread's WorkEnded is expected here
+            raise
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        _WORKER.bound = self
+        try:
+            return fn(*args)
+        finally:
+            _WORKER.bound = None
+
+
 def _jpeg(frame: np.ndarray, quality: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(frame).save(out, format="JPEG", quality=quality)
@@ -84,6 +194,7 @@ def _jpeg(frame: np.ndarray, quality: int) -> bytes:
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    request.app.state.server.stats[f"refused_{exc.status}"] += 1
     headers = {"Retry-After": str(request.app.state.server.retry_after)} if exc.status == 503 else None
     if exc.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
@@ -91,12 +202,19 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
                         headers=headers)
 
 
+@api.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a body that does not fit the schema (what was wrong, field by field), counted."""
+    request.app.state.server.stats["refused_422"] += 1
+    return await request_validation_exception_handler(request, exc)
+
+
 # Defined before the deployment: Serve pickles the ingress class (and the globals it uses) when it is decorated.
 class _Stream:
     """One WebSocket session: a producer making blocks in a worker thread, a reader taking control messages."""
 
-    def __init__(self, server: "StreamServer", ws: WebSocket):
-        self.server, self.ws = server, ws
+    def __init__(self, server: "StreamServer", ws: WebSocket, bound: _Bound):
+        self.server, self.ws, self.bound = server, ws, bound
         self.controls: asyncio.Queue[dict] = asyncio.Queue()
         self.running = asyncio.Event()
         self.running.set()
@@ -129,8 +247,9 @@ class _Stream:
         while True:
             try:
                 msg = await asyncio.wait_for(self._receive_json(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise RequestError(408, "no start message in serve.start_timeout_s") from None
+            except asyncio.TimeoutError:  # the client's fault: a policy close, not an internal error
+                raise WorkEnded(408, CLOSE_POLICY, f"no valid start message within serve.start_timeout_s = "
+                                                   f"{self.server.svc.start_timeout_s:g} s", "start_timeouts") from None
             if msg is None:
                 continue
             if msg.get("type") != "start":
@@ -182,11 +301,12 @@ class _Stream:
     async def run(self) -> None:
         server, ws = self.server, self.ws
         start = await self._start()
-        session = await asyncio.to_thread(server._session, start.prompt, start.seed, start.preset)
+        session = await self.bound.run(server._session, start.prompt, start.seed, start.preset)
         limit = min(x for x in (start.max_frames, server.svc.max_session_frames or None, 2**62) if x)
         await ws.send_json({"type": "started", "width": session.width, "height": session.height,
                             "fps": server.cfg.video.fps, "preset": start.preset or server.svc.default_preset,
-                            "max_frames": None if limit == 2**62 else limit})
+                            "max_frames": None if limit == 2**62 else limit,
+                            "deadline_s": self.bound.seconds, "warnings": server._prompt_warnings(start.prompt)})
         reader = asyncio.create_task(self._read_controls())
         lora = self._session_lora(start)
         t0, sent, first_sent_at = time.monotonic(), 0, None
@@ -200,9 +320,10 @@ class _Stream:
                 recache_s = 0.0
                 while not self.controls.empty():
                     msg = self.controls.get_nowait()
-                    recache_s += await asyncio.to_thread(session.switch_prompt, msg["prompt"])
-                    await ws.send_json({"type": "switched", "prompt": msg["prompt"], "at_frame": session.frames})
-                chunk = await asyncio.to_thread(session.next_chunk)
+                    recache_s += await self.bound.run(session.switch_prompt, msg["prompt"])
+                    await ws.send_json({"type": "switched", "prompt": msg["prompt"], "at_frame": session.frames,
+                                        "warnings": server._prompt_warnings(msg["prompt"])})
+                chunk = await self.bound.run(session.next_chunk)
                 server._count(chunk)
                 frames = chunk.frames[: limit - sent].numpy()
                 jpegs = await asyncio.to_thread(lambda: [_jpeg(f, server.svc.jpeg_quality) for f in frames])
@@ -246,7 +367,11 @@ class StreamServer:
         self.token = token
         self.pipe = VideoPipeline.from_config(self.cfg)
         self.merged_lora = [self._merge_startup_lora(spec) for spec in self.svc.lora]
-        self.sessions = 0
+        for block in self.pipe.generator.blocks:  # where a request's work stops once its bound ends it
+            block.register_forward_pre_hook(_check_bound)
+        self.bounds: set[_Bound] = set()  # one per open session (stream or generate call)
+        self.shutting_down = False
+        self.drain_watch: asyncio.Task | None = None
         self.retry_after = max(1, round(self.svc.retry_after_s))
         self.stats: Counter[str] = Counter()
         self.ttff_s: list[float] = []
@@ -273,19 +398,57 @@ class StreamServer:
         height, width = self.svc.presets[name]
         return height, width
 
-    def _open(self):
-        """Claim a session slot (503 when the replica is full)."""
+    @property
+    def sessions(self) -> int:
+        return len(self.bounds)
+
+    def _open(self, bound: _Bound) -> None:
+        """Claim a session slot for the request `bound` bounds (503 when the replica is full or shutting down)."""
+        if self.shutting_down:
+            self.stats["refused_busy"] += 1
+            raise RequestError(503, SHUTDOWN_MESSAGE)
         if self.sessions >= self.svc.max_sessions:
             self.stats["refused_busy"] += 1
             raise RequestError(503, f"all {self.svc.max_sessions} session(s) of this replica are in use; "
                                     f"retry after {self.retry_after}s")
-        self.sessions += 1
+        self.bounds.add(bound)
         self.stats["sessions_started"] += 1
+        if self.drain_watch is None or self.drain_watch.done():
+            self.drain_watch = asyncio.create_task(self._watch_for_deletion())
 
-    def _close(self) -> None:
-        self.sessions -= 1
+    def _close(self, bound: _Bound) -> None:
+        self.bounds.discard(bound)
         if self.pipe.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    async def _watch_for_deletion(self) -> None:
+        """While sessions are open, ask Serve every `drain_check_s` whether this application is being deleted, and
+        if so end every session (streams close with 1001, generate calls answer 503).
+
+        Serve stops a replica by draining it: it waits for the replica's open requests, and a stream is one that
+        does not end by itself, so without this the replica would be killed after graceful_shutdown_timeout_s and
+        its clients would see the connection drop. Nothing in the replica is told about the drain (the deployment's
+        `__del__` runs only after it), hence the question to the controller."""
+        app = serve.get_replica_context().app_name
+        while self.bounds:
+            await asyncio.sleep(self.svc.drain_check_s)
+            try:
+                status = (await asyncio.to_thread(serve.status)).applications.get(app)
+            except Exception as e:  # noqa: BLE001 - the controller may be restarting: ask again next time
+                logger.warning("could not ask Serve for the status of application %r: %s", app, e)
+                continue
+            if status is None or status.status == "DELETING":
+                logger.warning("application %r is being deleted: ending %d open session(s)", app, len(self.bounds))
+                self.shutting_down = True
+                for bound in list(self.bounds):
+                    bound.end_for_shutdown()
+                return
+
+    def _prompt_warnings(self, prompt: str) -> list[str]:
+        """What the model will not read of `prompt` (unknown words, truncation), counted; logged by the encoder."""
+        warnings = self.pipe.text_encoder.prompt_warnings(prompt)
+        self.stats["prompt_warnings"] += len(warnings)
+        return warnings
 
     def _session(self, prompt: str, seed: int, preset: str | None) -> StreamSession:
         height, width = self._size(preset)
@@ -302,7 +465,7 @@ class StreamServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "sessions": self.sessions}
+        return {"status": "shutting_down" if self.shutting_down else "ok", "sessions": self.sessions}
 
     @api.get("/v1/info")
     async def info(self, request: Request) -> dict:
@@ -318,7 +481,9 @@ class StreamServer:
                 "default_preset": self.svc.default_preset,
                 "limits": {"max_sessions_per_replica": self.svc.max_sessions,
                            "max_session_frames": self.svc.max_session_frames or None,
-                           "max_generate_frames": self.svc.max_generate_frames, "retry_after_s": self.retry_after},
+                           "max_generate_frames": self.svc.max_generate_frames, "retry_after_s": self.retry_after,
+                           "generate_timeout_s": self.svc.generate_timeout_s,
+                           "stream_timeout_s": self.svc.stream_timeout_s, "start_timeout_s": self.svc.start_timeout_s},
                 "auth": self.token is not None}
 
     @api.get("/v1/metrics")
@@ -326,7 +491,12 @@ class StreamServer:
         s = self.stats
         ttff = sorted(self.ttff_s)
         return {"sessions_active": self.sessions, "sessions_started": s["sessions_started"],
-                "refused_busy": s["refused_busy"], "errors": {k[6:]: v for k, v in s.items() if k.startswith("error_")},
+                "refused_busy": s["refused_busy"],
+                "refused": {k[8:]: v for k, v in s.items() if k.startswith("refused_") and k[8:].isdigit()},
+                "deadlines_expired": {"generate": s["deadline_generate"], "stream": s["deadline_stream"]},
+                "start_timeouts": s["start_timeouts"], "closed_for_shutdown": s["closed_for_shutdown"],
+                "prompt_warnings": s["prompt_warnings"],
+                "errors": {k[6:]: v for k, v in s.items() if k.startswith("error_")},
                 "time_to_first_frame_s": {"last": self.ttff_s[-1] if ttff else None,
                                           "median": ttff[len(ttff) // 2] if ttff else None},
                 "production_fps": {"denoise": s["frames_made"] / s["denoise_s"] if s["denoise_s"] else None,
@@ -340,23 +510,31 @@ class StreamServer:
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        """An MP4 of `frames` frames, or with `stream` a fragmented MP4 as blocks are made; within
+        serve.generate_timeout_s of arrival, else 504 (a streamed answer cut by it ends as an incomplete transfer)."""
         self._check_http_auth(request)
         if body.frames > self.svc.max_generate_frames:
             raise RequestError(413, f"frames {body.frames} exceeds serve.max_generate_frames {self.svc.max_generate_frames}")
         self._size(body.preset)  # validate before claiming a slot
-        self._open()
+        bound = _Bound(self.svc.generate_timeout_s, "serve.generate_timeout_s", "generate")
+        self._open(bound)
+        owned_by_stream = False
         try:
-            session = self._session(body.prompt, body.seed, body.preset)
-        except Exception:
-            self._close()
-            raise
-        if body.stream:
-            return StreamingResponse(self._fragments(session, body.frames), media_type="video/mp4")
-        try:
-            path = await asyncio.to_thread(self._write_mp4, session, body.frames)
+            async with bound.scope():
+                session = await bound.run(self._session, body.prompt, body.seed, body.preset)
+                headers = {"X-Prompt-Warnings": json.dumps(self._prompt_warnings(body.prompt))}  # ASCII: a header
+                if body.stream:
+                    owned_by_stream = True
+                    return StreamingResponse(self._fragments(session, body.frames, bound), media_type="video/mp4",
+                                             headers=headers)
+                path = await bound.run(self._write_mp4, session, body.frames)
+        except WorkEnded as e:
+            self.stats[e.counter] += 1
+            raise RequestError(e.status, f"{e.reason}; nothing was generated") from None
         finally:
-            self._close()
-        return FileResponse(path, media_type="video/mp4", filename="video.mp4",
+            if not owned_by_stream:
+                self._close(bound)
+        return FileResponse(path, media_type="video/mp4", filename="video.mp4", headers=headers,
                             background=BackgroundTask(Path(path).unlink, missing_ok=True))
 
     def _chunks(self, session, frames: int):
@@ -370,19 +548,28 @@ class StreamServer:
 
     def _write_mp4(self, session: StreamSession, frames: int) -> str:
         path = tempfile.NamedTemporaryFile(suffix=".mp4", delete=False).name
-        with MP4Writer(path, session.width, session.height, self.cfg.video.fps) as writer:
-            for part in self._chunks(session, frames):
-                writer.write(part)
+        try:
+            with MP4Writer(path, session.width, session.height, self.cfg.video.fps) as writer:
+                for part in self._chunks(session, frames):
+                    writer.write(part)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
         return path
 
-    async def _fragments(self, session: StreamSession, frames: int):
+    async def _fragments(self, session: StreamSession, frames: int, bound: _Bound):
         encoder = FragmentedMP4Encoder(session.width, session.height, self.cfg.video.fps)
         chunks = self._chunks(session, frames)
         try:
-            while (part := await asyncio.to_thread(next, chunks, None)) is not None:
+            while (part := await bound.run(next, chunks, None)) is not None:
                 yield await asyncio.to_thread(encoder.encode, part)
+                bound.check()
+        except WorkEnded as e:  # the 200 and some fragments are out: abort the transfer so it cannot pass as whole
+            self.stats[e.counter] += 1
+            logger.warning("streamed generate stopped: %s", e.reason)
+            raise
         finally:
-            self._close()
+            self._close(bound)
 
     def _count(self, chunk) -> None:
         self.stats["frames_made"] += len(chunk.frames)
@@ -399,30 +586,46 @@ class StreamServer:
                 {"error": {"status": 401, "message": "missing or wrong bearer token (header or ?token=)"}},
                 status_code=401, headers={"WWW-Authenticate": "Bearer"}))
             return
+        bound = _Bound(self.svc.stream_timeout_s, "serve.stream_timeout_s", "stream")
         try:
-            self._open()
+            self._open(bound)
         except RequestError as e:
             await ws.send_denial_response(JSONResponse({"error": {"status": 503, "message": e.message}},
                                                        status_code=503, headers={"Retry-After": str(self.retry_after)}))
             return
         try:
             await ws.accept()
-            await _Stream(self, ws).run()
+            async with bound.scope():
+                await _Stream(self, ws, bound).run()
         except WebSocketDisconnect:
             self.stats["disconnects"] += 1
+        except WorkEnded as e:  # a deadline, no start in time (1008), or shutdown (1001): the client is told why
+            self.stats[e.counter] += 1
+            await self._close_ws(ws, e.close_code, e.reason)
         except Exception as e:  # noqa: BLE001 - reported to the client when it is still there, and counted
             self.stats[f"error_{type(e).__name__}"] += 1
-            try:
-                await ws.send_json({"type": "error", "message": f"{type(e).__name__}: {e}", "fatal": True})
-                await ws.close(code=1011)
-            except Exception:  # noqa: BLE001 - the client is gone
-                pass
+            await self._close_ws(ws, CLOSE_INTERNAL, f"internal error: {type(e).__name__}", f"{type(e).__name__}: {e}")
         finally:
-            self._close()
+            self._close(bound)
+
+    @staticmethod
+    async def _close_ws(ws: WebSocket, code: int, reason: str, message: str | None = None) -> None:
+        """A fatal `error` message, then the close frame with `code` and `reason` (cut to the 123 bytes a close
+        frame holds)."""
+        try:
+            await ws.send_json({"type": "error", "message": message or reason, "fatal": True, "close_code": code})
+            await ws.close(code=code, reason=reason.encode()[:123].decode(errors="ignore"))
+        except Exception:  # noqa: BLE001 - the client is gone
+            pass
 
 
 def build_app(cfg: Config) -> serve.Application:
+    """The streaming Serve application for `cfg`; a ConfigError naming each preset the model cannot serve."""
     svc = cfg.serve
+    if problems := svc.preset_problems(cfg.video, cfg.model.patch_size):
+        raise ConfigError("serve presets the model cannot serve:\n  " + "\n  ".join(problems) + "\nset serve.presets "
+                          "(and serve.default_preset) to sizes that fit, e.g. serve.presets={video: [" +
+                          f"{cfg.video.height}, {cfg.video.width}]}} serve.default_preset=video")
     token = load_bearer_token("serve", svc.auth_token_env, svc.auth_token_file)
     options = dict(max_ongoing_requests=svc.max_sessions + 8,  # room for health, info and control besides sessions
                    ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus})

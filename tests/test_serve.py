@@ -1,10 +1,12 @@
 """The streaming deployment on real Ray Serve with a real WebSocket client: frames, prompt switches, control
-errors, the session limit, auth, and MP4 generation."""
+errors, the session limit, auth, MP4 generation, presets checked against the model, deadlines, prompt warnings
+and the close frame open streams get when the application is deleted."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
@@ -12,13 +14,15 @@ import websockets
 import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from core.config import REPO_ROOT, load_config
+from core.config import PLUMBING_CONFIG, REPO_ROOT, ConfigError, load_config
 from core.model.wan import CausalWanModel
 from core.records.video_io import read_video
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession
 from helpers import peft_adapter
-from serve.app import FRAME_HEADER, build_app
+from serve.app import FRAME_HEADER, WorkEnded, _Bound, _check_bound, build_app
 from toyworld.config import load_world_config
 
 BASE = ["serve.num_cpus=0.25"]
@@ -114,15 +118,22 @@ def test_generate_mp4_and_fragmented_stream(app_url):
     r = httpx.post(f"{app_url}/v1/generate", json={"prompt": "a green star", "frames": 33, "preset": "wide"},
                    timeout=120)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    assert json.loads(r.headers["x-prompt-warnings"]) == []  # a byte-level tokenizer reads every word
     video = read_video(r.content)
-    assert video.frames.shape == (33, 64, 112, 3) and video.fps == 16
+    assert video.frames.shape == (33, 32, 128, 3) and video.fps == 16
     with httpx.stream("POST", f"{app_url}/v1/generate", json={"prompt": "x", "frames": 21, "stream": True},
                       timeout=120) as r:
         parts = list(r.iter_bytes())
     assert read_video(b"".join(parts)).frames.shape == (21, 64, 64, 3)
+    refused_before = httpx.get(f"{app_url}/v1/metrics").json()["refused"]
     bad = httpx.post(f"{app_url}/v1/generate", json={"prompt": "x", "frames": 100000}, timeout=30)
     assert bad.status_code == 413 and "max_generate_frames" in bad.json()["error"]["message"]
     assert httpx.post(f"{app_url}/v1/generate", json={"prompt": ""}, timeout=30).status_code == 422
+    unknown = httpx.post(f"{app_url}/v1/generate", json={"prompt": "x", "preset": "hd"}, timeout=30)
+    assert unknown.status_code == 422 and "unknown preset 'hd'" in unknown.json()["error"]["message"]
+    refused = httpx.get(f"{app_url}/v1/metrics").json()["refused"]
+    assert refused.get("413", 0) - refused_before.get("413", 0) == 1
+    assert refused.get("422", 0) - refused_before.get("422", 0) == 2
 
 
 def test_info_health_and_page(app_url):
@@ -204,5 +215,143 @@ def test_the_default_serves_the_world_student_and_its_vocabulary(serve_instance)
         r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red circle moves slowly left across a gray background",
                                                   "frames": 9}, timeout=120)
         assert r.status_code == 200 and read_video(r.content).frames.shape == (9, 32, 32, 3)
+        assert json.loads(r.headers["x-prompt-warnings"]) == []
+        # Words the world's tokenizer does not know are read as <unk>: the client is told which.
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a corgi on a blue background", "frames": 3}, timeout=120)
+        (warning,) = json.loads(r.headers["x-prompt-warnings"])
+        assert r.status_code == 200 and "corgi" in warning and "background" not in warning.split(":")[1]
+
+        async def stream() -> tuple[dict, dict]:
+            async with websockets.connect(ws_url(url), max_size=None) as ws:
+                await ws.send(json.dumps({"type": "start", "prompt": "a purple corgi", "max_frames": 6}))
+                started = await receive_until(ws, "started")
+                await ws.send(json.dumps({"type": "switch", "prompt": "a red square on a teal background"}))
+                return started, await receive_until(ws, "switched")
+        started, switched = asyncio.run(stream())
+        assert len(started["warnings"]) == 1 and started["warnings"][0].split(":")[1].strip().startswith("corgi;")
+        assert "teal" in switched["warnings"][0]
+        assert httpx.get(f"{url}/v1/metrics").json()["prompt_warnings"] == 3
     finally:
         serve.delete("stream_world")
+
+
+# ----------------------------------------------------------------------------------------- bounds on the work
+
+
+def test_presets_must_fit_the_models_video_geometry():
+    """A preset the model cannot serve is a startup error naming the preset and both shapes (no Ray needed)."""
+    cfg = load_world_config(None, ["serve.presets={world: [32, 32], hd: [480, 832], odd: [30, 32]}"])
+    with pytest.raises(ConfigError) as refused:
+        build_app(cfg)
+    message = str(refused.value)
+    assert "serve.presets.hd is 480x832 (height x width) but the model's video geometry is 32x32" in message
+    assert "24960 tokens per frame, above the model's 64" in message
+    assert "serve.presets.odd is 30x32" in message and "multiples of 4x4" in message
+    assert "serve.presets.world" not in message
+    with pytest.raises(ConfigError, match=r"serve.presets.480p is 480x832 .* 64x64"):
+        build_app(load_config(PLUMBING_CONFIG))  # no serve section: the 1.3B's default presets on a 64x64 model
+    for cfg in [load_config(REPO_ROOT / "configs" / name) for name in ("serve.yaml", "serve_1.3b.yaml")] + [
+            load_world_config(None)]:
+        assert cfg.serve.preset_problems(cfg.video, cfg.model.patch_size) == [], cfg.serve.presets
+
+
+def test_a_bound_stops_the_model_at_the_next_transformer_block():
+    """The deadline and shutdown are checked before every transformer block in the thread doing a request's work;
+    an awaiting coroutine that gives up (its deadline's scope) waits for that thread to stop."""
+    pipe = VideoPipeline.from_config(load_config(REPO_ROOT / "configs" / "serve.yaml"))
+    for block in pipe.generator.blocks:
+        block.register_forward_pre_hook(_check_bound)
+    session = StreamSession(pipe, "a red ball", 0)
+    within = _Bound(600, "serve.stream_timeout_s", "stream")
+    assert len(asyncio.run(within.run(session.next_chunk)).frames) == 9
+    past = _Bound(1e-9, "serve.stream_timeout_s", "stream")
+    with pytest.raises(WorkEnded) as ended:
+        asyncio.run(past.run(session.next_chunk))
+    assert (ended.value.status, ended.value.close_code, ended.value.counter) == (504, 1008, "deadline_stream")
+    assert "serve.stream_timeout_s" in ended.value.reason and session.blocks == 1  # no block was made past it
+
+    async def shut_down() -> None:
+        bound = _Bound(600, "serve.stream_timeout_s", "stream")
+        bound.end_for_shutdown()
+        await bound.run(session.next_chunk)
+    with pytest.raises(WorkEnded) as ended:
+        asyncio.run(shut_down())
+    assert (ended.value.status, ended.value.close_code) == (503, 1001) and session.blocks == 1
+
+    stopped = threading.Event()
+
+    def endless() -> None:  # far more blocks than the bound allows: only the bound ends it
+        try:
+            for _ in range(2000):
+                session.next_chunk()
+        finally:
+            stopped.set()
+
+    async def run_out() -> None:
+        bound = _Bound(0.5, "serve.generate_timeout_s", "generate")
+        async with bound.scope():
+            await bound.run(endless)
+    with pytest.raises(WorkEnded) as ended:
+        asyncio.run(run_out())
+    assert ended.value.counter == "deadline_generate" and stopped.is_set() and session.blocks < 2000
+    fresh = StreamSession(pipe, "a red ball", 0)  # (a session stopped mid-block is discarded, as serve does)
+    assert len(fresh.next_chunk().frames) == 9  # outside any request the hooks let the model run
+
+
+@pytest.fixture(scope="module")
+def bounded_url(serve_instance):
+    """An app whose generate deadline has always passed, with a short start timeout and stream deadline."""
+    deploy("stream_bounded", "serve.generate_timeout_s=1e-9", "serve.start_timeout_s=1", "serve.stream_timeout_s=4")
+    yield f"{serve_instance}/stream_bounded"
+    serve.delete("stream_bounded")
+
+
+def test_deadlines_free_the_replica_and_say_why(bounded_url):
+    for _ in range(2):  # the second is not refused as busy: the first one's slot was freed
+        r = httpx.post(f"{bounded_url}/v1/generate", json={"prompt": "a red ball", "frames": 481}, timeout=60)
+        assert r.status_code == 504 and "serve.generate_timeout_s" in r.json()["error"]["message"]
+
+    async def run() -> tuple[list, list]:
+        closes, messages = [], []
+        async with websockets.connect(ws_url(bounded_url), max_size=None) as ws:  # no start: a client error
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    messages.append(await asyncio.wait_for(ws.recv(), timeout=60))
+            closes.append((ws.close_code, ws.close_reason))
+        async with websockets.connect(ws_url(bounded_url), max_size=None) as ws:  # an endless stream: the deadline
+            await ws.send(json.dumps({"type": "start", "prompt": "a red ball"}))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    messages.append(await asyncio.wait_for(ws.recv(), timeout=60))
+            closes.append((ws.close_code, ws.close_reason))
+        return closes, [json.loads(m) for m in messages if isinstance(m, str)]
+    closes, messages = asyncio.run(run())
+    assert closes[0][0] == 1008 and "serve.start_timeout_s" in closes[0][1]
+    assert closes[1][0] == 1008 and "serve.stream_timeout_s = 4 s" in closes[1][1]
+    fatal = [m for m in messages if m["type"] == "error"]
+    assert [m["close_code"] for m in fatal] == [1008, 1008] and all(m["fatal"] for m in fatal)
+    metrics = httpx.get(f"{bounded_url}/v1/metrics").json()
+    assert metrics["deadlines_expired"] == {"generate": 2, "stream": 1} and metrics["start_timeouts"] == 1
+    assert metrics["sessions_active"] == 0 and metrics["refused_busy"] == 0
+
+
+def test_deleting_the_app_closes_open_streams_with_going_away(serve_instance):
+    """What `launch.py serve` does on Ctrl-C / SIGTERM, at the deployment level: the client holding a stream gets a
+    close frame with 1001 and a reason, not a dropped connection."""
+    deploy("stream_drain", "serve.drain_check_s=0.2")
+    url = f"{serve_instance}/stream_drain"
+
+    async def run() -> tuple[int, str, list]:
+        async with websockets.connect(ws_url(url), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "prompt": "a red ball"}))
+            await receive_until(ws, "block")
+            deleting = asyncio.create_task(asyncio.to_thread(serve.delete, "stream_drain"))
+            messages = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    messages.append(await asyncio.wait_for(ws.recv(), timeout=60))
+            await deleting
+            return ws.close_code, ws.close_reason, [json.loads(m) for m in messages if isinstance(m, str)]
+    code, reason, messages = asyncio.run(run())
+    assert code == 1001 and "shutting down" in reason
+    assert messages[-1]["type"] == "error" and messages[-1]["fatal"] and messages[-1]["close_code"] == 1001
