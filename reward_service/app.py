@@ -11,6 +11,7 @@ with uint8 frames (no HTTP, no re-encoding).
 
 import asyncio
 import hmac
+import logging
 import time
 
 import numpy as np
@@ -18,16 +19,34 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from core.codecs.text_encoder import unknown_words
 from core.config import Config, load_bearer_token, load_config
 from core.reward.base import RewardScore, VideoInput
 from core.reward.registry import build_backend
-from reward_service.inputs import InputError, Limits, parse_score_request
+from reward_service.inputs import SCORE_OPENAPI, InputError, Limits, parse_score_request
+
+logger = logging.getLogger(__name__)
 
 api = FastAPI(
     title="Video reward service",
     description="Scores videos on visual quality (VQ), motion quality (MQ) and text alignment (TA).",
     version="1",
 )
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["status", "message"],
+    "properties": {"status": {"type": "integer"}, "message": {"type": "string"}}}}}
+SCORE_ERRORS = {400: "undecodable video", 401: "missing or wrong bearer token", 411: "multipart without Content-Length",
+                413: "body, frames, pixels or duration over the limits", 415: "unsupported Content-Type",
+                422: "missing or invalid field (prompt, raw-frame parameters, fps, raw body size)",
+                503: "overloaded: retry after Retry-After seconds"}
+SCORE_RESPONSE = {"type": "object", "required": ["VQ", "MQ", "TA", "Overall", "backend", "warnings"], "properties": {
+    **{axis: {"type": "number"} for axis in ("VQ", "MQ", "TA", "Overall")},
+    "raw": {"type": "object"}, "normalized": {"type": "object"}, "sampling": {"type": "object"},
+    "extra": {"type": "object"}, "backend": {"type": "string"}, "latency_ms": {"type": "number"},
+    "warnings": {"type": "array", "items": {"type": "string"},
+                 "description": "what the backend will not read of the prompt (words its tokenizer maps to unknown)"}}}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -75,15 +94,30 @@ class RewardServer:
         self.limits.check_video(*video.frames.shape[:3], video.fps)
         return (await self._score_batch(video)).to_dict()
 
-    @api.post("/v1/score", dependencies=[Depends(_authorised)])
+    @api.post("/v1/score", dependencies=[Depends(_authorised)], openapi_extra=SCORE_OPENAPI,
+              responses={200: {"content": {"application/json": {"schema": SCORE_RESPONSE}}},
+                         **{code: {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                            for code, what in SCORE_ERRORS.items()}})
     async def score_http(self, request: Request) -> dict:
         """Score one video: multipart (`video` file + `prompt`), video/mp4 or video/webm body with
         `?prompt=`, or raw uint8 frames (`application/octet-stream`, `?frames=&height=&width=&fps=&prompt=`)."""
         start = time.perf_counter()
         video = await parse_score_request(request, self.limits)
         result = (await self._score_batch(video)).to_dict()
-        result.update(backend=self.backend.name, latency_ms=round((time.perf_counter() - start) * 1e3, 2))
+        result.update(backend=self.backend.name, latency_ms=round((time.perf_counter() - start) * 1e3, 2),
+                      warnings=self._prompt_warnings(video.prompt))
         return result
+
+    def _prompt_warnings(self, prompt: str) -> list[str]:
+        """Words of `prompt` the backend's tokenizer reads as unknown, for a backend that reads prompts through one
+        (its `tokenizer` attribute, e.g. VideoReward's); logged and returned with the scores."""
+        tokenizer = getattr(self.backend, "tokenizer", None)
+        unknown = unknown_words(tokenizer, prompt) if tokenizer is not None else []
+        if not unknown:
+            return []
+        warning = f"the {self.backend.name} backend's tokenizer reads these words as unknown: {', '.join(unknown)}"
+        logger.warning("prompt %r: %s", prompt, warning)
+        return [warning]
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -25,6 +25,46 @@ VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska")
 ACCEPTED_TYPES = "multipart/form-data (video file + prompt), video/mp4, video/webm, or application/octet-stream (raw frames)"
 
 
+BINARY = {"type": "string", "format": "binary"}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+# What `parse_score_request` accepts, as OpenAPI, for the route's `openapi_extra`: the handler reads the body itself
+# (to check sizes before decoding), so FastAPI cannot infer any of it. Query parameters apply per body type, which
+# OpenAPI cannot say, so each one's description names the bodies that need it; the service's size limits are in
+# GET /v1/info.
+SCORE_OPENAPI = {
+    "parameters": [
+        _query("prompt", {"type": "string", "minLength": 1},
+               "the text prompt; required with video/* and application/octet-stream bodies (multipart sends it as "
+               "a form field)"),
+        _query("frames", {"type": "integer", "minimum": 1}, "application/octet-stream only, required: frames T"),
+        _query("height", {"type": "integer", "minimum": 1}, "application/octet-stream only, required: height H"),
+        _query("width", {"type": "integer", "minimum": 1}, "application/octet-stream only, required: width W"),
+        _query("fps", {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_FPS},
+               "application/octet-stream only, required: frames per second"),
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "one video, in one of these forms (each has its own parameters; limits: GET /v1/info)",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["video", "prompt"],
+                           "properties": {"video": {**BINARY, "description": "the video file (MP4 or WebM)"},
+                                          "prompt": {"type": "string", "minLength": 1}}},
+                "encoding": {"video": {"contentType": ", ".join(VIDEO_TYPES)}}},
+            **{kind: {"schema": {**BINARY, "description": "the video file; ?prompt= required"}} for kind in VIDEO_TYPES},
+            "application/octet-stream": {"schema": {**BINARY, "description": (
+                "raw uint8 RGB frames [T, H, W, 3] in C order, exactly frames x height x width x 3 bytes; "
+                "?prompt=&frames=&height=&width=&fps= required")}},
+        },
+    },
+}
+
+
 class InputError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(status, message)  # both in args, so the error pickles across Ray

@@ -8,11 +8,14 @@ import concurrent.futures
 import json
 from typing import Literal
 
+import av
 import httpx
 import numpy as np
 import pytest
 import torch
 from ray import serve
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import launch
 from core.config import REPO_ROOT, RewardBackendConfig, load_config
@@ -73,17 +76,19 @@ def test_scores_mp4_and_raw_frames_alike(services, tmp_path):
     assert static["MQ"] < from_frames["MQ"]
 
 
-def test_webm_body_and_info_and_docs(services, tmp_path):
-    import av
-
-    path = tmp_path / "square.webm"
+def write_webm(path, video: np.ndarray, fps: int = 8) -> None:
     with av.open(str(path), "w", format="webm") as out:
-        stream = out.add_stream("libvpx-vp9", rate=8)
-        stream.width = stream.height = 64
+        stream = out.add_stream("libvpx-vp9", rate=fps)
+        stream.width, stream.height = video.shape[2], video.shape[1]
         stream.pix_fmt = "yuv420p"
-        for frame in moving_square():
+        for frame in video:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode(None))
+
+
+def test_webm_body_and_info_and_docs(services, tmp_path):
+    path = tmp_path / "square.webm"
+    write_webm(path, moving_square())
     r = httpx.post(f"{services}/v1/score", params={"prompt": "square"}, content=path.read_bytes(),
                    headers={"Content-Type": "video/webm"})
     assert r.status_code == 200, r.text
@@ -93,6 +98,43 @@ def test_webm_body_and_info_and_docs(services, tmp_path):
     assert httpx.get(f"{services}/healthz").json() == {"status": "ok"}
     assert "/v1/score" in httpx.get(f"{services}/openapi.json").json()["paths"]
     assert httpx.get(f"{services}/docs").status_code == 200
+
+
+def test_openapi_describes_every_body_score_accepts(services, tmp_path):
+    """/openapi.json says what POST /v1/score takes: a request built from each body type it lists, with the
+    parameters and form fields it names, is scored (and answers the schema it promises); an unlisted type is not."""
+    op = httpx.get(f"{services}/openapi.json").json()["paths"]["/v1/score"]["post"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert all(p["in"] == "query" for p in params.values())
+    content = op["requestBody"]["content"]
+    assert set(content) == {"multipart/form-data", "video/mp4", "video/webm", "video/quicktime", "video/x-matroska",
+                            "application/octet-stream"}
+    video = moving_square()
+    write_mp4(tmp_path / "v.mp4", video, fps=8)
+    write_webm(tmp_path / "v.webm", video)
+    files = {"mp4": (tmp_path / "v.mp4").read_bytes(), "webm": (tmp_path / "v.webm").read_bytes()}
+    values = {"prompt": "a red square moves right", "frames": 16, "height": 64, "width": 64, "fps": 8.0}
+    types = {"string": str, "integer": int, "number": float}
+    for name, value in values.items():  # what the test sends fits what the schema declares
+        assert isinstance(value, types[params[name]["schema"]["type"]]), name
+    promised = op["responses"]["200"]["content"]["application/json"]["schema"]["required"]
+    for kind, media in content.items():
+        schema = media["schema"]
+        if kind == "multipart/form-data":
+            assert set(schema["required"]) == {"video", "prompt"} and schema["properties"]["video"]["format"] == "binary"
+            r = httpx.post(f"{services}/v1/score", files={"video": ("v.mp4", files["mp4"], "video/mp4")},
+                           data={"prompt": values["prompt"]})
+        else:
+            assert schema == {**schema, "type": "string", "format": "binary"}
+            named = [n for n, p in params.items() if kind in p["description"] or n == "prompt"]
+            container = "webm" if kind in ("video/webm", "video/x-matroska") else "mp4"  # QuickTime: the MP4 family
+            body = video.tobytes() if kind == "application/octet-stream" else files[container]
+            r = httpx.post(f"{services}/v1/score", params={n: values[n] for n in named}, content=body,
+                           headers={"Content-Type": kind})
+        assert r.status_code == 200, (kind, r.text)
+        assert set(r.json()) >= set(promised) and r.json()["warnings"] == []  # motion reads no prompt
+    r = httpx.post(f"{services}/v1/score", content=b"frames", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "415" in op["responses"]
 
 
 @pytest.mark.parametrize("case, status, words", [
@@ -234,6 +276,10 @@ class BrightnessScorer:
 
     def __init__(self, scale: float):
         self.scale = scale
+        # a word-level tokenizer, as a backend that reads prompts has one: the service names the words it cannot read
+        words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "grey": 2, "frame": 3}, unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
 
     @classmethod
     def from_config(cls, cfg: BrightnessConfig) -> "BrightnessScorer":
@@ -265,5 +311,9 @@ def test_a_backend_registered_by_a_user_module_is_served_over_http(serve_instanc
             result = client.score_frames(grey, 8, "a grey frame")
         assert result["backend"] == "brightness" and result["raw"]["VQ"] == pytest.approx(0.4)
         assert result["sampling"]["source_frames"] == 6 and result["Overall"] == pytest.approx(0.4)
+        assert result["warnings"] == []
+        with RewardHTTPClient(f"{serve_instance}/brightness") as client:
+            (warning,) = client.score_frames(grey, 8, "a grey corgi frame")["warnings"]
+        assert warning.endswith("reads these words as unknown: corgi") and "brightness" in warning
     finally:
         serve.delete("brightness")
