@@ -123,20 +123,22 @@ class _Bound:
     The model runs in worker threads that Python cannot interrupt, so the bound is checked cooperatively: by the
     forward pre-hook on each transformer block (`_check_bound`) in the thread that runs the request's work, and by
     `scope()` (an asyncio timeout) around everything else the request awaits (sends, a paused stream, the start
-    message). Past the deadline the work therefore stops within one block's forward."""
+    message). Past the deadline the work therefore stops within one block's forward. `kind` ("generate" or
+    "stream") names the metrics counter of its deadline."""
 
-    def __init__(self, seconds: float, setting: str, what: str):
-        self.seconds, self.setting, self.what = seconds, setting, what
+    def __init__(self, seconds: float, setting: str, kind: str):
+        self.seconds, self.setting, self.kind = seconds, setting, kind
         self.expires = time.monotonic() + seconds
         self.shutting_down = False
         self.abandoned = False  # the awaiting coroutine was cancelled (the client left): stop the thread too
+        self.counted = False  # its early end is in the metrics (a streamed generate can meet it in two places)
         self._timeout: asyncio.Timeout | None = None
 
     def ended(self) -> WorkEnded:
         if self.shutting_down:
             return WorkEnded(503, CLOSE_GOING_AWAY, SHUTDOWN_MESSAGE, "closed_for_shutdown")
-        return WorkEnded(504, CLOSE_POLICY, f"the {self.what} reached its deadline, {self.setting} = {self.seconds:g} s",
-                         f"deadline_{self.what}")
+        return WorkEnded(504, CLOSE_POLICY, f"deadline reached: {self.setting} = {self.seconds:g} s",
+                         f"deadline_{self.kind}")
 
     def check(self) -> None:
         if self.shutting_down or self.abandoned or time.monotonic() >= self.expires:
@@ -207,6 +209,12 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     """FastAPI's 422 for a body that does not fit the schema (what was wrong, field by field), counted."""
     request.app.state.server.stats["refused_422"] += 1
     return await request_validation_exception_handler(request, exc)
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for part in rest:
+        yield part
 
 
 # Defined before the deployment: Serve pickles the ingress class (and the globals it uses) when it is decorated.
@@ -518,21 +526,21 @@ class StreamServer:
         self._size(body.preset)  # validate before claiming a slot
         bound = _Bound(self.svc.generate_timeout_s, "serve.generate_timeout_s", "generate")
         self._open(bound)
-        owned_by_stream = False
+        fragments = None  # once it has started, the fragment generator owns the slot: it counts and frees it
         try:
             async with bound.scope():
                 session = await bound.run(self._session, body.prompt, body.seed, body.preset)
                 headers = {"X-Prompt-Warnings": json.dumps(self._prompt_warnings(body.prompt))}  # ASCII: a header
                 if body.stream:
-                    owned_by_stream = True
-                    return StreamingResponse(self._fragments(session, body.frames, bound), media_type="video/mp4",
-                                             headers=headers)
+                    fragments = self._fragments(session, body.frames, bound)
+                    first = await anext(fragments)  # the first block here: a failure before it is a status code
+                    return StreamingResponse(_prepend(first, fragments), media_type="video/mp4", headers=headers)
                 path = await bound.run(self._write_mp4, session, body.frames)
         except WorkEnded as e:
-            self.stats[e.counter] += 1
+            self._count_end(bound, e)
             raise RequestError(e.status, f"{e.reason}; nothing was generated") from None
         finally:
-            if not owned_by_stream:
+            if fragments is None:
                 self._close(bound)
         return FileResponse(path, media_type="video/mp4", filename="video.mp4", headers=headers,
                             background=BackgroundTask(Path(path).unlink, missing_ok=True))
@@ -564,12 +572,17 @@ class StreamServer:
             while (part := await bound.run(next, chunks, None)) is not None:
                 yield await asyncio.to_thread(encoder.encode, part)
                 bound.check()
-        except WorkEnded as e:  # the 200 and some fragments are out: abort the transfer so it cannot pass as whole
-            self.stats[e.counter] += 1
+        except WorkEnded as e:  # after the first fragment: abort the transfer so that it cannot pass as whole
+            self._count_end(bound, e)
             logger.warning("streamed generate stopped: %s", e.reason)
             raise
-        finally:
+        finally:  # also when the response is dropped unsent: a started async generator is closed when collected
             self._close(bound)
+
+    def _count_end(self, bound: _Bound, ended: WorkEnded) -> None:
+        if not bound.counted:
+            bound.counted = True
+            self.stats[ended.counter] += 1
 
     def _count(self, chunk) -> None:
         self.stats["frames_made"] += len(chunk.frames)
@@ -600,7 +613,7 @@ class StreamServer:
         except WebSocketDisconnect:
             self.stats["disconnects"] += 1
         except WorkEnded as e:  # a deadline, no start in time (1008), or shutdown (1001): the client is told why
-            self.stats[e.counter] += 1
+            self._count_end(bound, e)
             await self._close_ws(ws, e.close_code, e.reason)
         except Exception as e:  # noqa: BLE001 - reported to the client when it is still there, and counted
             self.stats[f"error_{type(e).__name__}"] += 1
@@ -628,7 +641,8 @@ def build_app(cfg: Config) -> serve.Application:
                           f"{cfg.video.height}, {cfg.video.width}]}} serve.default_preset=video")
     token = load_bearer_token("serve", svc.auth_token_env, svc.auth_token_file)
     options = dict(max_ongoing_requests=svc.max_sessions + 8,  # room for health, info and control besides sessions
-                   ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus})
+                   ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus},
+                   graceful_shutdown_wait_loop_s=svc.drain_check_s)  # a drained replica goes as soon as it is idle
     if svc.max_replicas > svc.min_replicas:
         options["autoscaling_config"] = {"min_replicas": svc.min_replicas, "max_replicas": svc.max_replicas,
                                          "target_ongoing_requests": svc.max_sessions}

@@ -307,8 +307,9 @@ def bounded_url(serve_instance):
 
 
 def test_deadlines_free_the_replica_and_say_why(bounded_url):
-    for _ in range(2):  # the second is not refused as busy: the first one's slot was freed
-        r = httpx.post(f"{bounded_url}/v1/generate", json={"prompt": "a red ball", "frames": 481}, timeout=60)
+    for stream in (False, True, False):  # none is refused as busy: each one's slot was freed
+        r = httpx.post(f"{bounded_url}/v1/generate", json={"prompt": "a red ball", "frames": 481, "stream": stream},
+                       timeout=60)
         assert r.status_code == 504 and "serve.generate_timeout_s" in r.json()["error"]["message"]
 
     async def run() -> tuple[list, list]:
@@ -331,7 +332,7 @@ def test_deadlines_free_the_replica_and_say_why(bounded_url):
     fatal = [m for m in messages if m["type"] == "error"]
     assert [m["close_code"] for m in fatal] == [1008, 1008] and all(m["fatal"] for m in fatal)
     metrics = httpx.get(f"{bounded_url}/v1/metrics").json()
-    assert metrics["deadlines_expired"] == {"generate": 2, "stream": 1} and metrics["start_timeouts"] == 1
+    assert metrics["deadlines_expired"] == {"generate": 3, "stream": 1} and metrics["start_timeouts"] == 1
     assert metrics["sessions_active"] == 0 and metrics["refused_busy"] == 0
 
 
