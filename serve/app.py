@@ -574,15 +574,16 @@ class StreamServer:
                 bound.check()
         except WorkEnded as e:  # after the first fragment: abort the transfer so that it cannot pass as whole
             self._count_end(bound, e)
-            logger.warning("streamed generate stopped: %s", e.reason)
             raise
         finally:  # also when the response is dropped unsent: a started async generator is closed when collected
             self._close(bound)
 
     def _count_end(self, bound: _Bound, ended: WorkEnded) -> None:
+        """Count and log a request's early end, once."""
         if not bound.counted:
             bound.counted = True
             self.stats[ended.counter] += 1
+            logger.warning("a %s request ended early: %s", bound.kind, ended.reason)
 
     def _count(self, chunk) -> None:
         self.stats["frames_made"] += len(chunk.frames)
