@@ -24,7 +24,12 @@ Group states (`WeightRelay.state`):
                   version goes by object store (a fallback, with its reason) and the publisher re-forms
                   the group for the one after
 
-Everything Ray-free (packing, the group itself) is at the top; the parties use Ray handles.
+Versions only grow. A learner whose worker group Ray Train restarted resumes from its last checkpoint, behind
+versions the lost workers already published: it republishes the restored weights under a new version above
+all of them (`WeightRelay.restart`). The versions in between are lost: samples made with them are dropped,
+and staleness is counted along the surviving line (`lineage_staleness`).
+
+Everything Ray-free (packing, the group itself, version lineage) is at the top; the parties use Ray handles.
 """
 
 from __future__ import annotations
@@ -77,6 +82,21 @@ def unpack(buffer: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         out[name] = buffer[offset:offset + n].view(shape)
         offset += n
     return out
+
+
+Restart = tuple[int, int]  # (version restored from a checkpoint, the version it was republished as)
+
+
+def lost_version(version: int, restarts: list[Restart]) -> bool:
+    """Whether `version` was published by learner workers that were lost and then rolled back past it."""
+    return any(restored < version < renumbered for restored, renumbered in restarts)
+
+
+def lineage_staleness(current: int, made_with: int, restarts: list[Restart]) -> int:
+    """Updates between the weights a sample was made with and the `current` ones, along the surviving line: a
+    republished version is its restored one, so the numbers skipped at a restart do not count."""
+    return current - made_with - sum(renumbered - restored for restored, renumbered in restarts
+                                     if made_with <= restored and renumbered <= current)
 
 
 class BroadcastGroup:
@@ -189,6 +209,15 @@ class WeightRelay:
         self.fallbacks: Counter[str] = Counter()  # object-store publishes that should have been broadcasts, by reason
         self.broken_by = ""
         self.receiving: asyncio.Task | None = None
+        self.restarts: list[Restart] = []
+
+    def restart(self, restored: int) -> int:
+        """A restarted learner resumed the weights of version `restored`, which the lost one had published past:
+        the version to republish them as (above every version seen). Lost versions stay lost."""
+        if restored >= self.version:
+            raise ValueError(f"restored version {restored} is not behind the published {self.version}: no restart")
+        self.restarts.append((restored, self.version + 1))
+        return self.version + 1
 
     def _check_newer(self, version: int) -> None:
         if version == self.version and self.ref is None and version > 0:
@@ -267,7 +296,7 @@ class WeightRelay:
 
     def metrics(self) -> dict:
         return {"version": self.version, "state": self.state, "broken_by": self.broken_by or None,
-                "groups_formed": self.epoch, "fallbacks": dict(self.fallbacks)}
+                "groups_formed": self.epoch, "fallbacks": dict(self.fallbacks), "restarts": list(self.restarts)}
 
 
 # ---------------------------------------------------------------------------------------------- actor side

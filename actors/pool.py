@@ -7,7 +7,9 @@ lost with its actor (the actor restarts, up to `max_restarts`) is released and h
 again; a prompt is acknowledged only once its sample is consumed or dropped for a counted
 reason, so none is lost or duplicated. The pool relays published weights to its actors
 (`weight_sync.WeightRelay`: object store or broadcast group); actors switch only between
-rollouts, and samples older than `max_staleness` versions are dropped by `get` and counted.
+rollouts, and samples older than `max_staleness` versions are dropped by `get` and counted. After a
+learner restart (`learner_restarted`), samples made with the versions the lost learner published past its
+checkpoint are dropped as `lost_weights`, and staleness counts along the surviving versions.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.worker import RolloutWorker
 from core.config import REPO_ROOT, Config
 from core.records.prompts import PromptSource, WorkItem
-from weight_sync import Layout, WeightRelay, WeightsUnavailable
+from weight_sync import Layout, WeightRelay, WeightsUnavailable, lineage_staleness, lost_version
 
 
 def _prompts_path(path: str) -> Path:
@@ -59,6 +61,11 @@ class RolloutPool:
         self.tasks: list[asyncio.Task] = []
         self.video_requests: deque[str] = deque()  # MP4 paths the next rollouts write their frames to
         self.videos: list[str] = []
+
+    async def ready(self) -> int:
+        """Wait until every actor is constructed (generator, text encoder, codec loaded); how many there are."""
+        await asyncio.gather(*(w.ready.remote() for w in self.workers))
+        return len(self.workers)
 
     async def start(self) -> None:
         """Start one dispatch loop per actor (idempotent)."""
@@ -139,6 +146,15 @@ class RolloutPool:
         not broadcast (None: the object store is the configured transport)."""
         self.weights.publish(version, refs[0], reason)
 
+    def learner_started(self, version: int) -> dict:
+        """A learner (re)starting with the weights of `version`: {"version": the version to publish them as,
+        "restarts": every restart so far, "publish": whether the actors lack those weights}. Behind the published version, its worker group was restarted from
+        a checkpoint: the weights are republished under a new, higher version, and samples of the lost
+        versions are dropped."""
+        if version < self.weights.version:
+            version = self.weights.restart(version)
+        return {"version": version, "restarts": list(self.weights.restarts), "publish": version != self.weights.version}
+
     async def form_weight_group(self, host: str, port: int, backend: str, timeout_s: float) -> str | None:
         """Have every actor join the broadcast group hosted by the learner's rank 0; None, or why it did not form."""
         return await self.weights.form(self.workers, bool(self.dead), host, port, backend, timeout_s)
@@ -164,7 +180,11 @@ class RolloutPool:
             if not self.source.ack(item):  # already acknowledged: a second copy of the same prompt
                 self.duplicates += 1
                 continue
-            if self.weights.version - batch.column("weight_version")[0].as_py() > self.cfg.actors.max_staleness:
+            made_with = batch.column("weight_version")[0].as_py()
+            if lost_version(made_with, self.weights.restarts):
+                self.drops["lost_weights"] += 1
+                continue
+            if lineage_staleness(self.weights.version, made_with, self.weights.restarts) > self.cfg.actors.max_staleness:
                 self.drops["stale"] += 1
                 continue
             self.delivered += 1

@@ -7,6 +7,11 @@ weights go into the fp32 EMA (from `ema_start_step`) and are published as the ne
 Then the critic takes one flow-matching update on the detached samples. The math is in
 `core.algo.distill`; this module only sequences it, averages the metrics over workers and keeps
 the loop state that a checkpoint must restore.
+
+When Ray Train restarts the worker group after a failure (`learner.max_failures`), the new group resumes
+from the last checkpoint. The pool may already hold versions the lost group published past it: the restored
+weights are then republished under a new, higher version (`RolloutPool.learner_started`), the samples of the
+lost versions are dropped, and the metrics count the restart and the steps it redoes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from core.runtime import resolve_dtype
 from learner import checkpointing
 from learner.engines import Models, build_models, full_weights
 from learner.samples import ParquetSamples, PoolSamples
-from weight_sync import WeightPublisher
+from weight_sync import WeightPublisher, lineage_staleness
 
 # Averaged over workers each iteration; the last entry carries rank 0's stop request to every rank.
 _REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "staleness", "dmd_grad_norm", "stop")
@@ -49,7 +54,9 @@ class Learner:
             torch.use_deterministic_algorithms(True)
         seed = cfg.runtime.seed
         torch.manual_seed(seed)
+        start = time.perf_counter()
         self.models: Models = build_models(cfg, device)
+        self.build_s = time.perf_counter() - start
         self.distill = ReDMD(cfg)
         self.text_encoder = TextEncoder.from_config(cfg, device, self.models.dtype)
         with torch.no_grad():
@@ -59,7 +66,8 @@ class Learner:
                         if self.learner.samples_parquet else PoolSamples(pool, self.learner.sample_timeout_s))
         self.publisher = self._publisher(pool) if pool is not None and self.rank == 0 else None
         self.step, self.version, self.ema = 0, 0, None
-        self.counters = {"samples": 0, "generator_updates": 0, "publish_s": 0.0}
+        self.restarts: list[tuple[int, int]] = []  # the pool's (restored, republished as) versions
+        self.counters = {"samples": 0, "generator_updates": 0, "publish_s": 0.0, "restarts": 0, "steps_redone": 0}
         self.root = checkpointing.checkpoint_dir(self.learner.output_dir)
         self.last_saved: int | None = None
 
@@ -97,7 +105,8 @@ class Learner:
             return None
         engines = {"generator": self.models.generator, "critic": self.models.critic}
         state, rng = checkpointing.load(path, engines)
-        self.step, self.version, self.counters = state["step"], state["version"], dict(state["counters"])
+        self.step, self.version = state["step"], state["version"]
+        self.counters |= state["counters"]
         self.ema = EMA.from_state_dict(state["ema"]) if state["ema"] else None
         if rng is not None and state["world_size"] == self.world_size:
             self.rng.set_state(rng["learner"])
@@ -191,7 +200,8 @@ class Learner:
         wait_s = time.perf_counter() - start
         self.counters["samples"] += len(samples)
         values = {"reward": float(np.mean([s.rewards_normalized[self.learner.reward_axis] for s in samples])),
-                  "staleness": float(np.mean([self.version - s.weight_version for s in samples]))}
+                  "staleness": float(np.mean([lineage_staleness(self.version, s.weight_version, self.restarts)
+                                              for s in samples]))}
         generator_step = self.step % self.learner.dfake_gen_update_ratio == 0
         if generator_step:
             values.update(self.generator_update(samples))
@@ -203,14 +213,36 @@ class Learner:
                        sample_wait_s=wait_s, iteration_s=time.perf_counter() - start, **self.counters)
         return metrics
 
-    def run(self) -> dict:
-        """Train to learner.max_steps (or until a stop is requested), checkpointing on the way and at the end."""
-        resumed = self.resume() if self.learner.resume else None
-        if self.pool is not None:
-            if self.version > 0:  # actors start from the initial weights: give them the resumed ones first
+    def _start(self, resumed: Path | None) -> None:
+        """Join the pool's line of weight versions (republishing the restored weights when the actors lack them)
+        and tell the driver this learner is ready; then the pool's actors start."""
+        start = [None]
+        if self.rank == 0:
+            line = ray.get(self.pool.learner_started.remote(self.version)) if self.pool is not None else None
+            restart = {"restart": False, "steps_redone": 0}
+            if self.control is not None:
+                restart = ray.get(self.control.ready.remote({
+                    "step": self.step, "version": line["version"] if line else self.version, "workers": self.world_size,
+                    "resumed_from": str(resumed) if resumed else None, "build_s": round(self.build_s, 2),
+                    "restarts": self.counters["restarts"]}))
+            start = [(line, restart)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(start, src=0)
+        line, restart = start[0]
+        if restart["restart"]:  # this worker group replaces a lost one
+            self.counters["restarts"] += 1
+            self.counters["steps_redone"] += restart["steps_redone"]
+        if line is not None:
+            self.version, self.restarts = line["version"], [tuple(r) for r in line["restarts"]]
+            if line["publish"]:  # a resumed run's weights (or a restart's, under its new version)
                 self._publish(full_weights(self.models.generator, self.learner.zero_stage))
             if self.rank == 0:
                 ray.get(self.pool.start.remote())
+
+    def run(self) -> dict:
+        """Train to learner.max_steps (or until a stop is requested), checkpointing on the way and at the end."""
+        resumed = self.resume() if self.learner.resume else None
+        self._start(resumed)
         metrics: dict = {}
         while self.step < self.learner.max_steps:
             metrics = self.iteration()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import ray
 import torch
 
@@ -15,7 +16,7 @@ from core.codecs.text_encoder import TextEncoder
 from core.config import PLUMBING_CONFIG, load_config
 from core.model.wan import CausalWanModel
 from core.records.sample import from_record_batch
-from weight_sync import WeightPublisher, WeightRelay, numel, pack, unpack
+from weight_sync import WeightPublisher, WeightRelay, lineage_staleness, lost_version, numel, pack, unpack
 
 
 def test_pack_unpack_round_trip():
@@ -30,7 +31,7 @@ def test_relay_versions_and_counted_fallbacks():
     relay = WeightRelay()
     relay.publish(1, "ref-1")  # object store by configuration: not a fallback
     assert relay.metrics() == {"version": 1, "state": "object_store", "broken_by": None, "groups_formed": 0,
-                               "fallbacks": {}}
+                               "fallbacks": {}, "restarts": []}
     relay.publish(2, "ref-2", "group_not_formed: TimeoutError: no actor joined")
     relay.publish(3, "ref-3", "actor_restarted")
     assert relay.metrics()["fallbacks"] == {"group_not_formed": 1, "actor_restarted": 1}
@@ -47,6 +48,25 @@ def test_relay_versions_and_counted_fallbacks():
     assert relay.state == "formed"
     relay.on_actor_lost(sent_epoch=1)
     assert relay.metrics()["state"] == "broken" and relay.metrics()["broken_by"] == "actor_restarted"
+
+
+def test_a_restarted_learner_republishes_above_every_version_and_the_lost_ones_stay_lost():
+    relay = WeightRelay()
+    for v in (1, 2, 3):
+        relay.publish(v, f"ref-{v}")
+    with pytest.raises(ValueError, match="not behind the published 3"):
+        relay.restart(3)  # caught up with the pool: no restart
+    assert relay.restart(1) == 4  # the learner restored version 1; the lost workers had published 2 and 3
+    relay.publish(4, "ref-restored")
+    relay.publish(5, "ref-5")
+    restarts = relay.metrics()["restarts"]
+    assert restarts == [(1, 4)]
+    assert [v for v in range(7) if lost_version(v, restarts)] == [2, 3]
+    # along the surviving line 1 -> 4 (= 1) -> 5, a sample of version 1 is one update old, not four
+    assert lineage_staleness(5, 1, restarts) == 1 and lineage_staleness(5, 4, restarts) == 1
+    assert lineage_staleness(4, 1, restarts) == 0 and lineage_staleness(5, 0, restarts) == 2
+    assert relay.restart(4) == 6 and lost_version(5, relay.restarts)  # a second restart, back to 4
+    assert lineage_staleness(6, 1, relay.restarts) == 0  # 6 is 4 is 1
 
 
 def replays_exactly(cfg, sample, weights) -> bool:
