@@ -17,8 +17,10 @@ Commands:
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
   score          score a video file with a running reward service (HTTP client).
 
-With no --config the embedded default (configs/tiny.yaml) is used: the toy world with its shipped teacher
-and student, CPU, no downloads. configs/plumbing.yaml is the same machinery with random tiny weights.
+With no --config, every command but reward-server and score uses the embedded default (configs/tiny.yaml):
+the toy world with its shipped teacher and student, CPU, no downloads; reward-server and score default to
+configs/reward_service.yaml. configs/plumbing.yaml is the same machinery with random tiny weights.
+`python launch.py <command> --help` lists each command's most-used keys and its outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import csv
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import ray
@@ -43,7 +44,8 @@ from core.records.video_io import MP4Writer
 from core.stream.pipeline import VideoPipeline
 from core.stream.session import StreamSession
 from job.cluster import start_ray, start_serve
-from job.train import print_summary, run
+from job.signals import StopSignal
+from job.train import finished_run, print_summary, run, set_aside
 from reward_service.app import build_app as build_reward_app
 from reward_service.client import RewardError, RewardHTTPClient
 from serve.app import build_app as build_stream_app
@@ -51,6 +53,38 @@ from toyworld.config import WorldConfig, load_world_config
 from toyworld.evaluate import evaluate_config, evaluate_teacher, format_change, format_measures
 from toyworld.ode_init import ode_init
 from toyworld.pretrain import pretrain_teacher
+
+TRAIN_HELP = """\
+most-used keys (key=value after the options):
+  learner.max_steps=40          iterations to reach (a rerun with a higher value continues the run)
+  learner.output_dir=runs/toyworld
+  learner.checkpoint_every=20   learner.keep_last=2   learner.video_every=10
+  learner.max_failures=0        worker-group restarts Ray Train may make (each resumes the last checkpoint)
+  learner.num_workers=1         learner.batch_size=1   learner.beta=2.0   (Re-DMD reward weight; 0 is DMD)
+  actors.num_actors=2           actors.max_staleness=0
+  evaluation.around_train=true  (toy world: the exact held-out measures before and after)
+
+outputs, in learner.output_dir:
+  checkpoints/step_N/   export/reward_forcing.pt, export/generator.safetensors   metrics.csv, metrics.parquet,
+  tensorboard/   videos/step_N_vV.mp4 (+ .json: prompt, seed, version)   summary.json (every run in the folder)
+
+runs resume: a second `train` with the same learner.output_dir continues from its last complete checkpoint;
+one already at learner.max_steps says so and exits (--fresh starts over). Ctrl-C or SIGTERM checkpoints at
+the end of the current iteration, exports and exits 0; a second one abandons the run (exit 130).
+"""
+
+SERVE_HELP = """\
+most-used keys: serve.port=8000 serve.host=127.0.0.1 serve.max_sessions=1 serve.presets / serve.default_preset
+  checkpoint.generator=PATH (or --config with your own weights)
+routes: GET / (web page), WebSocket /v1/stream, POST /v1/generate, GET /v1/info, /v1/metrics, /docs.
+Ctrl-C or SIGTERM: open streams get a close frame, Serve and Ray shut down, exit 0.
+"""
+
+REWARD_SERVER_HELP = """\
+most-used keys: reward.backend=motion|videoreward|vlm_judge  reward_service.port=8000  reward_service.max_replicas=1
+routes: POST /v1/score (multipart video + prompt, or a raw body), GET /v1/info, /v1/health, /docs.
+Ctrl-C or SIGTERM: Serve and Ray shut down, exit 0.
+"""
 
 
 def _positive_int(text: str) -> int:
@@ -112,11 +146,20 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
+    cfg.check_paths()
+    if args.fresh and (aside := set_aside(cfg.learner.output_dir)) is not None:
+        print(f"--fresh: moved the earlier run to {aside}")
+    if (done := finished_run(cfg)) is not None:
+        print(done)
+        return
     ev = cfg.evaluation
     if ev.around_train:  # the toy world: the exact figure of the starting student, then of the trained one
         print("measuring the starting student (checkpoint.generator) on held-out prompts ...", flush=True)
         before = evaluate_config(cfg, None, ev.prompts, tuple(ev.seeds), ev.first_scene, long_prompts=0)
     summary = run(cfg, args.address, args.wait_for_resources, args.config)
+    if summary is None:
+        print("stopped during start-up: nothing was trained, everything started was shut down")
+        return
     print_summary(summary)
     if ev.around_train:
         trained = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
@@ -125,16 +168,17 @@ def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
         print(format_change(before, after))
 
 
-def _serve_until_stopped(what: str) -> None:
-    """Block until Ctrl-C, then shut Serve and Ray down."""
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print(f"stopping the {what}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def _serve_until_stopped(what: str, app_name: str) -> None:
+    """Block until Ctrl-C or SIGTERM, then shut Serve and Ray down. The app goes first: its replicas see it
+    deleting and close open streams with 1001 (Serve's shutdown takes the HTTP proxy down before any replica
+    hears of it, which would drop them without a close frame)."""
+    stop = StopSignal(f"stopping the {what}").install()
+    while not stop.wait(1.0):
+        pass
+    serve.delete(app_name)
+    serve.shutdown()
+    ray.shutdown()
+    print(f"{what} stopped", flush=True)
 
 
 def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
@@ -145,8 +189,8 @@ def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
     url = start_serve(svc.host, svc.port) + svc.route_prefix.rstrip("/")
     serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
     print(f"streaming generation ready: open {url}/  (WebSocket {url.replace('http', 'ws', 1)}/v1/stream, "
-          f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C stops it", flush=True)
-    _serve_until_stopped("streaming service")
+          f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C or SIGTERM stops it", flush=True)
+    _serve_until_stopped("streaming service", svc.app_name)
 
 
 class _LossLog:
@@ -245,9 +289,9 @@ def cmd_reward_server(cfg: WorldConfig, args: argparse.Namespace) -> None:
     start_ray(args.address)
     url = start_serve(svc.host, svc.port, svc.request_timeout_s)
     serve.run(app, name=svc.app_name, route_prefix="/")
-    print(f"reward service ({cfg.reward.backend}) ready at {url}  (POST {url}/v1/score, docs {url}/docs); Ctrl-C stops it",
-          flush=True)
-    _serve_until_stopped("reward service")
+    print(f"reward service ({cfg.reward.backend}) ready at {url}  (POST {url}/v1/score, docs {url}/docs); Ctrl-C or SIGTERM "
+          "stops it", flush=True)
+    _serve_until_stopped("reward service", svc.app_name)
 
 
 def cmd_score(cfg: WorldConfig, args: argparse.Namespace) -> None:
@@ -261,17 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str, default_config: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def command(name: str, help: str, default_config: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config or 'configs/tiny.yaml'})")
         p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. stream.sink_size=3")
         return p
 
-    p = command("train", "the Reward Forcing distillation job (embedded default: the toy world on CPU)")
+    p = command("train", "the Reward Forcing distillation job (embedded default: the toy world on CPU)", epilog=TRAIN_HELP)
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, as under `ray job submit`, else a new local Ray)")
     p.add_argument("--wait-for-resources", action="store_true",
                    help="skip the up-front resource check (an autoscaling cluster adds the nodes the job asks for)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run: an existing learner.output_dir is renamed to <name>.<time> first")
 
     p = command("generate", "text to MP4 with the streaming generator")
     what = p.add_mutually_exclusive_group(required=True)
@@ -284,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
 
-    p = command("serve", "streaming inference on Ray Serve with a web page (default: the shipped world student)")
+    p = command("serve", "streaming inference on Ray Serve with a web page (default: the shipped world student)",
+                epilog=SERVE_HELP)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
     command("pretrain-teacher", "train the toy-world teacher with flow matching")
@@ -300,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the measures as JSON here")
     p.add_argument("--figure", default=None, help="write a PNG of the first 6 prompts' clips over the world's here")
 
-    p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml")
+    p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml",
+                epilog=REWARD_SERVER_HELP)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
     p = command("score", "score a video file with a running reward service", "configs/reward_service.yaml")
@@ -325,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RewardError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (the first asks for a clean stop), or Ctrl-C before Ray
+        print(f"\n{args.command}: abandoned (Ctrl-C or SIGTERM); a train run resumes from its last complete "
+              "checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

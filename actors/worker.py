@@ -10,8 +10,10 @@ latent or a failed score is never turned into a made-up reward), with the time s
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +48,9 @@ class RolloutWorker:
                                          retries=cfg.actors.score_retries)
         self.weights = WeightSubscriber(name, self.pipe.dtype)
 
+    def ready(self) -> str:
+        return self.name
+
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
         self.weights.join(host, port, rank, world_size, backend, timeout_s)
 
@@ -66,6 +71,13 @@ class RolloutWorker:
     def _decode(self, clean: torch.Tensor) -> np.ndarray:
         return to_uint8_frames(self.pipe.vae.decode(clean.transpose(1, 2))).numpy()
 
+    def _write_video(self, path: str, frames: np.ndarray, item: WorkItem) -> None:
+        """The MP4 with what made it (prompt, seed, weight version) in its tags and in a JSON file beside it."""
+        made_by = {"prompt": item.prompt, "seed": item.seed, "prompt_id": item.prompt_id, "sample_id": item.sample_id,
+                   "weight_version": self.weights.version, "actor": self.name}
+        write_mp4(path, frames, self.cfg.video.fps, metadata={"title": item.prompt, "comment": json.dumps(made_by)})
+        Path(path).with_suffix(".json").write_text(json.dumps(made_by, indent=2))
+
     async def rollout(self, item: WorkItem, version: int, refs: list, video_path: str | None = None) -> Rollout:
         """One scored sample; with `video_path` the decoded frames are also written there as an MP4."""
         timings = {"load_weights_s": await self._switch_weights(version, refs)}
@@ -79,7 +91,7 @@ class RolloutWorker:
         frames = self._decode(clean)
         timings["decode_s"] = time.perf_counter() - start
         if video_path:
-            write_mp4(video_path, frames, self.cfg.video.fps)
+            self._write_video(video_path, frames, item)
         start = time.perf_counter()
         try:
             score = await self.reward.score(frames, float(self.cfg.video.fps), item.prompt)

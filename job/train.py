@@ -4,15 +4,19 @@ Order: validate the config against the cluster's resources, deploy the reward se
 Serve, create the actor pool (from the latest checkpoint's prompt cursor when resuming), run the
 learner under Ray Train in a background thread and follow it from here: every step's metrics
 go to `metrics.csv`, TensorBoard and a live progress bar, and every `video_every` steps one
-rollout's video is written. Ctrl-C asks the learner for a clean stop (it checkpoints at the end
-of the current iteration); a second Ctrl-C abandons the run. Everything started here is shut
-down at the end, and a summary says where everything was written.
+rollout's video is written. Each start-up phase is printed with its duration as it ends. Ctrl-C
+or SIGTERM asks the learner for a clean stop (it checkpoints at the end of the current
+iteration and exports); a second one abandons the run. Everything started here is shut down at
+the end, and a summary says where everything was written; summary.json keeps every run made
+in the folder. A folder whose run already reached learner.max_steps is reported, not rerun
+(`finished_run`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,13 +33,14 @@ from actors.pool import RolloutPool
 from core.config import Config, ConfigError
 from job.cluster import start_ray, start_serve
 from job.control import LearnerControl
+from job.signals import StopSignal
 from learner import checkpointing
 from learner.trainer import build_trainer
 from reward_service.app import build_app
 
 COLUMNS = ("step", "version", "generator_step", "generator_loss", "critic_loss", "reward", "reward_weight", "staleness",
            "dmd_grad_norm", "samples", "sample_wait_s", "iteration_s", "publish_s", "queue_depth", "in_flight",
-           "delivered", "dropped", "wall_s")
+           "delivered", "dropped", "restarts", "steps_redone", "wall_s")
 
 
 def required_resources(cfg: Config) -> dict[str, float]:
@@ -101,6 +106,29 @@ def _resume_cursor(cfg: Config) -> dict | None:
     return checkpointing.read_cursor(latest) if latest else None
 
 
+def finished_run(cfg: Config) -> str | None:
+    """What to tell a user whose learner.output_dir already holds a run at or past learner.max_steps (there is
+    nothing to do), else None. Reads a few bytes; starts nothing."""
+    resume = _resume_cursor(cfg)
+    if resume is None or resume["step"] < cfg.learner.max_steps:
+        return None
+    out = cfg.learner.output_dir
+    return (f"{out} already holds a run at step {resume['step']} (learner.max_steps={cfg.learner.max_steps}): nothing "
+            f"to do. Its results: {Path(out) / 'summary.json'}. To train further, raise learner.max_steps (the run "
+            f"resumes from step {resume['step']}); to start again, pass --fresh (sets {out} aside) or another "
+            "learner.output_dir.")
+
+
+def set_aside(out: str | Path) -> Path | None:
+    """Rename an existing output folder to `<name>.<time>` so a fresh run starts empty; the new name, or None."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    aside = out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    return aside
+
+
 def _deploy_reward_service(cfg: Config) -> str:
     svc, name = cfg.reward_service, cfg.actors.reward_app
     start_serve(svc.host, svc.port, svc.request_timeout_s)
@@ -123,104 +151,171 @@ def _progress_line(row: dict, pool_metrics: dict, elapsed: float, rewards: list[
     return post
 
 
-def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False, config_path: str | None = None) -> dict:
-    """Run the whole job; returns the end-of-run summary."""
+class StartUp:
+    """Prints each start-up phase as it ends, with its duration: where the first minute goes."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+
+    def done(self, what: str) -> None:
+        now = time.monotonic()
+        print(f"start-up: {what} ({now - self.last:.1f} s)", flush=True)
+        self.last = now
+
+    def total_s(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _learner_ready(info: dict, workers: int) -> str:
+    resumed = f", resumed from step {info['step']}" if info["resumed_from"] else ""
+    return (f"learner ready: {workers} Ray Train worker(s), models built and DeepSpeed engines initialised in "
+            f"{info['build_s']:.1f} s on rank 0{resumed}")
+
+
+def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False,
+        config_path: str | None = None) -> dict | None:
+    """Run the whole job; returns the end-of-run summary (None when stopped before the learner started)."""
+    phases = StartUp()
     cfg.check_paths()
     out = Path(cfg.learner.output_dir).resolve()
     cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"output_dir": str(out)})})
-    connected_here = start_ray(address, log_to_driver=False)
-    if not wait_for_resources:
-        check_resources(cfg, ray.cluster_resources())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
     resume = _resume_cursor(cfg)
     start_step = resume["step"] if resume else 0
-    app = _deploy_reward_service(cfg)
-    pool_name = f"rollout-{int(time.time())}"
-    pool = RolloutPool.options(name=pool_name).remote(cfg, pool_name, resume["prompt_state"] if resume else None)
-    control = LearnerControl.remote()
+    phases.done(f"config checked, {'resuming from step ' + str(start_step) if resume else 'a new run'} in {out}")
+    connected_here = start_ray(address, log_to_driver=False)
+    stop = StopSignal("the learner checkpoints at the end of this iteration and stops").install()
+    phases.done("Ray cluster joined" if address or os.environ.get("RAY_ADDRESS") or not connected_here else "Ray started")
+    app = pool = control = bar = metrics_log = None
     fit: dict = {}
-    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C can mark a live thread as stopped
-
-    def learn() -> None:
-        try:
-            fit["result"] = build_trainer(cfg, pool, control).fit()
-        except Exception as e:  # noqa: BLE001 - reported below with the learner's own message
-            fit["error"] = e
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=learn, daemon=True)
-    metrics_log = MetricsLog(out)
-    (out / "videos").mkdir(exist_ok=True)
-    bar = tqdm(total=cfg.learner.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
-    t0, interrupted, pool_metrics, rewards = time.monotonic(), False, {}, []
-    thread.start()
+    done = threading.Event()  # not Thread.join: a join interrupted by a signal can mark a live thread as stopped
+    t0, stop_sent, pool_metrics, rewards, summary = time.monotonic(), False, {}, [], None
     try:
-        while not done.is_set():
+        if not wait_for_resources:
+            check_resources(cfg, ray.cluster_resources())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
+        app = _deploy_reward_service(cfg)
+        phases.done(f"reward service ({cfg.reward.backend}) deployed on Ray Serve")
+        if stop.requested.is_set():
+            return None
+        pool_name = f"rollout-{int(time.time())}"
+        pool = RolloutPool.options(name=pool_name).remote(cfg, pool_name, resume["prompt_state"] if resume else None)
+        ray.get(pool.ready.remote())
+        phases.done(f"{cfg.actors.num_actors} rollout actor(s) ready (generator, text encoder, codec loaded)")
+        if stop.requested.is_set():
+            return None
+        control = LearnerControl.remote()
+
+        def learn() -> None:
             try:
-                time.sleep(1.0)
-                rows = ray.get(control.drain.remote())
-                if not rows:
-                    continue
-                pool_metrics = ray.get(pool.metrics.remote())
-                for row in rows:
-                    row |= {"queue_depth": pool_metrics["queue_depth"], "in_flight": pool_metrics["in_flight"],
-                            "delivered": pool_metrics["delivered"], "dropped": sum(pool_metrics["drops"].values()),
-                            "wall_s": time.monotonic() - t0}
-                    metrics_log.write(row)
-                    if cfg.learner.video_every and row["step"] % cfg.learner.video_every == 0:
-                        pool.request_video.remote(str(out / "videos" / f"step_{row['step']:06d}_v{row['version']}.mp4"))
-                    bar.update(row["step"] - bar.n)
-                    rewards.append(row["reward"])
-                    bar.set_postfix(_progress_line(row, pool_metrics, time.monotonic() - t0, rewards))
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                bar.write("Ctrl-C: the learner checkpoints at the end of this iteration and stops (Ctrl-C again abandons)")
+                fit["result"] = build_trainer(cfg, pool, control).fit()
+            except Exception as e:  # noqa: BLE001 - reported below with the learner's own message
+                fit["error"] = e
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=learn, daemon=True)
+        metrics_log = MetricsLog(out)
+        (out / "videos").mkdir(exist_ok=True)
+        thread.start()
+        restarts = 0  # the learner's restart count so far (a resumed run brings its earlier ones)
+        while not done.is_set():
+            if stop.wait(1.0) and not stop_sent:
                 ray.get(control.request_stop.remote())
+                stop_sent = True
+            if bar is None:
+                info = ray.get(control.readiness.remote())
+                if info is None:
+                    continue
+                phases.done(_learner_ready(info, cfg.learner.num_workers))
+                restarts = info["restarts"]
+                print(f"start-up took {phases.total_s():.1f} s; training (the rate and ETA below count training "
+                      "only)", flush=True)
+                t0 = time.monotonic()
+                bar = tqdm(total=cfg.learner.max_steps, initial=info["step"], unit="step", desc="train",
+                           dynamic_ncols=True)
+            rows = ray.get(control.drain.remote())
+            if not rows:
+                continue
+            pool_metrics = ray.get(pool.metrics.remote())
+            for row in rows:
+                row |= {"queue_depth": pool_metrics["queue_depth"], "in_flight": pool_metrics["in_flight"],
+                        "delivered": pool_metrics["delivered"], "dropped": sum(pool_metrics["drops"].values()),
+                        "wall_s": time.monotonic() - t0}
+                metrics_log.write(row)
+                if row["restarts"] > restarts:
+                    restarts = row["restarts"]
+                    bar.write(f"the learner's worker group was restarted: it resumed from its last checkpoint, "
+                              f"redoing {row['steps_redone']} step(s) so far; samples of the lost weights dropped: "
+                              f"{pool_metrics['drops'].get('lost_weights', 0)}")
+                if cfg.learner.video_every and row["step"] % cfg.learner.video_every == 0:
+                    pool.request_video.remote(str(out / "videos" / f"step_{row['step']:06d}_v{row['version']}.mp4"))
+                bar.update(row["step"] - bar.n)
+                rewards.append(row["reward"])
+                bar.set_postfix(_progress_line(row, pool_metrics, time.monotonic() - t0, rewards))
         for row in ray.get(control.drain.remote()):  # the last steps, reported while the thread ended
             metrics_log.write(row | {"wall_s": time.monotonic() - t0})
-        bar.close()
+        if bar is not None:
+            bar.close()
         pool_metrics = ray.get(pool.metrics.remote())
         summary = ray.get(control.summary.remote())
         if summary is None:
             error = fit.get("error") or getattr(fit.get("result"), "error", None)
             raise RuntimeError(f"the learner failed: {error}") from error
     finally:
-        bar.close()
-        metrics_log.close()
-        ray.get(pool.stop.remote())
-        ray.kill(pool)
-        serve.delete(app)
+        if bar is not None:
+            bar.close()
+        if metrics_log is not None:
+            metrics_log.close()
+        if pool is not None:
+            ray.get(pool.stop.remote())
+            ray.kill(pool)
+        if app is not None:
+            serve.delete(app)
         if connected_here:  # a local Ray started here stops; a joined cluster only loses this driver
             ray.shutdown()
-    return _summary(cfg, out, summary, pool_metrics, metrics_log, time.monotonic() - t0, start_step, interrupted,
-                    config_path)
+    return _summary(cfg, out, summary, pool_metrics, metrics_log, time.monotonic() - t0, start_step,
+                    stop.name if stop_sent else None, config_path)
 
 
 def _summary(cfg: Config, out: Path, learner: dict, pool: dict, log: MetricsLog, wall_s: float, start_step: int,
-             interrupted: bool, config_path: str | None) -> dict:
+             stopped_by: str | None, config_path: str | None) -> dict:
+    """The run summary, also written to summary.json. A resumed run adds itself to the folder's earlier runs
+    (`runs`); the latest reward and critic loss (`final`) are those of the last run that trained."""
+    path = out / "summary.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
     last = learner.get("last_metrics") or {}
     steps_run = learner["step"] - start_step
-    summary = {
-        "config": config_path or "configs/tiny.yaml (embedded default)",
-        "stopped": "Ctrl-C (checkpointed)" if interrupted else ("early" if learner["stopped_early"] else "max_steps"),
-        "steps": f"{learner['step']} / {cfg.learner.max_steps} ({steps_run} this run)",
-        "resumed_from": learner["resumed_from"],
-        "weight_version": learner["version"],
-        "wall_s": round(wall_s, 1),
+    final = {k: round(last[k], 5) for k in ("reward", "critic_loss") if k in last}
+    this_run = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stopped": f"{stopped_by} (checkpointed)" if stopped_by else ("early" if learner["stopped_early"] else "max_steps"),
+        "steps": f"{start_step} -> {learner['step']}",
+        "training_s": round(wall_s, 1),
         "steps_per_s": round(steps_run / max(wall_s, 1e-9), 3),
         "samples_delivered": pool.get("delivered"),
         "drops": pool.get("drops"),
-        "final": {k: round(last[k], 5) for k in ("reward", "critic_loss") if k in last},
+        "learner_restarts": last.get("restarts", 0),
+        "final": final,
+    }
+    summary = {
+        "config": config_path or "configs/tiny.yaml (embedded default)",
+        "stopped": this_run["stopped"],
+        "steps": f"{learner['step']} / {cfg.learner.max_steps} ({steps_run} this run)",
+        "resumed_from": learner["resumed_from"],
+        "weight_version": learner["version"],
+        "training_s": this_run["training_s"],
+        "steps_per_s": this_run["steps_per_s"],
+        "samples_delivered": pool.get("delivered"),
+        "drops": pool.get("drops"),
+        "final": final or earlier.get("final", {}),
         "checkpoints": str(checkpointing.checkpoint_dir(out)),
         "export": learner["export"],
         "metrics": {"csv": str(log.csv_path), "parquet": str(log.parquet_path), "tensorboard": str(log.tb_dir)},
-        "videos": pool.get("videos", []),
+        "videos": earlier.get("videos", []) + pool.get("videos", []),
+        "runs": earlier.get("runs", []) + [this_run],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    path.write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -230,6 +325,8 @@ def print_summary(summary: dict) -> None:
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        elif key == "runs":
+            value = f"{len(value)} in this folder (summary.json lists each)"
         elif isinstance(value, list):
             value = f"{len(value)} files" + (f", last {value[-1]}" if value else "")
         print(f"{key:<{width}}  {value}")

@@ -10,7 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import av
+import psutil
 import pytest
 
 from core.config import REPO_ROOT, ConfigError
@@ -22,6 +25,14 @@ JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors
        "actors.reward_app=train_job_reward",
        "reward_service.num_cpus=0.1", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
        "learner.dfake_gen_update_ratio=2", "learner.checkpoint_every=2", "learner.video_every=2"]
+
+
+def start_train(address: str, out, *overrides: str) -> tuple[subprocess.Popen, Path, Path]:
+    """`launch.py train` in the background, its output to files (a pipe nobody reads would fill up and stall it)."""
+    stdout, stderr = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
+    cmd = [sys.executable, "launch.py", "train", "--address", address, *JOB, f"learner.output_dir={out}", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=stdout.open("w"), stderr=stderr.open("w"), text=True)
+    return proc, stdout, stderr
 
 
 def train(address: str, out, *overrides: str) -> subprocess.CompletedProcess:
@@ -54,11 +65,24 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
     videos = [p for p in summary["videos"]]
     assert videos and read_video_file(videos[0]).frames.shape[1:] == (64, 64, 3)
 
+    made_by = json.loads(Path(videos[0]).with_suffix(".json").read_text())
+    assert made_by["prompt"] in (REPO_ROOT / "prompts" / "tiny.txt").read_text() and isinstance(made_by["seed"], int)
+    assert av.open(videos[0]).metadata["title"] == made_by["prompt"]  # the MP4 says what made it
+    for phase in ("start-up: config checked", "start-up: Ray cluster joined", "start-up: reward service", "rollout actor(s) ready",
+                  "learner ready: 2 Ray Train worker(s)"):
+        assert phase in run.stdout, run.stdout[-3000:]
+
+    again = train(address, tmp_path, "learner.max_steps=4")  # at max_steps already: said, nothing started
+    assert again.returncode == 0 and "already holds a run at step 4" in again.stdout and "start-up" not in again.stdout
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
     resumed = train(address, tmp_path, "learner.max_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    first_run, summary = summary, json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step_00000004") and summary["steps"] == "6 / 6 (2 this run)"
     assert summary["weight_version"] == 3
+    assert summary["runs"] == first_run["runs"] + summary["runs"][-1:] and summary["runs"][-1]["steps"] == "4 -> 6"
+    assert set(first_run["videos"]) <= set(summary["videos"])
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "metrics.csv").open())] == [1, 2, 3, 4, 5, 6]
 
 
@@ -80,25 +104,73 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
     assert unknown.returncode == 2 and "learner.max_stepz: unknown key" in unknown.stderr
 
 
-def test_ctrl_c_checkpoints_and_exits(serve_instance, ray_instance, tmp_path):
+def test_sigterm_checkpoints_exports_and_exits_0(serve_instance, ray_instance, tmp_path):
+    """What `ray job stop`, Kubernetes and systemd send: the same clean stop as Ctrl-C."""
     address = ray_instance.get_runtime_context().gcs_address
-    cmd = [sys.executable, "launch.py", "train", "--address", address, *JOB, "learner.num_workers=1",
-           "learner.max_steps=1000", "learner.checkpoint_every=1000", f"learner.output_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_dir = tmp_path / "run"
+    proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=1000",
+                                       "learner.checkpoint_every=1000")
     try:
-        metrics = tmp_path / "metrics.csv"
+        metrics = out_dir / "metrics.csv"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + 2 steps
                 break
             time.sleep(0.5)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
+        assert proc.poll() is None, stderr.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
     finally:
         proc.kill()
+    err = stderr.read_text()
     assert proc.returncode == 0, err[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stopped"] == "Ctrl-C (checkpointed)"
+    assert "Traceback" not in err and "SIGTERM: the learner checkpoints" in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM (checkpointed)"
     step = int(summary["steps"].split(" / ")[0])
-    assert 2 <= step < 1000 and (tmp_path / "checkpoints" / f"step_{step:08d}").is_dir()
+    assert 2 <= step < 1000 and (out_dir / "checkpoints" / f"step_{step:08d}").is_dir()
+    assert (out_dir / "export" / "generator.safetensors").is_file()
+
+
+def _learner_worker() -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            return proc
+    return None
+
+
+def test_a_learner_worker_lost_mid_checkpoint_restarts_from_the_last_complete_one(serve_instance, ray_instance,
+                                                                                  tmp_path):
+    """Chaos: the learner worker is killed while it writes a checkpoint. Ray Train restarts the group
+    (learner.max_failures 1), which resumes from the last complete checkpoint behind versions the lost worker
+    published: those are republished under a higher version, and the run finishes every step."""
+    address = ray_instance.get_runtime_context().gcs_address
+    out_dir = tmp_path / "run"
+    proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=8",
+                                       "learner.checkpoint_every=1", "learner.max_failures=1", "learner.keep_last=8")
+    saving = out_dir / "checkpoints" / ".tmp-step_00000003"  # iteration 3 published version 2 before saving
+    try:
+        deadline, worker = time.monotonic() + 300, None
+        while worker is None and proc.poll() is None and time.monotonic() < deadline:
+            worker = _learner_worker()
+            time.sleep(0.2)
+        while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert worker is not None and proc.poll() is None, stderr.read_text()[-3000:]
+        worker.send_signal(signal.SIGKILL)  # SIGTERM lets Ray's worker finish the save on its training thread
+        proc.wait(timeout=400)
+    finally:
+        proc.kill()
+    out, err = stdout.read_text(), stderr.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"].startswith("8 / 8") and summary["runs"][-1]["learner_restarts"] == 1
+    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
+    restarted = [r for r in rows if r["restarts"] == "1"]
+    # resumed from step 2, the last complete checkpoint, and did every later step
+    assert [int(r["step"]) for r in restarted] == list(range(3, 9)), [(r["step"], r["version"]) for r in rows]
+    before = [int(r["version"]) for r in rows if r["restarts"] == "0"]
+    # the restored weights came back under a version above every one published before the loss
+    assert int(restarted[0]["version"]) > max(before)
+    assert "the learner's worker group was restarted" in out
+    assert (out_dir / "checkpoints" / "step_00000008").is_dir() and (out_dir / "export" / "generator.safetensors").is_file()

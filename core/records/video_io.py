@@ -110,16 +110,18 @@ class MP4Writer:
     A streaming generator yields a few frames per block; holding a long video in memory just to
     encode it at the end would defeat the constant-memory rollout, so each block is encoded on
     arrival. Closing finalises the file (moov moved to the front, so it plays while downloading).
+    `metadata` goes into the container's tags (e.g. title, comment: what made the video).
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: int | float | Fraction,
-                 *, crf: int = 18, preset: str = "medium"):
+                 *, crf: int = 18, preset: str = "medium", metadata: dict[str, str] | None = None):
         _check_even(width, height)
         self.width, self.height, self.fps = width, height, _as_rate(fps)
         self.frames_written = 0
         self._time_base = 1 / self.fps
         self._container = av.open(str(path), "w", format="mp4",
                                   container_options={"movflags": "+faststart"})
+        self._container.metadata.update(metadata or {})
         self._stream = self._container.add_stream("libx264", rate=self.fps)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
         self._stream.codec_context.time_base = self._time_base
