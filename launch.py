@@ -76,13 +76,13 @@ the end of the current iteration, exports and exits 0; a second one abandons the
 SERVE_HELP = """\
 most-used keys: serve.port=8000 serve.host=127.0.0.1 serve.max_sessions=1 serve.presets / serve.default_preset
   checkpoint.generator=PATH (or --config with your own weights)
-routes: GET / (web page), WebSocket /v1/stream, POST /v1/generate, GET /v1/info, /v1/metrics, /docs.
+routes: GET / (web page), WebSocket /v1/stream, POST /v1/generate, GET /v1/info, /v1/metrics, /healthz, /docs.
 Ctrl-C or SIGTERM: open streams get a close frame, Serve and Ray shut down, exit 0.
 """
 
 REWARD_SERVER_HELP = """\
 most-used keys: reward.backend=motion|videoreward|vlm_judge  reward_service.port=8000  reward_service.max_replicas=1
-routes: POST /v1/score (multipart video + prompt, or a raw body), GET /v1/info, /v1/health, /docs.
+routes: POST /v1/score (multipart video + prompt, or a raw body), GET /v1/info, /healthz, /docs.
 Ctrl-C or SIGTERM: Serve and Ray shut down, exit 0.
 """
 

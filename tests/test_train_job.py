@@ -174,3 +174,41 @@ def test_a_learner_worker_lost_mid_checkpoint_restarts_from_the_last_complete_on
     assert int(restarted[0]["version"]) > max(before)
     assert "the learner's worker group was restarted" in out
     assert (out_dir / "checkpoints" / "step_00000008").is_dir() and (out_dir / "export" / "generator.safetensors").is_file()
+
+
+def _reward_replica(app: str) -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app}:" in " ".join(proc.info["cmdline"] or []):
+            return proc
+    return None
+
+
+def test_the_reward_replica_lost_mid_run_is_restarted_and_its_samples_counted(serve_instance, ray_instance, tmp_path):
+    """Chaos: SIGKILL to the reward service's replica mid-run. Serve starts another; rollouts whose scoring failed
+    meanwhile are counted drops (never a made-up reward; whether one was in flight at the kill is chance), and
+    the run finishes every step."""
+    address = ray_instance.get_runtime_context().gcs_address
+    out_dir = tmp_path / "run"
+    proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=10",
+                                       "learner.checkpoint_every=10", "actors.score_retries=0")
+    try:
+        metrics, deadline = out_dir / "metrics.csv", time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # header + 2 steps
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.2)
+        replica = _reward_replica("train_job_reward")
+        assert replica is not None
+        replica.kill()
+        restarted = None
+        while restarted is None and proc.poll() is None:  # Serve replaces the replica while the job runs
+            restarted = _reward_replica("train_job_reward")
+            time.sleep(0.2)
+        proc.wait(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr.read_text()[-3000:]
+    assert restarted is not None and restarted.pid != replica.pid
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"].startswith("10 / 10") and summary["samples_delivered"] >= 10
+    # a rollout whose score was in flight at the kill is a score_* drop; nothing else but staleness drops one
+    assert all(reason == "stale" or reason.startswith("score_") for reason in summary["drops"]), summary["drops"]
