@@ -125,6 +125,7 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     for i, (prompt, path) in enumerate(zip(prompts, _output_paths(args.out, prompts, args.prompts_file is not None))):
         path.parent.mkdir(parents=True, exist_ok=True)
         seed = args.seed + i
+        pipe.encode([prompt])  # encoded (and cached) before the bar, so a prompt warning is not drawn over by it
         written, denoise_s, decode_s = 0, 0.0, 0.0
         bar = tqdm(total=latent_frames // fpb, unit="block", desc=f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
         with MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer:

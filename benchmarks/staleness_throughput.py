@@ -18,7 +18,8 @@ proxy on a free localhost port (`reward_service.port`). From the run's `metrics.
                   1 s), so each end is late by up to 1 s. "last" is the last row drained while
                   the learner ran (rows drained after it ended have no pool columns and a
                   wall_s that includes the final checkpoint, the export and Ray Train's teardown).
-  whole-run steps/s  summary.json's steps_per_s: steps / the job's whole wall time.
+  whole-run steps/s  steps / the `launch.py train` process's whole wall time (start-up and shutdown
+                  included; summary.json's steps_per_s counts training time only).
   idle fraction   sum(sample_wait_s) / sum(iteration_s) over the same steps k+1..last: the
                   share of the learner's iteration time spent waiting for a sample
                   (iteration_s includes that wait).
@@ -96,7 +97,6 @@ def analyse(out: Path, skip: int) -> dict:
         "window_wall_s": last["wall_s"] - start["wall_s"],
         "steady_steps_per_s": (last["step"] - skip) / (last["wall_s"] - start["wall_s"]),
         "learner_steps_per_s": len(window) / iteration,
-        "whole_run_steps_per_s": summary["steps_per_s"], "whole_run_wall_s": summary["wall_s"],
         "startup_s": start["wall_s"],  # until step `skip` was drained
         "idle_fraction": wait / iteration, "sample_wait_s": wait, "iteration_s": iteration,
         "mean_wait_s_generator_steps": statistics.fmean([r["sample_wait_s"] for r in window if r["generator_step"] == "True"]
@@ -122,7 +122,9 @@ def run_job(staleness: int, args, out: Path) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.splitlines()[-40:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode} after {elapsed:.0f} s; stderr tail:\n{tail}")
-    return {"max_staleness": staleness, "process_s": elapsed, **analyse(out, args.skip)}
+    steady = analyse(out, args.skip)
+    return {"max_staleness": staleness, "process_s": elapsed, "whole_run_wall_s": elapsed,
+            "whole_run_steps_per_s": steady["steps"] / elapsed, **steady}
 
 
 def median(runs: list[dict], key: str) -> float:

@@ -168,8 +168,8 @@ class StartUp:
 
 def _learner_ready(info: dict, workers: int) -> str:
     resumed = f", resumed from step {info['step']}" if info["resumed_from"] else ""
-    return (f"learner ready: {workers} Ray Train worker(s), models built and DeepSpeed engines initialised in "
-            f"{info['build_s']:.1f} s on rank 0{resumed}")
+    return (f"learner ready: Ray Train started {workers} worker(s), which built the models and DeepSpeed engines in "
+            f"{info['build_s']:.1f} s (torch AdamW: no DeepSpeed op is compiled){resumed}")
 
 
 def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False,

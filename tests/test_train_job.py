@@ -69,7 +69,7 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
     assert made_by["prompt"] in (REPO_ROOT / "prompts" / "tiny.txt").read_text() and isinstance(made_by["seed"], int)
     assert av.open(videos[0]).metadata["title"] == made_by["prompt"]  # the MP4 says what made it
     for phase in ("start-up: config checked", "start-up: Ray cluster joined", "start-up: reward service", "rollout actor(s) ready",
-                  "learner ready: 2 Ray Train worker(s)"):
+                  "learner ready: Ray Train started 2 worker(s)"):
         assert phase in run.stdout, run.stdout[-3000:]
 
     again = train(address, tmp_path, "learner.max_steps=4")  # at max_steps already: said, nothing started
