@@ -19,6 +19,7 @@ import pytest
 from core.config import REPO_ROOT, ConfigError
 from core.records.video_io import read_video_file
 from job.train import check_resources, required_resources
+from learner import checkpointing
 from toyworld.config import load_world_config
 
 JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors.num_actors=2", "actors.num_cpus=0.25",
@@ -212,3 +213,35 @@ def test_the_reward_replica_lost_mid_run_is_restarted_and_its_samples_counted(se
     assert summary["steps"].startswith("10 / 10") and summary["samples_delivered"] >= 10
     # a rollout whose score was in flight at the kill is a score_* drop; nothing else but staleness drops one
     assert all(reason == "stale" or reason.startswith("score_") for reason in summary["drops"]), summary["drops"]
+
+
+def test_a_second_sigterm_during_the_stop_checkpoint_abandons_and_the_last_complete_one_resumes(
+        serve_instance, ray_instance, tmp_path):
+    """SIGTERM, then another while the learner writes its stop checkpoint: the run is abandoned (exit 130, no
+    stack dump), a save cut short leaves only its `.tmp-` folder, and the next run resumes from the last complete
+    checkpoint."""
+    address = ray_instance.get_runtime_context().gcs_address
+    out_dir = tmp_path / "run"
+    proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=1000",
+                                       "learner.checkpoint_every=1")
+    checkpoints = out_dir / "checkpoints"
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(checkpoints.glob("step_*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        while not list(checkpoints.glob(".tmp-step_*")) and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    err = stderr.read_text()
+    assert proc.returncode == 130 and "abandoned" in err and "Traceback" not in err, err[-3000:]
+    latest = checkpointing.latest_checkpoint(checkpoints)
+    step = checkpointing.read_cursor(latest)["step"]
+    resumed = train(address, out_dir, "learner.num_workers=1", f"learner.max_steps={step + 1}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == str(latest) and summary["steps"] == f"{step + 1} / {step + 1} (1 this run)"
