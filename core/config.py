@@ -189,9 +189,11 @@ class TextEncoderConfig(ConfigSection):
     """umT5 text encoder (REFERENCE.md section 5).
 
     `checkpoint`: Wan's `models_t5_umt5-xxl-enc-bf16.pth` or a Hugging Face UMT5 folder;
-    `tokenizer`: a local tokenizer folder (google/umt5-xxl's files). With neither, a small
-    randomly initialised UMT5 encoder of width model.text_dim with a byte-level tokenizer
-    (the embedded default: no files needed). Prompts are padded to model.text_len tokens.
+    `tokenizer`: a local tokenizer folder (google/umt5-xxl's files). With no checkpoint, a small
+    randomly initialised UMT5 encoder of width model.text_dim (with a byte-level tokenizer unless
+    `tokenizer` is set; the embedded default: no files needed), its weights drawn from `tiny_seed`: they
+    are part of the model a generator was trained with, not a run's randomness, so `runtime.seed` does
+    not change them. Prompts are padded to model.text_len tokens.
     """
 
     checkpoint: str | None = None
@@ -199,6 +201,7 @@ class TextEncoderConfig(ConfigSection):
     tiny_layers: int = 2
     tiny_heads: int = 2
     tiny_ffn_dim: int = 64
+    tiny_seed: int = 0
     cache_size: int = 1024
 
 

@@ -307,7 +307,7 @@ class TextEncoder:
                                   f"text_encoder.tiny_heads ({tc.tiny_heads})")
             config = umt5_config(len(tokenizer), cfg.model.text_dim, tc.tiny_ffn_dim, tc.tiny_layers, tc.tiny_heads)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.runtime.seed)
+                torch.manual_seed(tc.tiny_seed)
                 model = UMT5EncoderModel(config)
         else:
             model = load_umt5(tc.checkpoint, dtype)
