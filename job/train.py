@@ -184,7 +184,8 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
     phases.done(f"config checked, {'resuming from step ' + str(start_step) if resume else 'a new run'} in {out}")
     connected_here = start_ray(address, log_to_driver=False)
     stop = StopSignal("the learner checkpoints at the end of this iteration and stops").install()
-    phases.done("Ray cluster joined" if address or os.environ.get("RAY_ADDRESS") or not connected_here else "Ray started")
+    joined = (address or os.environ.get("RAY_ADDRESS")) not in (None, "local") or not connected_here
+    phases.done("Ray cluster joined" if joined else "Ray started")
     app = pool = control = bar = metrics_log = None
     fit: dict = {}
     done = threading.Event()  # not Thread.join: a join interrupted by a signal can mark a live thread as stopped
@@ -200,7 +201,11 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
             return None
         pool_name = f"rollout-{int(time.time())}"
         pool = RolloutPool.options(name=pool_name).remote(cfg, pool_name, resume["prompt_state"] if resume else None)
-        ray.get(pool.ready.remote())
+        ready = pool.ready.remote()
+        while not ray.wait([ready], timeout=1.0)[0]:  # actors may wait for resources: a signal still stops it
+            if stop.requested.is_set():
+                return None
+        ray.get(ready)
         phases.done(f"{cfg.actors.num_actors} rollout actor(s) ready (generator, text encoder, codec loaded)")
         if stop.requested.is_set():
             return None
