@@ -8,7 +8,7 @@ again; a prompt is acknowledged only once its sample is consumed or dropped for 
 reason, so none is lost or duplicated. The pool relays published weights to its actors
 (`weight_sync.WeightRelay`: object store or broadcast group); actors switch only between
 rollouts, and samples older than `max_staleness` versions are dropped by `get` and counted. After a
-learner restart (`learner_restarted`), samples made with the versions the lost learner published past its
+learner restart (`learner_started`), samples made with the versions the lost learner published past its
 checkpoint are dropped as `lost_weights`, and staleness counts along the surviving versions.
 """
 
@@ -148,9 +148,9 @@ class RolloutPool:
 
     def learner_started(self, version: int) -> dict:
         """A learner (re)starting with the weights of `version`: {"version": the version to publish them as,
-        "restarts": every restart so far, "publish": whether the actors lack those weights}. Behind the published version, its worker group was restarted from
-        a checkpoint: the weights are republished under a new, higher version, and samples of the lost
-        versions are dropped."""
+        "restarts": every restart so far, "publish": whether the actors lack those weights}. Behind the
+        published version, its worker group was restarted from a checkpoint: the weights are republished under
+        a new, higher version, and samples of the lost versions are dropped."""
         if version < self.weights.version:
             version = self.weights.restart(version)
         return {"version": version, "restarts": list(self.weights.restarts), "publish": version != self.weights.version}
