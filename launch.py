@@ -16,6 +16,8 @@ Commands:
                  soon as it exists and append it to the video; prints denoising and decoding speed.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
   score          score a video file with a running reward service (HTTP client).
+  plan           will it fit: memory per GPU for every role (learner worker, rollout actor, reward and streaming
+                 replica) and the resources they ask Ray for, from the config alone (meta device, no GPU, no Ray).
 
 With no --config, every command but reward-server and score uses the embedded default (configs/tiny.yaml):
 the toy world with its shipped teacher and student, CPU, no downloads; reward-server and score default to
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from core.codecs.video import latent_frames_for, video_frames_for
 from core.config import ConfigError
 from core.model.kv_cache import StreamLimitError
+from core.plan import build_plan
 from core.records.checkpoint import CheckpointError, save_self_forcing, save_wan_folder
 from core.records.video_io import MP4Writer
 from core.stream.pipeline import VideoPipeline
@@ -85,6 +88,26 @@ most-used keys: reward.backend=motion|videoreward|vlm_judge  reward_service.port
 routes: POST /v1/score (multipart video + prompt, or a raw body), GET /v1/info, /healthz, /docs.
 Ctrl-C or SIGTERM: Serve and Ray shut down, exit 0.
 """
+
+PLAN_HELP = """\
+per role: parameters, gradients and optimizer state per GPU for learner.zero_stage over learner.num_workers,
+the teacher, the KV cache, the replay's and the critic's activations (with and without
+learner.gradient_checkpointing), text encoder and VAE, the total against --gpu-gb, and what to change when
+it does not fit. Nothing is loaded: models are built on the meta device; the activations are estimates
+(formula in core/plan.py, checked against measured bytes by tests/test_plan.py).
+  python launch.py plan --config configs/reward_forcing_1.3b.yaml --gpu-gb 80
+  python launch.py plan --config configs/serve_1.3b.yaml --cluster cluster.yaml --json
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GB, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of GB, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -302,6 +325,11 @@ def cmd_score(cfg: WorldConfig, args: argparse.Namespace) -> None:
         print(json.dumps(client.score_file(args.video, args.prompt), indent=2))
 
 
+def cmd_plan(cfg: WorldConfig, args: argparse.Namespace) -> None:
+    plan = build_plan(cfg, args.config or "configs/tiny.yaml", args.gpu_gb, args.cluster)
+    print(plan.to_json() if args.json else plan.table())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -359,13 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="service URL (default: http://reward_service.host:port)")
     p.add_argument("--token", default=None, help="bearer token, when the service requires one")
 
+    p = command("plan", "memory per GPU and resources per role, from the config alone (no GPU, no Ray)",
+                epilog=PLAN_HELP)
+    p.add_argument("--gpu-gb", type=_positive_float, default=None,
+                   help="GB of memory per GPU (default: the --cluster file's GPUs, else 80)")
+    p.add_argument("--cluster", default=None, help="a Ray cluster launcher file (e.g. cluster.yaml) to check the "
+                                                   "roles' CPU and GPU requests against")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
     commands = {"train": cmd_train, "serve": cmd_serve, "generate": cmd_generate, "reward-server": cmd_reward_server,
                 "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher, "ode-init": cmd_ode_init,
-                "evaluate": cmd_evaluate}
+                "evaluate": cmd_evaluate, "plan": cmd_plan}
     try:
         cfg = load_world_config(args.config, overrides)
         commands[args.command](cfg, args)
