@@ -12,6 +12,15 @@ they are fused into the sink position-wise, `sink <- a*sink + (1-a)*evicted`
 frame j is fused into sink frame j mod sink_size in order (the reference
 replaces the sink in that case; with the standard 3-frame blocks and 3-frame
 sink both agree).
+
+Gradient checkpointing recomputes a block in the backward pass, when the replay has
+long moved the cache on. A checkpointed forward therefore goes through
+`CheckpointedCache`: the first run writes the cache and keeps views of the window
+it attended to, the recompute attends to those same views and writes nothing. The
+views cost no memory; to keep them valid, the cache never changes a region a view
+covers in place: such a write (an eviction, a rewind) first moves the layer to
+fresh buffers (copy-on-write). A replay that never evicts (the paper's 21-frame
+window over a 21-frame clip) never copies; streaming, without grad, never pins.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ class LayerCache:
     v: torch.Tensor
     global_end: int = 0
     local_end: int = 0
+    pinned: int = 0  # leading tokens of k/v that a checkpointed block holds views of
 
 
 class KVCache:
@@ -86,6 +96,17 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's K/V for frames starting at `start_frame`; return the K/V to attend to."""
         c = self.layers[layer]
+        start = self.write(layer, k, v, start_frame)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Replay with grad: attend to the live tensors so gradients reach this call's K/V, and
+            # keep the cached (detached) buffers free to be overwritten by later calls.
+            return torch.cat([c.k[:, :start], k], dim=1), torch.cat([c.v[:, :start], v], dim=1)
+        return c.k[:, :c.local_end], c.v[:, :c.local_end]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> int:
+        """Store this call's K/V (detached) for frames starting at `start_frame`, advancing the pointers and
+        evicting on the first call of a new block; return the slot they start at."""
+        c = self.layers[layer]
         new = k.shape[1]
         current_end = start_frame * self.tokens_per_frame + new
         local_end = c.local_end + current_end - c.global_end
@@ -104,16 +125,27 @@ class KVCache:
         if start < 0:
             raise StreamLimitError(f"frame {start_frame} lies before the cached window; "
                                      "a stream can only rewrite its latest block")
+        if start < c.pinned:
+            self._unpin(c)
         c.k[:, start:local_end] = k.detach()
         c.v[:, start:local_end] = v.detach()
         c.global_end, c.local_end = current_end, local_end
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Replay with grad: attend to the live tensors so gradients reach this call's K/V, and
-            # keep the cached (detached) buffers free to be overwritten by later calls.
-            return torch.cat([c.k[:, :start], k], dim=1), torch.cat([c.v[:, :start], v], dim=1)
-        return c.k[:, :local_end], c.v[:, :local_end]
+        return start
+
+    def pin(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first `tokens` cached K/V of `layer` that keep their values: later writes there copy first."""
+        c = self.layers[layer]
+        c.pinned = max(c.pinned, tokens)
+        return c.k[:, :tokens], c.v[:, :tokens]
+
+    @staticmethod
+    def _unpin(c: LayerCache) -> None:
+        """Copy-on-write: the pinned views keep the old buffers; the cache goes on in copies."""
+        c.k, c.v, c.pinned = c.k.clone(), c.v.clone(), 0
 
     def _evict(self, c: LayerCache, n_evict: int) -> None:
+        if c.pinned:
+            self._unpin(c)
         sink = self.sink_tokens
         n_roll = c.local_end - n_evict - sink
         evicted_k = c.k[:, sink:sink + n_evict].clone()
@@ -131,3 +163,26 @@ class KVCache:
             src = slice(j * tpf, (j + 1) * tpf)
             c.k[:, dst] = alpha * c.k[:, dst] + (1 - alpha) * evicted_k[:, src]
             c.v[:, dst] = alpha * c.v[:, dst] + (1 - alpha) * evicted_v[:, src]
+
+
+class CheckpointedCache:
+    """The cache as one gradient-checkpointed forward sees it, so the recompute in backward sees the same.
+
+    The first `update` of a layer writes the cache and pins the window before its slots; a second one (the
+    recompute) attends to that pinned window with the recomputed K/V and leaves the cache untouched.
+    """
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def rope(self) -> str:
+        return self.cache.rope
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V to attend to: the pinned window of the first run, then this run's own K/V (live, for the grad)."""
+        if layer not in self.windows:
+            self.windows[layer] = self.cache.pin(layer, self.cache.write(layer, k, v, start_frame))
+        past_k, past_v = self.windows[layer]
+        return torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
