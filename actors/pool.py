@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
+import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.worker import RolloutWorker
@@ -66,6 +67,14 @@ class RolloutPool:
         """Wait until every actor is constructed (generator, text encoder, codec loaded); how many there are."""
         await asyncio.gather(*(w.ready.remote() for w in self.workers))
         return len(self.workers)
+
+    async def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        """The prompts' valid context rows (CPU, rollout dtype), encoded by the first live actor: how a job encodes
+        its negative prompt once, with the text encoder the actors hold, for every learner worker."""
+        live = [w for i, w in enumerate(self.workers) if i not in self.dead]
+        if not live:
+            raise RuntimeError(f"no live rollout actor to encode prompts with: {self.dead}")
+        return await live[0].encode.remote(prompts)
 
     async def start(self) -> None:
         """Start one dispatch loop per actor (idempotent)."""

@@ -8,6 +8,10 @@ Then the critic takes one flow-matching update on the detached samples. The math
 `core.algo.distill`; this module only sequences it, averages the metrics over workers and keeps
 the loop state that a checkpoint must restore.
 
+A learner loads no text encoder: each sample carries its prompt's context rows as the actor encoded them
+(`Sample.text_context`), padded back here exactly as `TextEncoder.encode` pads (`pad_context`), and the
+negative prompt's rows come with the worker's config, encoded once for the whole job (`learner.trainer`).
+
 When Ray Train restarts the worker group after a failure (`learner.max_failures`), the new group resumes
 from the last checkpoint. The pool may already hold versions the lost group published past it: the restored
 weights are then republished under a new, higher version (`RolloutPool.learner_started`), the samples of the
@@ -29,7 +33,7 @@ import torch.distributed as dist
 from core.algo.distill import ReDMD
 from core.algo.ema import EMA
 from core.algo.losses import reward_weights
-from core.codecs.text_encoder import TextEncoder
+from core.codecs.text_encoder import pad_context
 from core.config import Config
 from core.records.sample import Sample
 from core.runtime import resolve_dtype
@@ -43,8 +47,10 @@ _REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "stalene
 
 
 class Learner:
-    def __init__(self, cfg: Config, device: torch.device, pool=None, control=None,
+    def __init__(self, cfg: Config, device: torch.device, negative_context: torch.Tensor, pool=None, control=None,
                  on_step: Callable[[dict], None] | None = None):
+        """`negative_context`: the negative prompt's valid rows [tokens, text_dim] (`TextEncoder.encode_valid`),
+        encoded once by the job."""
         self.cfg, self.learner = cfg, cfg.learner
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -58,9 +64,7 @@ class Learner:
         self.models: Models = build_models(cfg, device)
         self.build_s = time.perf_counter() - start
         self.distill = ReDMD(cfg)
-        self.text_encoder = TextEncoder.from_config(cfg, device, self.models.dtype)
-        with torch.no_grad():
-            self.negative_context = self.text_encoder.encode([self.learner.negative_prompt])
+        self.negative_context = self._padded(negative_context)
         self.rng = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
         self.samples = (ParquetSamples(self.learner.samples_parquet, self.rank, self.world_size)
                         if self.learner.samples_parquet else PoolSamples(pool, self.learner.sample_timeout_s))
@@ -118,9 +122,15 @@ class Learner:
 
     # -------------------------------------------------------------------------------- updates
 
+    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """[1, text_len, text_dim] in the learner's device and dtype from a prompt's valid context rows."""
+        if rows.dim() != 2 or rows.shape[1] != self.cfg.model.text_dim:
+            raise ValueError(f"a text context of shape {tuple(rows.shape)} does not fit model.text_dim "
+                             f"{self.cfg.model.text_dim}: the samples were made with another text encoder")
+        return pad_context([rows], self.cfg.model.text_len).to(self.device, self.models.dtype)
+
     def _context(self, sample: Sample) -> torch.Tensor:
-        with torch.no_grad():
-            return self.text_encoder.encode([sample.prompt])
+        return self._padded(sample.text_context)
 
     def _record(self, sample: Sample):
         record = sample.to_rollout_record(self.device)

@@ -53,7 +53,8 @@ def recorded_samples(cfg: Config, n: int, seed: int = 0, weight_version: int = 0
         with torch.no_grad():
             frames = to_uint8_frames(pipe.vae.decode(record.clean_latents().transpose(1, 2))).numpy()
         score = scorer.score(VideoInput(frames, float(cfg.video.fps), prompt)).to_dict()
-        samples.append(Sample.from_rollout(record, score=score, sample_id=f"e0-i{i}", prompt_id=i, prompt=prompt,
+        samples.append(Sample.from_rollout(record, score=score, text_context=pipe.text_encoder.encode_valid([prompt])[0],
+                                           sample_id=f"e0-i{i}", prompt_id=i, prompt=prompt,
                                            epoch=0, seed=seed + i, weight_version=weight_version, actor="test"))
     return samples
 

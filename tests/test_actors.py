@@ -8,12 +8,16 @@ import ray
 import torch
 
 from actors.pool import RolloutPool
+from actors.worker import RolloutWorker
+from core.algo.distill import ReDMD
 from core.algo.rollout import SelfForcedRollout
 from core.algo.scheduler import FlowMatchScheduler
-from core.codecs.text_encoder import TextEncoder
+from core.codecs.text_encoder import TextEncoder, pad_context
 from core.config import PLUMBING_CONFIG, load_config
 from core.model.wan import CausalWanModel
+from core.records.prompts import WorkItem
 from core.records.sample import from_record_batch
+from core.stream.pipeline import build_generator
 
 BASE = ["video.num_latent_frames=3", "actors.num_cpus=0.25", "reward_service.num_cpus=0.1"]
 
@@ -66,6 +70,7 @@ def test_samples_flow_with_versions_and_replay_exactly(reward_app, tmp_path):
         timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
         rollout = SelfForcedRollout(model, sched, timesteps, cfg.scheduler.context_noise)
         context = TextEncoder.from_config(cfg, "cpu", torch.float32).encode([fresh[0].prompt])
+        assert torch.equal(pad_context([fresh[0].text_context], cfg.model.text_len), context)  # what the actor shipped
         replayed = rollout.replay_exit_steps(fresh[0].to_rollout_record(), context, model.init_cache(1, cfg.video.latent_hw))
         assert replayed.requires_grad and (replayed - fresh[0].clean).abs().max() < 1e-5
 
@@ -134,3 +139,39 @@ def test_scoring_timeouts_drop_samples_with_a_counted_reason(reward_app, tmp_pat
         assert m["drops"].get("score_timeout", 0) >= 1 and m["delivered"] == 0
     finally:
         ray.get(pool.stop.remote())
+
+
+def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(reward_app):
+    """`status` and `ready` are answered while a rollout computes (seconds here: 21 latent frames to decode), so
+    weight staging, metrics and health never wait for a rollout; a rollout sent with new weights meanwhile
+    switches to them only after the first one's compute, and each sample replays exactly with its own weights."""
+    cfg = load_config(PLUMBING_CONFIG, BASE + ["video.num_latent_frames=21", f"actors.reward_app={reward_app}"])
+    worker = ray.remote(RolloutWorker).options(num_cpus=0.25, max_restarts=0).remote(cfg, "offloop-actor")
+    try:
+        ray.get(worker.ready.remote())
+        items = [WorkItem(0, i, i, f"a shape number {i} moves", seed=11 + i) for i in range(2)]
+        first = worker.rollout.remote(items[0], 0, [None])
+        seen = None  # a status answered while the first rollout computes
+        while seen is None and not ray.wait([first], timeout=0)[0]:
+            status = ray.get(worker.status.remote())
+            seen = status if status["computing"] else None
+        assert seen == {"name": "offloop-actor", "weight_version": 0, "computing": items[0].sample_id, "rollouts": 0}
+        new_weights = random_weights(cfg, seed=7)
+        second = worker.rollout.remote(items[1], 1, [ray.put(new_weights)])  # waits for the model, not the loop
+        assert ray.get(worker.ready.remote()) == "offloop-actor"
+        assert not ray.wait([first], timeout=0)[0]  # ready came back while the first rollout still ran
+
+        made = [from_record_batch(r.batch)[0] for r in ray.get([first, second], timeout=300)]
+        assert [s.weight_version for s in made] == [0, 1]
+        assert ray.get(worker.status.remote()) == {"name": "offloop-actor", "weight_version": 1, "computing": None,
+                                                   "rollouts": 2}
+        generator = build_generator(cfg, torch.device("cpu"))
+        for sample, weights in zip(made, (None, new_weights)):
+            if weights is not None:
+                generator.load_state_dict(weights)
+            with torch.no_grad():
+                x = ReDMD(cfg).replay(generator, sample.to_rollout_record(),
+                                      pad_context([sample.text_context], cfg.model.text_len))
+            assert (x - sample.clean).abs().max() < 1e-5, sample.weight_version
+    finally:
+        ray.kill(worker, no_restart=True)

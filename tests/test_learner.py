@@ -9,7 +9,7 @@ import torch
 
 from actors.pool import RolloutPool
 from core.algo.distill import ReDMD, build_score_models
-from core.codecs.text_encoder import TextEncoder
+from core.codecs.text_encoder import pad_context
 from core.config import PLUMBING_CONFIG, ConfigError, load_config
 from core.records.checkpoint import load_wan_state_dict
 from core.records.sample import from_record_batch, to_record_batch, write_parquet
@@ -18,7 +18,7 @@ from helpers import recorded_samples
 from job.control import LearnerControl
 from learner import checkpointing
 from learner.loop import Learner
-from learner.trainer import build_trainer, worker_config
+from learner.trainer import build_trainer, negative_context, worker_config
 
 TINY = ["video.num_latent_frames=6"]
 
@@ -33,11 +33,13 @@ ROPE_VARIANTS = {
 
 @pytest.mark.parametrize("variant", ROPE_VARIANTS, ids=list(ROPE_VARIANTS))
 def test_learner_replay_equals_the_rollouts_clean_outputs(variant):
-    """Unchanged weights: the learner's replay of an Arrow round-tripped sample reproduces the actor's outputs."""
+    """Unchanged weights: the learner's replay of an Arrow round-tripped sample, with the context rebuilt from the
+    rows the sample carries, reproduces the actor's outputs."""
     cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=12", "runtime.dtype=float64", *ROPE_VARIANTS[variant]])
     sample = from_record_batch(to_record_batch(recorded_samples(cfg, 1, seed=3)))[0]
     generator = build_generator(cfg, torch.device("cpu")).requires_grad_(True)
-    context = TextEncoder.from_config(cfg, "cpu", torch.float64).encode([sample.prompt])
+    context = pad_context([sample.text_context], cfg.model.text_len)
+    assert context.dtype == torch.float64
     x = ReDMD(cfg).replay(generator, sample.to_rollout_record(), context)
     assert x.requires_grad and x.dtype == torch.float64
     diff = (x.detach() - sample.clean).abs().max().item()
@@ -63,8 +65,8 @@ def learner_config(samples_file, out, max_steps: int, *extra: str):
                               "learner.generator_lr=1e-3", "learner.critic_lr=1e-3", "learner.deterministic=true", *extra])
 
 
-def run_learner(cfg):
-    learner = Learner(cfg, torch.device("cpu"))
+def run_learner(cfg, negative=None):
+    learner = Learner(cfg, torch.device("cpu"), negative_context(cfg) if negative is None else negative)
     return learner, learner.run()
 
 
@@ -102,6 +104,24 @@ def test_resumed_run_reaches_the_same_parameters_and_exports(one_rank, samples_f
     assert load_wan_state_dict(export["self_forcing_pt"], use_ema=True).keys() == ema.keys()
     cfg = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={export['safetensors']}"])
     assert torch.equal(build_generator(cfg, torch.device("cpu")).state_dict()["head.head.bias"], ema["head.head.bias"])
+
+
+def test_learners_load_no_text_encoder(one_rank, samples_file, tmp_path):
+    """With the text encoder's files pointing nowhere a learner builds and trains, to the same weights as with
+    them: its contexts come from the samples and the job's negative-prompt rows, never from an encoder."""
+    cfg = learner_config(samples_file, tmp_path / "a", 3)
+    negative = negative_context(cfg)
+    nowhere = learner_config(samples_file, tmp_path / "b", 3, f"text_encoder.checkpoint={tmp_path}/none/umt5.pth",
+                             f"text_encoder.tokenizer={tmp_path}/none/tokenizer")
+    without, result = run_learner(nowhere, negative)
+    assert result["step"] == 3 and without.models.generator.global_steps == 2
+    assert not hasattr(without, "text_encoder")
+    with_files, _ = run_learner(cfg, negative)
+    a, b = weights(with_files), weights(without)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without.negative_context.shape == (1, cfg.model.text_len, cfg.model.text_dim)
+    assert torch.equal(without.negative_context[0, :len(negative)], negative)
+    assert not without.negative_context[0, len(negative):].any()
 
 
 def test_a_crash_mid_save_leaves_the_last_checkpoint(one_rank, samples_file, tmp_path):
@@ -155,7 +175,7 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
         assert sample.weight_version == 2
         exported = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={summary['export']['safetensors']}"])
         generator = build_generator(exported, torch.device("cpu"))
-        context = TextEncoder.from_config(exported, "cpu", torch.float32).encode([sample.prompt])
+        context = pad_context([sample.text_context], exported.model.text_len)
         with torch.no_grad():
             x = ReDMD(exported).replay(generator, sample.to_rollout_record(), context)
         assert (x - sample.clean).abs().max().item() < 1e-5

@@ -277,6 +277,24 @@ def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
 # ------------------------------------------------------------------------------------ encoder
 
 
+def pad_context(rows: list[torch.Tensor], text_len: int) -> torch.Tensor:
+    """[B, text_len, dim] from each prompt's valid rows [tokens, dim], zero past each prompt's length: Wan's
+    padded context, bit for bit as `TextEncoder.encode` makes it (it is made here), in the rows' dtype and device.
+    A learner rebuilds its samples' contexts with it, so it needs no text encoder."""
+    if not rows:
+        raise ValueError("pad_context: no rows")
+    dims = {tuple(r.shape[1:]) for r in rows}
+    if any(r.dim() != 2 for r in rows) or len(dims) != 1:
+        raise ValueError(f"pad_context: rows must be [tokens, dim] of one dim, got {[tuple(r.shape) for r in rows]}")
+    if too_long := [r.shape[0] for r in rows if r.shape[0] > text_len]:
+        raise ValueError(f"pad_context: prompts of {too_long} tokens do not fit text_len {text_len} (model.text_len)")
+    out = torch.zeros(len(rows), text_len, rows[0].shape[1], device=rows[0].device, dtype=rows[0].dtype)
+    for row, r in zip(out, rows):
+        row[:len(r)] = r
+    return out
+
+
+
 class TextEncoder:
     """Prompts -> [B, text_len, dim] umT5 embeddings, zero past each prompt's length, with an LRU cache.
 
@@ -372,8 +390,10 @@ class TextEncoder:
         past_end = torch.arange(ids.shape[1], device=ids.device) >= mask.gt(0).sum(dim=1, keepdim=True)
         return out.masked_fill(past_end[..., None], 0.0)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """[B, text_len, dim] embeddings; each distinct uncached prompt is encoded once."""
+    def encode_valid(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each prompt's valid rows [tokens, dim] (its real length, eos included): what a sample carries, so that
+        `pad_context` rebuilds `encode`'s output exactly without a text encoder. Each distinct uncached prompt is
+        encoded once."""
         unique = list(dict.fromkeys(prompts))
         new = [p for p in unique if p not in self._cache]
         self.cache_misses += len(new)
@@ -389,10 +409,11 @@ class TextEncoder:
             for p, emb, n in zip(new, self.encode_tokens(ids, mask), mask.gt(0).sum(dim=1).tolist()):
                 rows[p] = emb[:n].clone()
                 self._remember(p, rows[p])
-        out = torch.zeros(len(prompts), self.text_len, self.dim, device=self.device, dtype=self.model.dtype)
-        for row, p in zip(out, prompts):
-            row[:len(rows[p])] = rows[p]
-        return out
+        return [rows[p] for p in prompts]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """[B, text_len, dim] embeddings: `encode_valid`'s rows zero-padded to text_len (`pad_context`)."""
+        return pad_context(self.encode_valid(prompts), self.text_len)
 
     def _remember(self, prompt: str, valid_rows: torch.Tensor) -> None:
         if self.cache_size <= 0:

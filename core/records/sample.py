@@ -2,7 +2,10 @@
 
 A sample is everything the learner needs to replay one training rollout
 (`SelfForcedRollout.replay_exit_steps`) and weight it by its reward, plus where it came
-from (prompt, epoch, seed, weights version, actor) and how long it took. It crosses the
+from (prompt, epoch, seed, weights version, actor) and how long it took. It carries the prompt's
+text context as the actor encoded it (only the rows up to the prompt's length, in the rollout dtype):
+the learner rebuilds the padded context from it (`core.codecs.text_encoder.pad_context`), so learners
+load no text encoder; `text_context_bytes` is what that costs per sample. It crosses the
 Ray object store as a `pyarrow.RecordBatch` (zero-copy, language-neutral, no torch pickles)
 and is written to Parquet as is, so a run's samples can be inspected or re-used offline.
 
@@ -13,7 +16,7 @@ float32, float64 and bfloat16 (which numpy and Arrow cannot represent) round-tri
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from core.reward.base import AXES
 from core.runtime import DTYPES
 
 TIMING_KEYS = ("generate_s", "decode_s", "score_s", "load_weights_s")
-TENSOR_COLUMNS = ("noisy", "clean", "context_input")
+TENSOR_COLUMNS = ("noisy", "clean", "context_input", "text_context")
+SCHEMA_VERSION = "2"  # 2: text_context added (version 1 files hold none; `add_text_context` converts them)
 _TENSOR_SCHEMA_COLUMNS = {f"{t}{suffix}" for t in TENSOR_COLUMNS for suffix in ("", "_shape", "_dtype")}
 
 _AXES_STRUCT = pa.struct([pa.field(k, pa.float64(), nullable=False) for k in AXES])
@@ -61,13 +65,14 @@ SAMPLE_SCHEMA: pa.Schema = pa.schema([
     *_tensor_fields("noisy", nullable=False),          # exit-step inputs of all blocks, [B, F, C, H, W]
     *_tensor_fields("clean", nullable=False),          # exit-step predictions of all blocks, [B, F, C, H, W]
     *_tensor_fields("context_input", nullable=True),   # context re-run inputs (null when context_noise == 0)
+    *_tensor_fields("text_context", nullable=False),   # the prompt's umT5 rows [tokens, text_dim], unpadded
     _f("rewards_raw", _AXES_STRUCT, "raw reward per axis (VQ visual, MQ motion, TA text alignment)"),
     _f("rewards_normalized", _AXES_STRUCT, "z-normalised reward per axis"),
     _f("overall", pa.float64(), "sum of the normalised axes (RewardScore.overall)"),
     _f("timings", pa.struct([pa.field(k, pa.float64(), nullable=True) for k in TIMING_KEYS]),
        "seconds spent per phase; a null field was not measured"),
     _f("created_at", pa.float64(), "unix time the sample was made"),
-], metadata={"sample_schema_version": "1"})
+], metadata={"sample_schema_version": SCHEMA_VERSION})
 
 
 class SampleSchemaError(ValueError):
@@ -90,6 +95,7 @@ class Sample:
     noisy: torch.Tensor                  # [B, F, C, H, W], all blocks' exit-step inputs along frames
     clean: torch.Tensor                  # same shape: the exit-step predictions
     context_input: torch.Tensor | None   # same shape, or None when the context re-run saw `clean`
+    text_context: torch.Tensor           # [tokens, text_dim]: the prompt's encoder rows up to its length (eos included)
     rewards_raw: dict[str, float]
     rewards_normalized: dict[str, float]
     overall: float
@@ -108,6 +114,9 @@ class Sample:
                              f"got {tuple(self.noisy.shape)} and {tuple(self.clean.shape)}")
         if self.context_input is not None and self.context_input.shape != self.noisy.shape:
             raise ValueError(f"Sample.context_input shape {tuple(self.context_input.shape)} != noisy {tuple(self.noisy.shape)}")
+        if self.text_context.dim() != 2 or self.text_context.shape[0] == 0:
+            raise ValueError(f"Sample.text_context must be [tokens, text_dim] with tokens >= 1, "
+                             f"got {tuple(self.text_context.shape)}")
         n, frames = len(self.block_start_frames), self.noisy.shape[1]
         if n == 0 or frames % n:
             raise ValueError(f"Sample: {frames} frames cannot be split into {n} equal blocks (block_start_frames)")
@@ -117,10 +126,11 @@ class Sample:
         return self.noisy.shape[1] // len(self.block_start_frames)
 
     @classmethod
-    def from_rollout(cls, record: RolloutRecord, *, score: dict, sample_id: str, prompt_id: int, prompt: str,
-                     epoch: int, seed: int, weight_version: int, actor: str,
+    def from_rollout(cls, record: RolloutRecord, *, score: dict, text_context: torch.Tensor, sample_id: str,
+                     prompt_id: int, prompt: str, epoch: int, seed: int, weight_version: int, actor: str,
                      timings: dict[str, float] | None = None, created_at: float | None = None) -> "Sample":
-        """Pack a training rollout and its reward (`RewardScore.to_dict()`) into one CPU sample."""
+        """Pack a training rollout, the valid rows of its prompt's context (`TextEncoder.encode_valid`) and its
+        reward (`RewardScore.to_dict()`) into one CPU sample."""
         blocks = record.blocks
         if not blocks:
             raise ValueError("Sample.from_rollout: the record has no blocks")
@@ -140,6 +150,7 @@ class Sample:
             exit_timestep=float(record.exit_timestep), context_timestep=float(record.context_timestep),
             block_start_frames=[int(b.start_frame) for b in blocks],
             noisy=cat("noisy"), clean=cat("clean"), context_input=cat("context_input") if has_ctx == {True} else None,
+            text_context=text_context.detach().cpu().contiguous(),
             rewards_raw={k: float(score["raw"][k]) for k in AXES},
             rewards_normalized={k: float(score["normalized"][k]) for k in AXES},
             overall=float(score["Overall"]), timings={k: float(v) for k, v in (timings or {}).items()},
@@ -207,6 +218,13 @@ def check_schema(schema: pa.Schema, where: str = "record batch") -> None:
             problems.append(f"missing column {f.name!r} ({f.type})")
         elif not schema.field(idx).type.equals(f.type):
             problems.append(f"column {f.name!r} has type {schema.field(idx).type}, expected {f.type}")
+    if problems and all("text_context" in p for p in problems) and schema.get_field_index("text_context") < 0:
+        raise SampleSchemaError(
+            f"{where} holds samples of schema version 1, recorded before samples carried their prompt's text context "
+            "(column text_context); learners no longer load a text encoder to re-encode prompts. Convert the file "
+            "once with core.records.sample.add_text_context(src, dst, TextEncoder.from_config(cfg, 'cpu', "
+            "dtype).encode_valid), with the text encoder config and runtime.dtype the samples were made with, or "
+            "record the samples again")
     if problems:
         raise SampleSchemaError(f"{where} is not a Sample batch (core.records.sample.SAMPLE_SCHEMA):\n  " + "\n  ".join(problems))
 
@@ -276,3 +294,32 @@ def read_parquet(path: str | Path) -> list[Sample]:
         for batch in table.to_batches():
             samples.extend(from_record_batch(batch))
     return samples
+
+
+def add_text_context(src: str | Path, dst: str | Path, encode: Callable[[list[str]], list[torch.Tensor]]) -> Path:
+    """Convert a Parquet file of schema-version-1 samples (no text_context) to this schema, giving each sample
+    its prompt's valid rows from `encode` (`TextEncoder.encode_valid` of the encoder and dtype the samples were
+    made with); one row group per batch of the source. Returns `dst`."""
+    table = pq.read_table(str(src))
+    if table.schema.get_field_index("text_context") >= 0:
+        raise SampleSchemaError(f"{src} already has a text_context column")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(str(dst), SAMPLE_SCHEMA) as writer:
+        for batch in table.to_batches():
+            if batch.num_rows == 0:
+                continue
+            cols = {name: batch.column(name) for name in batch.schema.names}
+            data, shapes, dtypes = zip(*(_tensor_to_bytes(r) for r in encode(cols["prompt"].to_pylist())))
+            for name, values in (("", data), ("_shape", shapes), ("_dtype", dtypes)):
+                cols[f"text_context{name}"] = pa.array(list(values), type=SAMPLE_SCHEMA.field(f"text_context{name}").type)
+            check_schema(pa.schema([pa.field(n, c.type) for n, c in cols.items()]), where=str(src))
+            writer.write_batch(pa.RecordBatch.from_arrays([cols[f.name] for f in SAMPLE_SCHEMA], schema=SAMPLE_SCHEMA))
+    return dst
+
+
+def text_context_bytes(tokens: int, text_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one sample's text context: `tokens` rows (the prompt's real length, at most model.text_len) of
+    `text_dim` values in the rollout dtype; Arrow adds its shape and dtype name, a few dozen bytes. The padded
+    context a learner rebuilds is `text_context_bytes(model.text_len, ...)`, never shipped."""
+    return tokens * text_dim * dtype.itemsize
