@@ -30,9 +30,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
+
+import torch
+
+# Without a GPU, DeepSpeed's accelerator detection logs "Setting accelerator to CPU" to stdout on import: it would
+# precede `plan --json`'s JSON and every command's output. Naming the accelerator it would detect silences it; a
+# local Ray started below inherits the same setting.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 import ray
 from ray import serve
@@ -49,6 +58,7 @@ from core.stream.session import StreamSession
 from job.cluster import start_ray, start_serve
 from job.signals import StopSignal
 from job.train import finished_run, print_summary, run, set_aside
+from learner.samples import SampleTimeoutError
 from reward_service.app import build_app as build_reward_app
 from reward_service.client import RewardError, RewardHTTPClient
 from serve.app import build_app as build_stream_app
@@ -151,7 +161,7 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
         pipe.encode([prompt])  # encoded (and cached) before the bar, so a prompt warning is not drawn over by it
         written, denoise_s, decode_s = 0, 0.0, 0.0
         bar = tqdm(total=latent_frames // fpb, unit="block", desc=f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
-        with MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer:
+        with bar, MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer:
             for chunk in StreamSession(pipe, prompt, seed).chunks(latent_frames):
                 frames = chunk.frames[: video_frames - written]
                 writer.write(frames)
@@ -160,7 +170,6 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
                 decode_s += chunk.decode_s
                 bar.update(1)
                 bar.set_postfix(frames=written, denoise_fps=f"{written / denoise_s:.1f}")
-        bar.close()
         print(f"wrote {path}: {written} frames {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {seed}")
         print(f"  denoising {denoise_s:.2f}s ({written / denoise_s:.1f} frames/s), decoding {decode_s:.2f}s "
               f"({written / decode_s:.1f} frames/s), together {written / (denoise_s + decode_s):.1f} frames/s "
@@ -210,7 +219,7 @@ def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
     cfg.check_paths()
     app = build_stream_app(cfg)
     start_ray(args.address)
-    url = start_serve(svc.host, svc.port) + svc.route_prefix.rstrip("/")
+    url = start_serve(svc.host, svc.port, section="serve") + svc.route_prefix.rstrip("/")
     serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
     print(f"streaming generation ready: open {url}/  (WebSocket {url.replace('http', 'ws', 1)}/v1/stream, "
           f"POST {url}/v1/generate, docs {url}/docs); Ctrl-C or SIGTERM stops it", flush=True)
@@ -311,7 +320,7 @@ def cmd_reward_server(cfg: WorldConfig, args: argparse.Namespace) -> None:
     svc = cfg.reward_service
     app = build_reward_app(cfg)
     start_ray(args.address)
-    url = start_serve(svc.host, svc.port, svc.request_timeout_s)
+    url = start_serve(svc.host, svc.port, svc.request_timeout_s, section="reward_service")
     serve.run(app, name=svc.app_name, route_prefix="/")
     print(f"reward service ({cfg.reward.backend}) ready at {url}  (POST {url}/v1/score, docs {url}/docs); Ctrl-C or SIGTERM "
           "stops it", flush=True)
@@ -325,9 +334,11 @@ def cmd_score(cfg: WorldConfig, args: argparse.Namespace) -> None:
         print(json.dumps(client.score_file(args.video, args.prompt), indent=2))
 
 
-def cmd_plan(cfg: WorldConfig, args: argparse.Namespace) -> None:
+def cmd_plan(cfg: WorldConfig, args: argparse.Namespace) -> int:
+    """Exit status 3 when a role does not fit, so a CI step or a launch script can stop on it."""
     plan = build_plan(cfg, args.config or "configs/tiny.yaml", args.gpu_gb, args.cluster)
     print(plan.to_json() if args.json else plan.table())
+    return 3 if plan.problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,18 +415,22 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluate": cmd_evaluate, "plan": cmd_plan}
     try:
         cfg = load_world_config(args.config, overrides)
-        commands[args.command](cfg, args)
+        status = commands[args.command](cfg, args)
     except (ConfigError, CheckpointError, StreamLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (RewardError, RuntimeError) as e:
+    except (RewardError, SampleTimeoutError) as e:  # failures we word ourselves, with what to check
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # unexpected (CUDA out of memory, NCCL, a library's own error): where it came from
+        traceback.print_exc()
+        print(f"\nerror: {str(e).splitlines()[0] if str(e) else type(e).__name__} (traceback above)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (the first asks for a clean stop), or Ctrl-C before Ray
         print(f"\n{args.command}: abandoned (Ctrl-C or SIGTERM); a train run resumes from its last complete "
               "checkpoint", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

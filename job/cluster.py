@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ray
 from ray import serve
+from ray.serve.context import _get_global_client
+
+from core.config import ConfigError
 
 
 def start_ray(address: str | None = None, log_to_driver: bool = True) -> bool:
@@ -15,11 +18,22 @@ def start_ray(address: str | None = None, log_to_driver: bool = True) -> bool:
     return True
 
 
-def start_serve(host: str, port: int, request_timeout_s: float | None = None) -> str:
-    """Start Serve's HTTP proxy on host:port (a Serve already running on the cluster is joined as it is);
-    the base URL."""
-    options = {"host": host, "port": port}
-    if request_timeout_s is not None:
-        options["request_timeout_s"] = request_timeout_s
-    serve.start(http_options=options)
+def start_serve(host: str, port: int, request_timeout_s: float | None = None, section: str = "serve") -> str:
+    """Start Serve's HTTP proxy on host:port and return the base URL.
+
+    A cluster has one Serve HTTP proxy, shared by every app on it (the reward service, the streaming app).
+    Serve itself only logs a warning and keeps the running proxy's settings when a second `serve.start` asks
+    for others, so an app would answer on a port nobody asked for; here that is an error naming the keys of
+    `section` (the config section whose host/port were asked for)."""
+    wanted = {"host": host, "port": port} | ({"request_timeout_s": request_timeout_s} if request_timeout_s else {})
+    serve.start(http_options=wanted)
+    # Serve's own comparison (serve._private.api._check_http_options) reads this same client attribute; there is
+    # no public accessor for the running proxy's settings
+    running = _get_global_client().http_config
+    conflicts = {k: (v, getattr(running, k)) for k, v in wanted.items() if getattr(running, k) != v}
+    if conflicts:
+        asked = ", ".join(f"{section}.{k}={v!r} (running: {r!r})" for k, (v, r) in conflicts.items())
+        raise ConfigError(f"Serve on this Ray cluster already runs its HTTP proxy with other settings: {asked}. All "
+                          "apps on one cluster share one proxy: set these keys to the running values, or use "
+                          "another Ray cluster")
     return f"http://{host}:{port}"

@@ -71,3 +71,12 @@ def test_generate_errors_are_one_clear_line(tmp_path, capsys):
     assert generate("--prompt", "x", "--frames", "200", "stream.local_attn_size=-1", "stream.sink_mode=static",
                     "stream.rope=absolute", "--out", str(tmp_path / "x.mp4")) == 2
     assert "set stream.local_attn_size" in capsys.readouterr().err
+
+
+def test_an_unexpected_runtime_error_shows_its_traceback_behind_a_one_line_summary(tmp_path, capsys):
+    """A library's own RuntimeError (here flash-attn missing; CUDA out of memory or NCCL on a cluster) keeps its
+    traceback, so the user sees where it came from; the last line says what it was."""
+    assert generate("--prompt", "x", "runtime.attention_backend=flash", "--out", str(tmp_path / "x.mp4")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "core/model/attention.py" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: attention backend 'flash' needs flash-attn")
