@@ -122,6 +122,38 @@ def test_dtype_is_cast_to_the_model(tmp_path):
     assert same(model.state_dict(), sd)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_tensors_are_read_in_the_asked_dtype(suffix, tmp_path):
+    """A float32 file read as bfloat16 gives each tensor rounded once, as `.to(bfloat16)` of the stored one."""
+    sd = {k: v.float() for k, v in make("wan", 0).state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    save_safetensors(path, sd) if suffix == ".safetensors" else torch.save(sd, path)
+    read = load_wan_state_dict(path, dtype=torch.bfloat16)
+    assert {v.dtype for v in read.values()} == {torch.bfloat16}
+    assert all(torch.equal(read[k], v.to(torch.bfloat16)) for k, v in sd.items())
+    assert same(load_wan_state_dict(path), sd)  # no dtype: the stored one
+
+
+def test_a_meta_model_takes_the_tensors_themselves(tmp_path):
+    sd = {k: v.to(torch.bfloat16) for k, v in make("wan", 0).state_dict().items()}
+    with torch.device("meta"):
+        model = WanModel(CFG)
+    load_into(model, sd)
+    assert all(model.state_dict()[k].data_ptr() == v.data_ptr() for k, v in sd.items())
+    with torch.device("meta"):
+        small = WanModel(CFG.model_copy(update={"dim": 16}))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_into(small, sd)
+
+
+def test_truncated_safetensors_is_an_error(tmp_path):
+    save_safetensors(tmp_path / "w.safetensors", make("wan", 0).state_dict())
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="cannot read .*cut.safetensors.*ends inside tensor"):
+        load_wan_state_dict(tmp_path / "cut.safetensors")
+
+
 def test_fsdp_and_compile_fragments_are_stripped(tmp_path):
     sd = make("wan", 0).state_dict()
 

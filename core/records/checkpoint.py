@@ -8,14 +8,17 @@ file they came from. Loads are strict: a mismatch is an error naming the keys, n
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from core.config import WanArchConfig
 
 StateDict = dict[str, torch.Tensor]
+Model = TypeVar("Model", bound=torch.nn.Module)
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
@@ -70,25 +73,71 @@ def _folder(path: Path) -> Path:
     return path
 
 
-def _read_folder(folder: Path) -> StateDict:
+def _read_folder(folder: Path, device: torch.device | str, dtype: torch.dtype | None) -> StateDict:
     if (folder / WEIGHTS_FILE).is_file():
-        return _read_file(folder / WEIGHTS_FILE)
+        return _read_file(folder / WEIGHTS_FILE, device, dtype)
     if (folder / INDEX_FILE).is_file():
         shards = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
         sd: StateDict = {}
         for shard in shards:
-            sd.update(_read_file(folder / shard))
+            sd.update(_read_file(folder / shard, device, dtype))
         return sd
     found = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(f"folder {folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; it holds {_preview(found)}")
 
 
-def _read_file(path: Path) -> object:
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _cast(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors to `dtype` (if given), every tensor to `device`; no copy when both already match."""
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
+
+
+def _read_safetensors(path: Path, device: torch.device | str, dtype: torch.dtype | None) -> StateDict:
+    """A safetensors file read tensor by tensor with plain reads (no memory map, whose touched pages would count
+    as this process's memory): a tensor already in its target dtype on the CPU is read straight into its final
+    buffer; any other is read into one scratch buffer, reused for every tensor, and cast from there. Peak memory
+    is the result plus the largest tensor."""
+    sd: StateDict = {}
+    with open(path, "rb", buffering=0) as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        scratch = None
+        for name, info in entries:
+            start, end = info["data_offsets"]
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            numel = torch.Size(info["shape"]).numel()
+            if numel * stored.itemsize != end - start:
+                raise ValueError(f"tensor {name!r} holds {end - start} bytes, its shape and dtype need "
+                                 f"{numel * stored.itemsize}")
+            direct = torch.device(device).type == "cpu" and (dtype is None or not stored.is_floating_point
+                                                              or stored == dtype)
+            if direct:
+                raw = torch.empty(end - start, dtype=torch.uint8)
+            else:
+                if scratch is None:
+                    largest = max(i["data_offsets"][1] - i["data_offsets"][0] for _, i in entries)
+                    scratch = torch.empty(largest, dtype=torch.uint8)
+                raw = scratch[:end - start]
+            f.seek(8 + header_len + start)
+            if f.readinto(memoryview(raw.numpy())) != end - start:
+                raise ValueError(f"the file ends inside tensor {name!r}")
+            tensor = raw.view(stored).view(info["shape"])
+            sd[name] = tensor if direct else _cast(tensor, device, dtype)  # another device or dtype: a new tensor
+    return sd
+
+
+def _read_file(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> object:
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        if path.suffix in TORCH_SUFFIXES:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _read_safetensors(path, device, dtype)
+        if path.suffix in TORCH_SUFFIXES:  # memory-mapped: only the entry that is selected and cast is read
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch/safetensors raise many types for a truncated or foreign file
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); is it a complete, "
                               "tensor-only checkpoint? " + LAYOUTS) from e
@@ -146,14 +195,16 @@ def _is_diffusers(keys: list[str]) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
 
 
-def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool = False) -> StateDict:
+def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool = False,
+                        device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> StateDict:
     """Read Wan transformer weights from any supported layout as {original Wan key: tensor}.
 
     `role` ("generator" or "critic") and `use_ema` pick the entry of a Self-Forcing file; a file
     without the asked-for entry is an error, since loading some other weights would go unnoticed.
     Wrapper fragments (FSDP, activation checkpointing, torch.compile, DDP `module.`), the `model.`
     prefix and diffusers names are undone here, so callers only ever see one key scheme.
-    Tensors keep their stored dtype; `load_into` casts them to the model's.
+    Tensors are read onto `device` in `dtype` (floating ones; None keeps the stored dtype) one at a time, so a
+    float32 file is never held whole in float32 when bfloat16 is wanted.
     """
     if role not in ("generator", "critic"):
         raise CheckpointError(f"role must be 'generator' or 'critic', got {role!r}")
@@ -162,9 +213,9 @@ def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; {LAYOUTS}")
-    obj = _read_folder(_folder(path)) if path.is_dir() else _read_file(path)
+    obj = _read_folder(_folder(path), device, dtype) if path.is_dir() else _read_file(path, device, dtype)
     raw = _select(obj, path, role, use_ema)
-    sd = {_normalise_key(k): v for k, v in raw.items()}
+    sd = {_normalise_key(k): _cast(v, device, dtype) for k, v in raw.items()}
     if len(sd) != len(raw):
         raise CheckpointError(f"{path}: keys collide once wrapper prefixes are stripped (e.g. both "
                               "'model.x' and 'x'); the file mixes two state dicts")
@@ -210,8 +261,9 @@ def mismatch_report(expected_shapes: dict[str, tuple[int, ...]], state_dict: Sta
     return "\n  ".join(parts) or None
 
 
-def load_into(model: torch.nn.Module, state_dict: StateDict) -> torch.nn.Module:
-    """Strictly load `state_dict` into `model`, cast to the model's dtypes; any mismatch raises first."""
+def load_into(model: Model, state_dict: StateDict) -> Model:
+    """Strictly load `state_dict` into `model`; any mismatch raises first. A model on the meta device takes the
+    tensors themselves, in their dtype and on their device (no second copy); any other is cast to its dtypes."""
     expected = model.state_dict()
     report = mismatch_report({k: v.shape for k, v in expected.items()}, state_dict)
     if report:
@@ -220,7 +272,36 @@ def load_into(model: torch.nn.Module, state_dict: StateDict) -> torch.nn.Module:
             "Check: the architecture config (model.dim / ffn_dim / num_heads / num_layers ...; arch_from_folder "
             "reads it from a Wan or diffusers folder), the role (generator vs critic) and use_ema, and that the "
             "file is a Wan2.1 T2V transformer.")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+    if any(t.is_meta for t in expected.values()):
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    else:
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+Reader = Callable[[torch.device | str, torch.dtype], StateDict]  # (device, dtype) -> the checkpoint's weights in them
+
+
+def reader(path: str | Path, role: str = "generator", use_ema: bool = False) -> Reader:
+    """`load_wan_state_dict` of this checkpoint, deferred until the device and dtype are known."""
+    return lambda device, dtype: load_wan_state_dict(path, role, use_ema, device, dtype)
+
+
+def build_wan(make: Callable[[], Model], device: torch.device | str, dtype: torch.dtype, read: Reader | None,
+              seed: int) -> Model:
+    """A Wan model (`make()`) built on the meta device and materialised once, in `dtype` on `device`: from the
+    checkpoint `read` reads straight into them, or, when None, with the weights `make()` draws after
+    `torch.manual_seed(seed)` in float32 on the CPU (its `initial_values`), so seeded models agree across
+    processes, devices and dtypes. No float32 copy and no random initialisation precede a checkpoint; the RoPE
+    table is computed on `device` (`init_buffers`)."""
+    with torch.device("meta"):
+        model = make()
+    if read is not None:
+        load_into(model, read(device, dtype))
+    else:
+        torch.manual_seed(seed)
+        load_into(model, {k: v.to(device=device, dtype=dtype) for k, v in model.initial_values()})
+    model.init_buffers(device)
     return model
 
 
