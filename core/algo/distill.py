@@ -20,7 +20,7 @@ from core.algo.rollout import RolloutRecord, SelfForcedRollout
 from core.algo.scheduler import FlowMatchScheduler
 from core.config import TEACHER_KINDS, Config, ConfigError, LearnerConfig
 from core.model.wan import CausalWanModel, WanModel
-from core.records.checkpoint import load_into, load_wan_state_dict
+from core.records.checkpoint import Reader, build_wan, reader
 
 
 def predict_x0(model: torch.nn.Module, sched: FlowMatchScheduler, x_t: torch.Tensor, t: torch.Tensor,
@@ -86,18 +86,24 @@ class ReDMD:
 
 
 TeacherBuilder = Callable[[Config], torch.nn.Module]
+# How a Wan model is made real: build(make, read) -> make()'s model with the weights `read` reads (seeded ones when
+# None). `materialise` is the plain one; the learner passes a ZeRO-3 one.
+WanBuild = Callable[[Callable[[], torch.nn.Module], Reader | None], torch.nn.Module]
 
 
-def _wan_teacher(cfg: Config) -> WanModel:
-    torch.manual_seed(cfg.runtime.seed)
-    teacher = WanModel(cfg.learner.teacher.arch or cfg.model)
-    if cfg.learner.teacher.checkpoint:
-        load_into(teacher, load_wan_state_dict(cfg.learner.teacher.checkpoint))
+def materialise(cfg: Config, device: torch.device | str, dtype: torch.dtype) -> WanBuild:
+    """Wan models built on the meta device and materialised in `dtype` on `device` (checkpoint.build_wan)."""
+    return lambda make, read: build_wan(make, device, dtype, read, cfg.runtime.seed)
+
+
+def _wan_teacher(cfg: Config, build: WanBuild) -> WanModel:
+    checkpoint = cfg.learner.teacher.checkpoint
+    teacher = build(lambda: WanModel(cfg.learner.teacher.arch or cfg.model), reader(checkpoint) if checkpoint else None)
     teacher.attention_backend = cfg.runtime.attention_backend
     return teacher
 
 
-_TEACHERS: dict[str, TeacherBuilder] = {"wan": _wan_teacher}
+_TEACHERS: dict[str, TeacherBuilder] = {}
 
 
 def register_teacher(kind: str, builder: TeacherBuilder) -> None:
@@ -108,9 +114,17 @@ def register_teacher(kind: str, builder: TeacherBuilder) -> None:
     _TEACHERS[kind] = builder
 
 
-def build_teacher(cfg: Config) -> torch.nn.Module:
-    """The frozen real-score model `learner.teacher` describes, in float32 on the CPU."""
-    return _TEACHERS[cfg.learner.teacher.kind](cfg).eval().requires_grad_(False)
+def build_teacher(cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  build: WanBuild | None = None) -> torch.nn.Module:
+    """The frozen real-score model `learner.teacher` describes, in `dtype` on `device`. A Wan teacher is read
+    straight into them by `build` (the 14B teacher never exists in float32 on the CPU); a registered one is
+    built, then moved."""
+    kind = cfg.learner.teacher.kind
+    if kind == "wan":
+        teacher = _wan_teacher(cfg, build or materialise(cfg, device, dtype))
+    else:
+        teacher = _TEACHERS[kind](cfg).to(device=device, dtype=dtype)
+    return teacher.eval().requires_grad_(False)
 
 
 def teacher_context(teacher: torch.nn.Module, embeddings: torch.Tensor, prompts: list[str]) -> torch.Tensor | list[str]:
@@ -118,20 +132,22 @@ def teacher_context(teacher: torch.nn.Module, embeddings: torch.Tensor, prompts:
     return prompts if getattr(teacher, "conditions_on", "embeddings") == "prompts" else embeddings
 
 
-def build_score_models(cfg: Config) -> tuple[torch.nn.Module, WanModel]:
-    """(teacher, critic) in float32 on CPU: the teacher `learner.teacher` describes; the critic from
-    learner.critic_checkpoint, or from the teacher's weights when it is a Wan of the student's architecture."""
-    learner = cfg.learner
-    teacher = build_teacher(cfg)
-    torch.manual_seed(cfg.runtime.seed)
-    critic = WanModel(cfg.model)
+def build_score_models(cfg: Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       build: WanBuild | None = None) -> tuple[torch.nn.Module, WanModel]:
+    """(teacher, critic) in `dtype` on `device`, each Wan made real by `build`: the teacher `learner.teacher`
+    describes; the critic from learner.critic_checkpoint, or from the teacher's weights (its checkpoint read
+    again, or the same seeded ones) when the teacher is a Wan of the student's architecture."""
+    learner, teacher_cfg = cfg.learner, cfg.learner.teacher
+    build = build or materialise(cfg, device, dtype)
     if learner.critic_checkpoint:
-        load_into(critic, load_wan_state_dict(learner.critic_checkpoint, role="critic"))
-    elif isinstance(teacher, WanModel) and teacher.cfg == cfg.model:
-        critic.load_state_dict(teacher.state_dict())
+        read = reader(learner.critic_checkpoint, role="critic")
+    elif teacher_cfg.kind == "wan" and (teacher_cfg.arch or cfg.model) == cfg.model:
+        read = reader(teacher_cfg.checkpoint) if teacher_cfg.checkpoint else None
     else:
         raise ConfigError("learner.critic_checkpoint is required when the teacher is not a Wan of the student's "
                           "architecture (the paper starts the critic from base Wan2.1-T2V-1.3B; the toy world from "
                           "its learned flow-matching teacher)")
+    teacher = build_teacher(cfg, device, dtype, build)
+    critic = build(lambda: WanModel(cfg.model), read)
     critic.attention_backend = cfg.runtime.attention_backend
     return teacher, critic.train().requires_grad_(True)

@@ -17,19 +17,19 @@ from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import Codec, build_codec
 from core.config import Config
 from core.model.wan import CausalWanModel
-from core.records.checkpoint import load_into, load_wan_state_dict
+from core.records.checkpoint import build_wan, reader
 from core.runtime import resolve_device, resolve_dtype
 
 
-def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype | None = None) -> CausalWanModel:
-    """The causal generator (frozen, in runtime.dtype unless `dtype` is given): seeded random weights,
-    or the local checkpoint in checkpoint.generator."""
-    torch.manual_seed(cfg.runtime.seed)
-    model = CausalWanModel(cfg.model, cfg.stream)
-    if cfg.checkpoint.generator:
-        load_into(model, load_wan_state_dict(cfg.checkpoint.generator, role="generator", use_ema=cfg.checkpoint.use_ema))
+def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> CausalWanModel:
+    """The causal generator (frozen, in runtime.dtype unless `dtype` is given), built straight into that dtype on
+    `device`: the local checkpoint in checkpoint.generator, or seeded random weights (the same in every process)."""
+    dtype = dtype or resolve_dtype(cfg.runtime.dtype)
+    ckpt = cfg.checkpoint
+    read = reader(ckpt.generator, "generator", ckpt.use_ema) if ckpt.generator else None
+    model = build_wan(lambda: CausalWanModel(cfg.model, cfg.stream), device, dtype, read, cfg.runtime.seed)
     model.attention_backend = cfg.runtime.attention_backend
-    return model.to(device=device, dtype=dtype or resolve_dtype(cfg.runtime.dtype)).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 class VideoPipeline:
