@@ -8,7 +8,7 @@ import torch
 from core.algo.rollout import SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.config import StreamConfig, WanArchConfig
-from core.model.kv_cache import KVCache, StreamLimitError
+from core.model.kv_cache import CheckpointedCache, KVCache, StreamLimitError
 from core.model.wan import CausalWanModel
 
 ARCH = WanArchConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16, text_len=8)
@@ -130,6 +130,31 @@ def test_ema_sink_smaller_than_evicted_block_fuses_frame_by_frame():
     assert keys[0, 0, 0, 0].item() == pytest.approx(((8 * 0.5 + 1 * 0.5) * 0.5 + 2 * 0.5) * 0.5 + 3 * 0.5)
 
 
+def test_checkpointed_window_survives_eviction_and_rewind():
+    """What a checkpointed call attended to is what its recompute attends to, whatever the cache did since."""
+    stream = StreamConfig(rope="window", local_attn_size=6, sink_size=3, sink_mode="ema", compression_alpha=0.5)
+    cache = _cache(stream)
+
+    def frames(values):
+        return torch.tensor(values, dtype=torch.float64).repeat_interleave(2).view(1, -1, 1, 1)
+
+    def seen(keys):
+        return keys[0, ::2, 0, 0].tolist()
+
+    _write_frames(cache, [1, 2, 3], 0)
+    first = CheckpointedCache(cache)
+    assert seen(first.update(0, frames([4, 5, 6]), frames([4, 5, 6]), 3)[0]) == [1, 2, 3, 4, 5, 6]
+    _write_frames(cache, [7, 8, 9], 6)  # evicts 4..6 and fuses them into the sink
+    assert seen(first.update(0, frames([4, 5, 6]), frames([4, 5, 6]), 3)[0]) == [1, 2, 3, 4, 5, 6]
+    second = CheckpointedCache(cache)  # the latest block again: attends to the fused sink
+    assert seen(second.update(0, frames([7, 7, 7]), frames([7, 7, 7]), 6)[0]) == [2.5, 3.5, 4.5, 7, 7, 7]
+    cache.restart_at(9)
+    _write_frames(cache, [0, 0, 0], 9)  # rewinds onto the slots the second call attended to
+    assert seen(second.update(0, frames([7, 7, 7]), frames([7, 7, 7]), 6)[0]) == [2.5, 3.5, 4.5, 7, 7, 7]
+    assert seen(cache.layers[0].k[:, :12]) == [0, 0, 0, 7, 7, 7] and cache.frames == 12
+    assert cache.evictions == 1  # the recomputes wrote nothing
+
+
 @pytest.mark.parametrize("context_noise", [0, 50])
 def test_replay_reproduces_training_rollout_with_grad(context_noise):
     stream = StreamConfig(rope="window", local_attn_size=12, sink_size=3, sink_mode="ema")
@@ -171,6 +196,42 @@ def test_gradient_checkpointing_gives_same_gradients():
         model(x, t, ctx).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("stream", [
+    StreamConfig(rope="window", local_attn_size=6, sink_size=3, sink_mode="ema", compression_alpha=0.5),
+    StreamConfig(rope="window", local_attn_size=9, sink_size=3, sink_mode="static"),
+    StreamConfig(rope="window", local_attn_size=12, sink_size=3, sink_mode="ema"),
+    StreamConfig(),
+], ids=["ema-sink-evicts", "static-sink-evicts", "window-holds-clip", "global-cache"])
+def test_gradient_checkpointing_gives_same_replay_gradients(stream):
+    """The recompute in backward must attend to the window the first forward saw, although by then the replay
+    has moved the cache on (later blocks written, frames evicted, the EMA sink fused), and leave the cache alone.
+    Without eviction (the paper's window holds the clip) it does so without a single copy of the cache."""
+    model = make(stream)
+    rollout, ctx, noise, cache = setup(model)
+    record = rollout.training_rollout(ctx, cache, noise, num_blocks=4, exit_index=1)
+    g = torch.Generator().manual_seed(7)
+    weights = torch.randn(1, 12, ARCH.in_dim, 4, 4, dtype=torch.float64, generator=g)
+    grads, caches = [], []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        replay_cache = model.init_cache(1, (4, 4))
+        buffers = [(c.k.data_ptr(), c.v.data_ptr()) for c in replay_cache.layers]
+        loss = (rollout.replay_exit_steps(record, ctx, replay_cache) * weights).sum()
+        after_forward = [(c.k.clone(), c.v.clone(), c.global_end, c.local_end) for c in replay_cache.layers]
+        loss.backward()
+        for (k, v, g_end, l_end), c in zip(after_forward, replay_cache.layers):
+            assert torch.equal(k, c.k) and torch.equal(v, c.v) and (g_end, l_end) == (c.global_end, c.local_end)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        caches.append(replay_cache)
+        copied = buffers != [(c.k.data_ptr(), c.v.data_ptr()) for c in replay_cache.layers]
+        assert copied == (ckpt and replay_cache.evictions > 0)
+    model.gradient_checkpointing = False
+    evictions = 4 - stream.cache_frames // 3 if stream.local_attn_size != -1 else 0
+    assert caches[0].evictions == caches[1].evictions == evictions
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() < 1e-12
 
 
 def test_dtype_cast_keeps_rope_table_exact():

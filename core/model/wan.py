@@ -9,6 +9,7 @@ as [B, C, F, H, W] latents; tokens per frame follow from H, W and the patch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.config import StreamConfig, WanArchConfig
 from core.model.attention import MaskMod, attention, block_causal_mask, teacher_forcing_mask
-from core.model.kv_cache import KVCache, StreamLimitError
+from core.model.kv_cache import CheckpointedCache, KVCache, StreamLimitError
 
 ROPE_POSITIONS = 1024  # length of the RoPE table per axis, as in Wan
 
@@ -119,7 +120,7 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], rope: torch.Tensor, backend: str,
                 mask_mod: MaskMod | None = None, rope_grids: list[tuple[int, int, int]] | None = None,
-                cache: KVCache | None = None, layer: int = 0, start_frame: int = 0) -> torch.Tensor:
+                cache: KVCache | CheckpointedCache | None = None, layer: int = 0, start_frame: int = 0) -> torch.Tensor:
         q, (k, v) = self._query(x), self._key_value(x)
         if cache is None:
             # Full-sequence forward; `rope_grids` splits the sequence into parts that each restart at
@@ -137,7 +138,8 @@ class SelfAttention(_Attention):
         return torch.cat([apply_rope(p, rope, g) for p, g in zip(x.split(sizes, dim=1), grids)], dim=1)
 
     @staticmethod
-    def _cached(q, k, v, grid, rope, backend, cache: KVCache, layer: int, start_frame: int) -> torch.Tensor:
+    def _cached(q, k, v, grid, rope, backend, cache: KVCache | CheckpointedCache, layer: int,
+                start_frame: int) -> torch.Tensor:
         f, h, w = grid
         if cache.rope == "absolute":  # keys are cached already rotated at their absolute frame
             q = apply_rope(q, rope, grid, start_frame)
@@ -234,6 +236,41 @@ class _WanBase(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
+    def initial_values(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The constructor's seeded default initialisation, (name, float32 CPU tensor) per parameter, drawn from the
+        CPU generator in the order the constructor draws them. A model built on the meta device (or sharded by
+        ZeRO-3) takes these and gets, for the same seed, the weights a plain float32 CPU construction gets, on any
+        device and in any dtype, with one layer's float32 copy in memory at a time."""
+
+        def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, child in module.named_children():  # every module here registers its own parameters last
+                yield from walk(f"{prefix}{name}.", child)
+            own = [name for name, _ in module.named_parameters(recurse=False)]
+            if not own:
+                return
+            if isinstance(module, nn.Linear):  # a twin of the layer draws exactly what its constructor drew
+                twin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            elif isinstance(module, nn.Conv3d):
+                twin = nn.Conv3d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                 bias=module.bias is not None)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                size = self.cfg.dim
+                twin = nn.ParameterDict({k: torch.ones(size) if k == "weight" else torch.zeros(size) for k in own})
+            elif own == ["modulation"]:  # WanBlock and Head: randn / sqrt(dim)
+                twin = nn.ParameterDict({"modulation": torch.randn(1, 6 if isinstance(module, WanBlock) else 2,
+                                                                   self.cfg.dim) / self.cfg.dim**0.5})
+            else:
+                raise TypeError(f"no seeded initialisation for the parameters {own} of {type(module).__name__}")
+            for name in own:
+                yield prefix + name, getattr(twin, name).detach()
+
+        yield from walk("", self)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the non-persistent RoPE table (float64) on `device`: a model built on the meta device or under
+        ZeRO-3's Init (which casts every floating tensor it sees) has none it can use."""
+        self.rope = rope_tables(self.cfg.head_dim).to(device)
+
     def _apply(self, fn, recurse=True):
         # Model dtype casts (model.to(bfloat16)) must not round the float64 RoPE table.
         rope = self.rope
@@ -276,9 +313,15 @@ class _WanBase(nn.Module):
         return tokens, grid, e.unflatten(0, (b, f)), e0.unflatten(0, (b, f))
 
     def _run_blocks(self, x, e0, context, **attn_kwargs) -> torch.Tensor:
+        cache = attn_kwargs.get("cache")
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointed and cache is not None:
+            # The backward recomputes each block after the cache has moved on: it must read the window
+            # the forward read and write nothing (kv_cache.CheckpointedCache).
+            attn_kwargs["cache"] = CheckpointedCache(cache)
         for i, block in enumerate(self.blocks):
-            ctx_kv = self._context_kv(i, block, context, attn_kwargs.get("cache"))
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            ctx_kv = self._context_kv(i, block, context, cache)
+            if checkpointed:
                 x = checkpoint(block, x, e0, ctx_kv, use_reentrant=False, layer=i, **attn_kwargs)
             else:
                 x = block(x, e0, ctx_kv, layer=i, **attn_kwargs)
