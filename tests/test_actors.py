@@ -18,6 +18,8 @@ from core.model.wan import CausalWanModel
 from core.records.prompts import WorkItem
 from core.records.sample import from_record_batch
 from core.stream.pipeline import build_generator
+from helpers import free_port
+from weight_sync import BroadcastGroup, pack
 
 BASE = ["video.num_latent_frames=3", "actors.num_cpus=0.25", "reward_service.num_cpus=0.1"]
 
@@ -142,13 +144,17 @@ def test_scoring_timeouts_drop_samples_with_a_counted_reason(reward_app, tmp_pat
 
 
 def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(reward_app):
-    """`status` and `ready` are answered while a rollout computes (seconds here: 21 latent frames to decode), so
-    weight staging, metrics and health never wait for a rollout; a rollout sent with new weights meanwhile
-    switches to them only after the first one's compute, and each sample replays exactly with its own weights."""
+    """`status`, a weight broadcast (the learner's rank 0 here) and `ready` are answered while a rollout computes
+    (seconds here: 21 latent frames to decode): the broadcast waits only for the staging copy. The next rollout
+    switches to the staged weights, and each sample replays exactly with its own weights."""
     cfg = load_config(PLUMBING_CONFIG, BASE + ["video.num_latent_frames=21", f"actors.reward_app={reward_app}"])
     worker = ray.remote(RolloutWorker).options(num_cpus=0.25, max_restarts=0).remote(cfg, "offloop-actor")
     try:
         ray.get(worker.ready.remote())
+        host, port = "127.0.0.1", free_port()
+        joined = worker.join_weight_group.remote(host, port, 1, 2, "gloo", 120.0)
+        group = BroadcastGroup(host, port, 0, 2, "gloo", 120.0)
+        ray.get(joined)
         items = [WorkItem(0, i, i, f"a shape number {i} moves", seed=11 + i) for i in range(2)]
         first = worker.rollout.remote(items[0], 0, [None])
         seen = None  # a status answered while the first rollout computes
@@ -157,9 +163,13 @@ def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(rew
             seen = status if status["computing"] else None
         assert seen == {"name": "offloop-actor", "weight_version": 0, "computing": items[0].sample_id, "rollouts": 0}
         new_weights = random_weights(cfg, seed=7)
-        second = worker.rollout.remote(items[1], 1, [ray.put(new_weights)])  # waits for the model, not the loop
+        buffer, layout = pack(new_weights, torch.float32, "cpu")
+        staged = worker.receive_weights.remote(1, layout)
+        group.broadcast(buffer)  # returns once the actor has the copy: it does not wait for the rollout
+        ray.get(staged)
+        second = worker.rollout.remote(items[1], 1, [None])  # the staged version; waits for the model, not the loop
         assert ray.get(worker.ready.remote()) == "offloop-actor"
-        assert not ray.wait([first], timeout=0)[0]  # ready came back while the first rollout still ran
+        assert not ray.wait([first], timeout=0)[0]  # all of the above came back while the first rollout still ran
 
         made = [from_record_batch(r.batch)[0] for r in ray.get([first, second], timeout=300)]
         assert [s.weight_version for s in made] == [0, 1]
