@@ -52,7 +52,9 @@ from transformers import Qwen2VLConfig, UMT5EncoderModel
 from core.codecs.text_encoder import ByteTokenizer, umt5_config
 from core.config import Config, ConfigError, WanArchConfig
 from core.model.wan import CausalWanModel, WanModel
+from core.records.sample import text_context_bytes
 from core.reward.videoreward import QWEN2_VL_2B_INSTRUCT_CONFIG, VideoRewardNet
+from core.runtime import resolve_dtype
 
 GB = 1e9
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size
@@ -495,7 +497,8 @@ def _per_sample(cfg: Config) -> dict[str, int]:
     p = DTYPE_BYTES[cfg.runtime.dtype]
     latent = cfg.video.num_latent_frames * cfg.model.in_dim * math.prod(cfg.video.latent_hw)
     copies = 3 if cfg.scheduler.context_noise else 2  # noisy exit-step inputs and clean outputs (+ context inputs)
-    return {"latents": copies * latent * p, "text context (<= text_len tokens)": cfg.model.text_len * cfg.model.text_dim * p}
+    context = text_context_bytes(cfg.model.text_len, cfg.model.text_dim, resolve_dtype(cfg.runtime.dtype))
+    return {"latents": copies * latent * p, "text context (<= text_len tokens)": context}
 
 
 def _resources(roles: list[RolePlan]) -> dict[str, dict[str, float]]:
