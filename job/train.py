@@ -131,7 +131,7 @@ def set_aside(out: str | Path) -> Path | None:
 
 def _deploy_reward_service(cfg: Config) -> str:
     svc, name = cfg.reward_service, cfg.actors.reward_app
-    start_serve(svc.host, svc.port, svc.request_timeout_s)
+    start_serve(svc.host, svc.port, svc.request_timeout_s, section="reward_service")
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
     return name
 

@@ -28,6 +28,15 @@ JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors
        "learner.dfake_gen_update_ratio=2", "learner.checkpoint_every=2", "learner.video_every=2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def job_joins_the_sessions_proxy(serve_instance):
+    """The job deploys its reward app on the session's Serve, whose one HTTP proxy listens on a free port: a job
+    asking for another (reward_service.port) is refused (job.cluster.start_serve)."""
+    JOB.append(f"reward_service.port={serve_instance.rsplit(':', 1)[1]}")
+    yield
+    JOB.pop()
+
+
 def start_train(address: str, out, *overrides: str) -> tuple[subprocess.Popen, Path, Path]:
     """`launch.py train` in the background, its output to files (a pipe nobody reads would fill up and stall it)."""
     stdout, stderr = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
