@@ -130,8 +130,8 @@ def machine_info(device: torch.device) -> dict:
 
 def build_pipeline(cfg: Config, device: torch.device) -> VideoPipeline:
     """`VideoPipeline.from_config(cfg)`; on CUDA the generator is initialised on the GPU itself instead
-    (`build_generator` would draw the 1.4B fp32 weights, 5.7 GB, on the CPU and copy them over, for
-    values that do not matter here). Text encoder and VAE are small: built as from_config builds them."""
+    (`build_generator` draws its seeded weights on the CPU, layer by layer, so that every process agrees: 1.4B
+    draws for values that do not matter here). Text encoder and VAE are small: built as from_config builds them."""
     if device.type != "cuda":
         return VideoPipeline.from_config(cfg)
     dtype = DTYPES[cfg.runtime.dtype]
