@@ -140,3 +140,6 @@ def one_rank():
         deepspeed.init_distributed(dist_backend="gloo")
         yield
         dist.destroy_process_group()
+        # DeepSpeed keeps its clone of the world group across process groups; a later module's group would
+        # otherwise be handed the destroyed one's (engine init: "Group ... is not registered")
+        deepspeed.utils.groups._WORLD_GROUP = None
