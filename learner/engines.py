@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
-from core.algo.distill import WanBuild, build_score_models, materialise
+from core.algo.distill import build_score_models
 from core.config import Config, LearnerConfig
 from core.model.wan import CausalWanModel, WanModel
-from core.records.checkpoint import CheckpointError, Reader, mismatch_report, reader
+from core.records.checkpoint import CheckpointError, Reader, WanBuild, materialise, mismatch_report
+from core.stream.pipeline import build_generator
 
 Model = TypeVar("Model", bound=torch.nn.Module)
 
@@ -104,11 +105,9 @@ def build_models(cfg: Config, device: torch.device) -> Models:
     configs = [deepspeed_config(learner, lr, bf16) for lr in (learner.generator_lr, learner.critic_lr)]
     teacher_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                       "bf16": {"enabled": bf16}, "steps_per_print": 2**62}
-    build = zero3_build(cfg, device, dtype, teacher_config) if learner.zero_stage == 3 else materialise(cfg, device, dtype)
-    ckpt = cfg.checkpoint
-    generator = build(lambda: CausalWanModel(cfg.model, cfg.stream),
-                      reader(ckpt.generator, "generator", ckpt.use_ema) if ckpt.generator else None)
-    generator.attention_backend = cfg.runtime.attention_backend
+    build = (zero3_build(cfg, device, dtype, teacher_config) if learner.zero_stage == 3
+             else materialise(device, dtype, cfg.runtime.seed))
+    generator = build_generator(cfg, device, dtype, build)
     teacher, critic = build_score_models(cfg, device, dtype, build)
     for m in (generator, critic, teacher):
         m.gradient_checkpointing = learner.gradient_checkpointing

@@ -20,7 +20,7 @@ from core.algo.rollout import RolloutRecord, SelfForcedRollout
 from core.algo.scheduler import FlowMatchScheduler
 from core.config import TEACHER_KINDS, Config, ConfigError, LearnerConfig
 from core.model.wan import CausalWanModel, WanModel
-from core.records.checkpoint import Reader, build_wan, reader
+from core.records.checkpoint import WanBuild, materialise, reader
 
 
 def predict_x0(model: torch.nn.Module, sched: FlowMatchScheduler, x_t: torch.Tensor, t: torch.Tensor,
@@ -86,14 +86,6 @@ class ReDMD:
 
 
 TeacherBuilder = Callable[[Config], torch.nn.Module]
-# How a Wan model is made real: build(make, read) -> make()'s model with the weights `read` reads (seeded ones when
-# None). `materialise` is the plain one; the learner passes a ZeRO-3 one.
-WanBuild = Callable[[Callable[[], torch.nn.Module], Reader | None], torch.nn.Module]
-
-
-def materialise(cfg: Config, device: torch.device | str, dtype: torch.dtype) -> WanBuild:
-    """Wan models built on the meta device and materialised in `dtype` on `device` (checkpoint.build_wan)."""
-    return lambda make, read: build_wan(make, device, dtype, read, cfg.runtime.seed)
 
 
 def _wan_teacher(cfg: Config, build: WanBuild) -> WanModel:
@@ -121,7 +113,7 @@ def build_teacher(cfg: Config, device: torch.device | str = "cpu", dtype: torch.
     built, then moved."""
     kind = cfg.learner.teacher.kind
     if kind == "wan":
-        teacher = _wan_teacher(cfg, build or materialise(cfg, device, dtype))
+        teacher = _wan_teacher(cfg, build or materialise(device, dtype, cfg.runtime.seed))
     else:
         teacher = _TEACHERS[kind](cfg).to(device=device, dtype=dtype)
     return teacher.eval().requires_grad_(False)
@@ -138,7 +130,7 @@ def build_score_models(cfg: Config, device: torch.device | str = "cpu", dtype: t
     describes; the critic from learner.critic_checkpoint, or from the teacher's weights (its checkpoint read
     again, or the same seeded ones) when the teacher is a Wan of the student's architecture."""
     learner, teacher_cfg = cfg.learner, cfg.learner.teacher
-    build = build or materialise(cfg, device, dtype)
+    build = build or materialise(device, dtype, cfg.runtime.seed)
     if learner.critic_checkpoint:
         read = reader(learner.critic_checkpoint, role="critic")
     elif teacher_cfg.kind == "wan" and (teacher_cfg.arch or cfg.model) == cfg.model:

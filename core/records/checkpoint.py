@@ -305,6 +305,16 @@ def build_wan(make: Callable[[], Model], device: torch.device | str, dtype: torc
     return model
 
 
+# How a Wan model is made real: build(make, read) -> make()'s model with the weights `read` reads (seeded ones when
+# None). `materialise` is the plain one; the learner passes a ZeRO-3 one (learner.engines.zero3_build).
+WanBuild = Callable[[Callable[[], torch.nn.Module], Reader | None], torch.nn.Module]
+
+
+def materialise(device: torch.device | str, dtype: torch.dtype, seed: int) -> WanBuild:
+    """Wan models built on the meta device and materialised in `dtype` on `device` (`build_wan`)."""
+    return lambda make, read: build_wan(make, device, dtype, read, seed)
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 

@@ -17,17 +17,19 @@ from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import Codec, build_codec
 from core.config import Config
 from core.model.wan import CausalWanModel
-from core.records.checkpoint import build_wan, reader
+from core.records.checkpoint import WanBuild, materialise, reader
 from core.runtime import resolve_device, resolve_dtype
 
 
-def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> CausalWanModel:
-    """The causal generator (frozen, in runtime.dtype unless `dtype` is given), built straight into that dtype on
-    `device`: the local checkpoint in checkpoint.generator, or seeded random weights (the same in every process)."""
-    dtype = dtype or resolve_dtype(cfg.runtime.dtype)
+def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None,
+                    build: WanBuild | None = None) -> CausalWanModel:
+    """The causal generator (frozen, in runtime.dtype unless `dtype` is given), made real by `build` (default: built
+    straight into that dtype on `device`): the local checkpoint in checkpoint.generator, or seeded random weights
+    (the same in every process)."""
+    build = build or materialise(device, dtype or resolve_dtype(cfg.runtime.dtype), cfg.runtime.seed)
     ckpt = cfg.checkpoint
     read = reader(ckpt.generator, "generator", ckpt.use_ema) if ckpt.generator else None
-    model = build_wan(lambda: CausalWanModel(cfg.model, cfg.stream), device, dtype, read, cfg.runtime.seed)
+    model = build(lambda: CausalWanModel(cfg.model, cfg.stream), read)
     model.attention_backend = cfg.runtime.attention_backend
     return model.eval().requires_grad_(False)
 
