@@ -186,8 +186,11 @@ def test_a_learner_worker_lost_mid_checkpoint_restarts_from_the_last_complete_on
     assert (out_dir / "checkpoints" / "step_00000008").is_dir() and (out_dir / "export" / "generator.safetensors").is_file()
 
 
-def _reward_replica(app: str) -> psutil.Process | None:
-    for proc in psutil.process_iter(["cmdline"]):
+def _reward_replica(app: str, other_than: int | None = None) -> psutil.Process | None:
+    """The live replica process of `app`; a killed one keeps its command line until it is reaped, so skip it."""
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.pid == other_than or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         if f"ServeReplica:{app}:" in " ".join(proc.info["cmdline"] or []):
             return proc
     return None
@@ -211,7 +214,7 @@ def test_the_reward_replica_lost_mid_run_is_restarted_and_its_samples_counted(se
         replica.kill()
         restarted = None
         while restarted is None and proc.poll() is None:  # Serve replaces the replica while the job runs
-            restarted = _reward_replica("train_job_reward")
+            restarted = _reward_replica("train_job_reward", other_than=replica.pid)
             time.sleep(0.2)
         proc.wait(timeout=400)
     finally:
