@@ -62,6 +62,7 @@ from learner.samples import SampleTimeoutError
 from reward_service.app import build_app as build_reward_app
 from reward_service.client import RewardError, RewardHTTPClient
 from serve.app import build_app as build_stream_app
+from serve.follow import CheckpointVersions
 from toyworld.config import WorldConfig, load_world_config
 from toyworld.evaluate import evaluate_config, evaluate_teacher, format_change, format_measures
 from toyworld.ode_init import ode_init
@@ -189,7 +190,7 @@ def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
     if ev.around_train:  # the toy world: the exact figure of the starting student, then of the trained one
         print("measuring the starting student (checkpoint.generator) on held-out prompts ...", flush=True)
         before = evaluate_config(cfg, None, ev.prompts, tuple(ev.seeds), ev.first_scene, long_prompts=0)
-    summary = run(cfg, args.address, args.wait_for_resources, args.config)
+    summary = run(cfg, args.address, args.wait_for_resources, args.config, serve_stream=args.serve)
     if summary is None:
         print("stopped during start-up: nothing was trained, everything started was shut down")
         return
@@ -217,7 +218,8 @@ def _serve_until_stopped(what: str, app_name: str) -> None:
 def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
     svc = cfg.serve
     cfg.check_paths()
-    app = build_stream_app(cfg)
+    follow = CheckpointVersions(args.follow) if args.follow else None
+    app = build_stream_app(cfg, follow)
     start_ray(args.address)
     url = start_serve(svc.host, svc.port, section="serve") + svc.route_prefix.rstrip("/")
     serve.run(app, name=svc.app_name, route_prefix=svc.route_prefix)
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the up-front resource check (an autoscaling cluster adds the nodes the job asks for)")
     p.add_argument("--fresh", action="store_true",
                    help="start a new run: an existing learner.output_dir is renamed to <name>.<time> first")
+    p.add_argument("--serve", action="store_true",
+                   help="also deploy the streaming app (the serve section) in the job's cluster, on the reward "
+                        "service's HTTP address: its page plays each weight version as training publishes it")
 
     p = command("generate", "text to MP4 with the streaming generator")
     what = p.add_mutually_exclusive_group(required=True)
@@ -374,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p = command("serve", "streaming inference on Ray Serve with a web page (default: the shipped world student)",
                 epilog=SERVE_HELP)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--follow", default=None, metavar="OUTPUT_DIR",
+                   help="play each new checkpoint of the training run writing to this learner.output_dir as it "
+                        "lands (its EMA generator once the EMA has started); the starting weights stay for comparison")
 
     command("pretrain-teacher", "train the toy-world teacher with flow matching")
     command("ode-init", "initialise the causal student by regression on teacher trajectories (ode_init.pairs)")

@@ -1,6 +1,6 @@
 """Generator weights from the learner to the rollout actors: the whole protocol in one module.
 
-Three parties, one class each:
+Three parties, one class each, and the followers:
 
     WeightPublisher   learner rank 0    makes each new version available: by broadcast when the group is
                                         formed, else by object store; re-forms a broken group
@@ -8,6 +8,10 @@ Three parties, one class each:
                                         counts every fallback with its reason (pool metrics `weight_sync`)
     WeightSubscriber  in RolloutWorker  joins the group, stages broadcast versions, hands the actor the
                                         weights of a version between rollouts (never inside one)
+    followers         streaming replicas (serve.follow) long-poll the relay (`WeightRelay.follow`) and pull
+                      each version from the object store; they never join the broadcast group, a collective
+                      whose every member must keep pace with training: under broadcast, the publisher also
+                      puts an object-store copy of a version while a follower has asked within FOLLOWER_TTL_S
 
 Transports, one control call per version, never one per parameter:
 - object store (everywhere; `learner.publish_backend: object_store`): one `ray.put` of the state dict in the
@@ -49,6 +53,7 @@ from ray.exceptions import ActorUnavailableError
 log = logging.getLogger(__name__)
 
 Layout = list[tuple[str, list[int]]]
+FOLLOWER_TTL_S = 60.0  # a follower that has not asked for this long is gone: no more object-store copies for it
 
 
 class WeightsUnavailable(RuntimeError):
@@ -170,29 +175,34 @@ class WeightPublisher:
         if self.not_formed:
             log.warning("weight broadcast group not formed (%s); versions go by object store", self.not_formed)
 
-    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> float:
-        """Send `version` by broadcast if the group is formed, else by object store (a counted fallback when
-        broadcast is configured); returns the seconds spent."""
+    def publish(self, version: int, weights: dict[str, torch.Tensor], step: int = 0) -> float:
+        """Send `version` (made at training `step`) by broadcast if the group is formed, else by object store (a
+        counted fallback when broadcast is configured); returns the seconds spent."""
         start = time.perf_counter()
         reason = None
         if self.group is not None:
             buffer, layout = pack(weights, self.dtype, self.group.device)
-            reason = ray.get(self.pool.begin_broadcast.remote(version, layout))
+            reason = ray.get(self.pool.begin_broadcast.remote(version, layout, step))
             if reason is None:
                 try:
                     self.group.broadcast(buffer)
                     self.syncs["broadcast"] += 1
+                    if ray.get(self.pool.wants_weight_copy.remote()):  # a streaming replica follows the versions
+                        ray.get(self.pool.offer_weights.remote(version, [self._put(weights)]))
+                        self.syncs["follower_copy"] += 1
                     return time.perf_counter() - start
                 except Exception as e:  # noqa: BLE001 - a member vanished mid-sync (timeout): resend by object store
                     reason = f"broadcast_failed: {_describe(e)}"
         elif self.broadcast:
             reason = self.not_formed or "group_not_formed"
-        ref = ray.put({k: v.to(self.dtype) for k, v in weights.items()})
-        ray.get(self.pool.publish.remote(version, [ref], reason))
+        ray.get(self.pool.publish.remote(version, [self._put(weights)], reason, step))
         self.syncs["object_store"] += 1
         if self.broadcast:  # the group is stale or missing: re-form it for the next version
             self._form()
         return time.perf_counter() - start
+
+    def _put(self, weights: dict[str, torch.Tensor]) -> ray.ObjectRef:
+        return ray.put({k: v.to(self.dtype) for k, v in weights.items()})
 
 
 # ---------------------------------------------------------------------------------------------- pool side
@@ -210,6 +220,10 @@ class WeightRelay:
         self.broken_by = ""
         self.receiving: asyncio.Task | None = None
         self.restarts: list[Restart] = []
+        self.step = 0  # the training step that made the current version
+        self.published_at = time.time()  # wall clock of its publication: followers measure publish-to-frame from it
+        self.follower_ref = None  # object-store copy of the current version for followers (None: none yet)
+        self.follower_asked = float("-inf")  # monotonic time a follower last asked
 
     def restart(self, restored: int) -> int:
         """A restarted learner resumed the weights of version `restored`, which the lost one had published past:
@@ -225,11 +239,15 @@ class WeightRelay:
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than the published {self.version}")
 
-    def publish(self, version: int, ref, reason: str | None = None) -> None:
-        """`ref` (an object-store ref to a state dict) is the weights of `version`; `reason` says why it was
-        not broadcast (None: object store is the configured transport)."""
+    def _published(self, version: int, step: int, ref) -> None:
+        self.version, self.step, self.published_at = version, step, time.time()
+        self.ref = self.follower_ref = ref
+
+    def publish(self, version: int, ref, reason: str | None = None, step: int = 0) -> None:
+        """`ref` (an object-store ref to a state dict) is the weights of `version`, made at training `step`;
+        `reason` says why it was not broadcast (None: object store is the configured transport)."""
         self._check_newer(version)
-        self.version, self.ref = version, ref
+        self._published(version, step, ref)
         if reason is not None:
             kind = reason.split(":", 1)[0]
             self.fallbacks[kind] += 1
@@ -266,14 +284,14 @@ class WeightRelay:
         self.epoch += 1
         return None
 
-    def begin_broadcast(self, version: int, layout: Layout, workers: list) -> str | None:
+    def begin_broadcast(self, version: int, layout: Layout, workers: list, step: int = 0) -> str | None:
         """The one control call of a broadcast sync: if the group is formed, have every actor receive `version`
         (the learner then broadcasts it) and return None; else return why not (the learner then publishes by
         object store)."""
         self._check_newer(version)
         if self.state != "formed":
             return self.broken_by or "group_not_formed"
-        self.version, self.ref = version, None
+        self._published(version, step, None)
         self.receiving = asyncio.get_running_loop().create_task(self._receive(version, layout, workers))
         return None
 
@@ -282,6 +300,28 @@ class WeightRelay:
             await asyncio.gather(*(w.receive_weights.remote(version, layout) for w in workers))
         except Exception as e:  # noqa: BLE001 - the next version goes by object store and re-forms the group
             self._break(f"broadcast_failed: version {version}: {_describe(e)}")
+
+    def wants_copy(self) -> bool:
+        """Whether a follower asked within FOLLOWER_TTL_S: then a broadcast version also goes to the object store."""
+        return time.monotonic() - self.follower_asked < FOLLOWER_TTL_S
+
+    def offer(self, version: int, ref) -> None:
+        """`ref` is an object-store copy of the broadcast `version`, for followers (ignored once a newer one is out)."""
+        if version == self.version:
+            self.follower_ref = ref
+
+    async def follow(self, after: int, timeout_s: float) -> dict | None:
+        """Wait up to `timeout_s` for a version newer than `after` that followers can pull: {"version", "step",
+        "published_at", "refs": [object-store ref]}, or None. A long poll: the follower asks again at once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.follower_asked = time.monotonic()
+            if self.version > after and self.follower_ref is not None:
+                return {"version": self.version, "step": self.step, "published_at": self.published_at,
+                        "refs": [self.follower_ref]}
+            if self.follower_asked >= deadline:
+                return None
+            await asyncio.sleep(min(0.1, deadline - self.follower_asked))
 
     def on_actor_lost(self, sent_epoch: int) -> None:
         """A rollout died with its actor: a restarted actor is in no group formed before it restarted."""

@@ -150,10 +150,22 @@ class RolloutPool:
     def num_actors(self) -> int:
         return len(self.workers)
 
-    def publish(self, version: int, refs: list, reason: str | None = None) -> None:
-        """Make `refs[0]` (an object-store ref to a state dict) the weights of `version`; `reason` says why it was
-        not broadcast (None: the object store is the configured transport)."""
-        self.weights.publish(version, refs[0], reason)
+    def publish(self, version: int, refs: list, reason: str | None = None, step: int = 0) -> None:
+        """Make `refs[0]` (an object-store ref to a state dict) the weights of `version`, made at training `step`;
+        `reason` says why it was not broadcast (None: the object store is the configured transport)."""
+        self.weights.publish(version, refs[0], reason, step)
+
+    async def follow_weights(self, after: int, timeout_s: float) -> dict | None:
+        """For a streaming replica following training: the first version newer than `after` within `timeout_s`
+        (`WeightRelay.follow`)."""
+        return await self.weights.follow(after, timeout_s)
+
+    def wants_weight_copy(self) -> bool:
+        return self.weights.wants_copy()
+
+    def offer_weights(self, version: int, refs: list) -> None:
+        """`refs[0]`: an object-store copy of the broadcast `version`, for followers."""
+        self.weights.offer(version, refs[0])
 
     def learner_started(self, version: int) -> dict:
         """A learner (re)starting with the weights of `version`: {"version": the version to publish them as,
@@ -168,9 +180,9 @@ class RolloutPool:
         """Have every actor join the broadcast group hosted by the learner's rank 0; None, or why it did not form."""
         return await self.weights.form(self.workers, bool(self.dead), host, port, backend, timeout_s)
 
-    def begin_broadcast(self, version: int, layout: Layout) -> str | None:
+    def begin_broadcast(self, version: int, layout: Layout, step: int = 0) -> str | None:
         """The one control call of a broadcast sync: None when every actor will receive `version`, else why not."""
-        return self.weights.begin_broadcast(version, layout, self.workers)
+        return self.weights.begin_broadcast(version, layout, self.workers, step)
 
     async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
         """Up to `n` fresh samples, waiting at most `timeout_s` in all (None: until `n` arrive); stale ones

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import platform
 import socket
+import statistics
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -72,3 +74,39 @@ def local_ray_serve(num_cpus: int, request_timeout_s: float, env_vars: dict[str,
                 print(f"serve.shutdown failed: {e!r}", file=sys.stderr)
     finally:
         ray.shutdown()
+
+
+def _num(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
+
+
+def steady_state(out: Path, skip: int) -> dict:
+    """Steady-state numbers of one `launch.py train` run from its metrics.csv and summary.json: steps/s between the
+    rows of step `skip` and the last one drained while the learner ran, the learner's idle fraction, drops."""
+    with (out / "metrics.csv").open(newline="") as f:
+        rows = [{k: _num(v) if k != "generator_step" else v for k, v in r.items()} for r in csv.DictReader(f)]
+    summary = json.loads((out / "summary.json").read_text())
+    live = [r for r in rows if r["delivered"] is not None]  # drained while the learner ran
+    start = next((r for r in live if r["step"] == skip), None)
+    if start is None or live[-1]["step"] <= skip:
+        raise RuntimeError(f"{out}: no steady window (step {skip} .. last live step {live[-1]['step'] if live else None}); "
+                           "raise --steps or lower --skip")
+    last = live[-1]
+    window = [r for r in rows if skip < r["step"] <= last["step"]]
+    wait, iteration = sum(r["sample_wait_s"] for r in window), sum(r["iteration_s"] for r in window)
+    drops = summary.get("drops") or {}
+    return {
+        "steps": int(rows[-1]["step"]), "window_steps": f"{skip + 1}..{int(last['step'])}",
+        "window_wall_s": last["wall_s"] - start["wall_s"],
+        "steady_steps_per_s": (last["step"] - skip) / (last["wall_s"] - start["wall_s"]),
+        "learner_steps_per_s": len(window) / iteration,
+        "startup_s": start["wall_s"],  # until step `skip` was drained
+        "idle_fraction": wait / iteration, "sample_wait_s": wait, "iteration_s": iteration,
+        "mean_wait_s_generator_steps": statistics.fmean([r["sample_wait_s"] for r in window if r["generator_step"] == "True"]
+                                                        or [float("nan")]),
+        "mean_wait_s_critic_steps": statistics.fmean([r["sample_wait_s"] for r in window if r["generator_step"] != "True"]
+                                                     or [float("nan")]),
+        "mean_staleness": statistics.fmean(r["staleness"] for r in window),
+        "drops": drops, "stale_drops": drops.get("stale", 0), "samples_delivered": summary["samples_delivered"],
+        "final_version": summary["weight_version"],
+    }

@@ -48,8 +48,6 @@ Needs Ray with Serve and Train, DeepSpeed, torch and this repository's packages 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import platform
 import statistics
@@ -62,7 +60,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import cpu_model, finish, free_port, load_1m, physical_cores  # noqa: E402
+from benchmarks.common import cpu_model, finish, free_port, load_1m, physical_cores, steady_state  # noqa: E402
 
 
 def machine_info() -> dict:
@@ -72,41 +70,6 @@ def machine_info() -> dict:
     return {"cpu": cpu_model(), "logical_cpus": os.cpu_count() or 1, "physical_cores": physical_cores(),
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "loadavg_1m_at_start": load_1m()}
-
-
-def _num(text: str | None) -> float | None:
-    return float(text) if text not in (None, "") else None
-
-
-def analyse(out: Path, skip: int) -> dict:
-    """Steady-state numbers from one run's metrics.csv and summary.json."""
-    with (out / "metrics.csv").open(newline="") as f:
-        rows = [{k: _num(v) if k != "generator_step" else v for k, v in r.items()} for r in csv.DictReader(f)]
-    summary = json.loads((out / "summary.json").read_text())
-    live = [r for r in rows if r["delivered"] is not None]  # drained while the learner ran
-    start = next((r for r in live if r["step"] == skip), None)
-    if start is None or live[-1]["step"] <= skip:
-        raise RuntimeError(f"{out}: no steady window (step {skip} .. last live step {live[-1]['step'] if live else None}); "
-                           "raise --steps or lower --skip")
-    last = live[-1]
-    window = [r for r in rows if skip < r["step"] <= last["step"]]
-    wait, iteration = sum(r["sample_wait_s"] for r in window), sum(r["iteration_s"] for r in window)
-    drops = summary.get("drops") or {}
-    return {
-        "steps": int(rows[-1]["step"]), "window_steps": f"{skip + 1}..{int(last['step'])}",
-        "window_wall_s": last["wall_s"] - start["wall_s"],
-        "steady_steps_per_s": (last["step"] - skip) / (last["wall_s"] - start["wall_s"]),
-        "learner_steps_per_s": len(window) / iteration,
-        "startup_s": start["wall_s"],  # until step `skip` was drained
-        "idle_fraction": wait / iteration, "sample_wait_s": wait, "iteration_s": iteration,
-        "mean_wait_s_generator_steps": statistics.fmean([r["sample_wait_s"] for r in window if r["generator_step"] == "True"]
-                                                        or [float("nan")]),
-        "mean_wait_s_critic_steps": statistics.fmean([r["sample_wait_s"] for r in window if r["generator_step"] != "True"]
-                                                     or [float("nan")]),
-        "mean_staleness": statistics.fmean(r["staleness"] for r in window),
-        "drops": drops, "stale_drops": drops.get("stale", 0), "samples_delivered": summary["samples_delivered"],
-        "final_version": summary["weight_version"],
-    }
 
 
 def run_job(staleness: int, args, out: Path) -> dict:
@@ -122,7 +85,7 @@ def run_job(staleness: int, args, out: Path) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.splitlines()[-40:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode} after {elapsed:.0f} s; stderr tail:\n{tail}")
-    steady = analyse(out, args.skip)
+    steady = steady_state(out, args.skip)
     return {"max_staleness": staleness, "process_s": elapsed, "whole_run_wall_s": elapsed,
             "whole_run_steps_per_s": steady["steps"] / elapsed, **steady}
 

@@ -107,8 +107,9 @@ def make_receiver_class():
             self.relay = WeightRelay()  # RolloutPool's record of the published version
             self.loaded_version = 0  # RolloutWorker's WeightSubscriber.version
 
-        def publish(self, version: int, refs: list, reason: str | None = None) -> None:  # RolloutPool.publish
-            self.relay.publish(version, refs[0], reason)
+        def publish(self, version: int, refs: list, reason: str | None = None,
+                    step: int = 0) -> None:  # RolloutPool.publish
+            self.relay.publish(version, refs[0], reason, step)
 
         def load(self) -> dict:
             """RolloutWorker._switch_weights(version, [ref]) with what the pool holds, timed in parts."""

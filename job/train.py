@@ -9,7 +9,8 @@ or SIGTERM asks the learner for a clean stop (it checkpoints at the end of the c
 iteration and exports); a second one abandons the run. Everything started here is shut down at
 the end, and a summary says where everything was written; summary.json keeps every run made
 in the folder. A folder whose run already reached learner.max_steps is reported, not rerun
-(`finished_run`).
+(`finished_run`). With `serve_stream` (`launch.py train --serve`), the streaming app is deployed beside the
+reward service, following the pool's weight versions (serve/follow.py), and its URL is printed.
 """
 
 from __future__ import annotations
@@ -37,32 +38,40 @@ from job.signals import StopSignal
 from learner import checkpointing
 from learner.trainer import build_trainer
 from reward_service.app import build_app
+from serve.app import build_app as build_stream_app
+from serve.follow import PoolVersions
 
 COLUMNS = ("step", "version", "generator_step", "generator_loss", "critic_loss", "reward", "reward_weight", "staleness",
            "dmd_grad_norm", "samples", "sample_wait_s", "iteration_s", "publish_s", "queue_depth", "in_flight",
            "delivered", "dropped", "restarts", "steps_redone", "wall_s")
 
 
-def required_resources(cfg: Config) -> dict[str, float]:
-    """CPUs and GPUs the job asks Ray for at its start."""
-    svc, a, learner = cfg.reward_service, cfg.actors, cfg.learner
-    return {"CPU": svc.num_cpus * svc.min_replicas + a.num_cpus * a.num_actors + learner.cpus_per_worker * learner.num_workers,
-            "GPU": svc.num_gpus * svc.min_replicas + a.num_gpus * a.num_actors + (learner.num_workers if learner.use_gpu else 0)}
+def required_resources(cfg: Config, serve_stream: bool = False) -> dict[str, float]:
+    """CPUs and GPUs the job asks Ray for at its start (with the following streaming app when `serve_stream`)."""
+    svc, a, learner, stream = cfg.reward_service, cfg.actors, cfg.learner, cfg.serve
+    cpus = svc.num_cpus * svc.min_replicas + a.num_cpus * a.num_actors + learner.cpus_per_worker * learner.num_workers
+    gpus = svc.num_gpus * svc.min_replicas + a.num_gpus * a.num_actors + (learner.num_workers if learner.use_gpu else 0)
+    if serve_stream:
+        cpus, gpus = cpus + stream.num_cpus * stream.min_replicas, gpus + stream.num_gpus * stream.min_replicas
+    return {"CPU": cpus, "GPU": gpus}
 
 
-def check_resources(cfg: Config, available: dict[str, float]) -> None:
+def check_resources(cfg: Config, available: dict[str, float], serve_stream: bool = False) -> None:
     """One clear error for a job this cluster cannot place (CPU/GPU totals, GPU settings on a CPU-only run)."""
     problems = []
     if cfg.runtime.device == "cpu" and (cfg.actors.num_gpus > 0 or cfg.learner.use_gpu):
         problems.append("runtime.device is cpu but actors.num_gpus > 0 or learner.use_gpu is set: "
                         "use runtime.device=cuda (or auto), or drop the GPU requests")
-    need = required_resources(cfg)
+    need = required_resources(cfg, serve_stream)
     for kind, amount in need.items():
         have = available.get(kind, 0.0)
         if amount > have + 1e-9:
+            unit = "num_" + kind.lower() + "s"
+            stream = (f", streaming app {cfg.serve.min_replicas} x {getattr(cfg.serve, unit)} (serve.{unit})"
+                      if serve_stream else "")
             problems.append(f"the job needs {amount:g} {kind} (reward_service {cfg.reward_service.min_replicas} x "
-                            f"{getattr(cfg.reward_service, 'num_' + kind.lower() + 's')}, actors {cfg.actors.num_actors} x "
-                            f"{getattr(cfg.actors, 'num_' + kind.lower() + 's')}, learner {cfg.learner.num_workers} workers) "
+                            f"{getattr(cfg.reward_service, unit)}, actors {cfg.actors.num_actors} x "
+                            f"{getattr(cfg.actors, unit)}, learner {cfg.learner.num_workers} workers{stream}) "
                             f"but the Ray cluster has {have:g}: lower actors.num_actors / actors.num_{kind.lower()}s / "
                             "learner.num_workers, or add nodes (pass --wait-for-resources on an autoscaling cluster)")
     if problems:
@@ -172,9 +181,18 @@ def _learner_ready(info: dict, workers: int) -> str:
             f"{info['build_s']:.1f} s (torch AdamW: no DeepSpeed op is compiled){resumed}")
 
 
+def _deploy_stream(cfg: Config, pool: ray.actor.ActorHandle, pool_name: str) -> str:
+    """The streaming app on the job's Serve, following `pool`'s weight versions; its URL (reward service's proxy)."""
+    serve.run(build_stream_app(cfg, follow=PoolVersions(pool, pool_name)), name=cfg.serve.app_name,
+              route_prefix=cfg.serve.route_prefix)
+    svc = cfg.reward_service
+    return f"http://{svc.host}:{svc.port}{cfg.serve.route_prefix.rstrip('/')}/"
+
+
 def run(cfg: Config, address: str | None = None, wait_for_resources: bool = False,
-        config_path: str | None = None) -> dict | None:
-    """Run the whole job; returns the end-of-run summary (None when stopped before the learner started)."""
+        config_path: str | None = None, serve_stream: bool = False) -> dict | None:
+    """Run the whole job; returns the end-of-run summary (None when stopped before the learner started). With
+    `serve_stream`, a streaming app follows the weight versions as they are published."""
     phases = StartUp()
     cfg.check_paths()
     out = Path(cfg.learner.output_dir).resolve()
@@ -186,13 +204,13 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
     stop = StopSignal("the learner checkpoints at the end of this iteration and stops").install()
     joined = (address or os.environ.get("RAY_ADDRESS")) not in (None, "local") or not connected_here
     phases.done("Ray cluster joined" if joined else "Ray started")
-    app = pool = control = bar = metrics_log = None
+    app = stream_app = pool = control = bar = metrics_log = None
     fit: dict = {}
     done = threading.Event()  # not Thread.join: a join interrupted by a signal can mark a live thread as stopped
     t0, stop_sent, pool_metrics, rewards, summary = time.monotonic(), False, {}, [], None
     try:
         if not wait_for_resources:
-            check_resources(cfg, ray.cluster_resources())
+            check_resources(cfg, ray.cluster_resources(), serve_stream)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
         app = _deploy_reward_service(cfg)
@@ -209,6 +227,12 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
         phases.done(f"{cfg.actors.num_actors} rollout actor(s) ready (generator, text encoder, codec loaded)")
         if stop.requested.is_set():
             return None
+        if serve_stream:
+            stream_app = cfg.serve.app_name
+            url = _deploy_stream(cfg, pool, pool_name)
+            phases.done(f"streaming app following the training: open {url}")
+            if stop.requested.is_set():
+                return None
         control = LearnerControl.remote()
 
         def learn() -> None:
@@ -272,6 +296,8 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
             bar.close()
         if metrics_log is not None:
             metrics_log.close()
+        if stream_app is not None:  # before the pool: its follower would see the pool vanish
+            serve.delete(stream_app)
         if pool is not None:
             ray.get(pool.stop.remote())
             ray.kill(pool)

@@ -104,14 +104,26 @@ def read_cursor(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
+def _ema_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    ema = torch.load(path / "loop_state.pt", weights_only=False).get("ema")
+    return ema["shadow"] if ema else None
+
+
+def generator_weights(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Checkpoint `path`'s generator as one fp32 state dict (Wan keys), offline: the EMA when `use_ema` and the EMA
+    exists, else the raw weights consolidated from the ZeRO shards."""
+    path = Path(path)
+    ema = _ema_weights(path) if use_ema else None
+    return ema if ema is not None else get_fp32_state_dict_from_zero_checkpoint(str(path), tag="generator")
+
+
 def export_weights(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Consolidate checkpoint `path` into `<out_dir>/reward_forcing.pt` (Self-Forcing layout: generator, critic,
     generator_ema) and `<out_dir>/generator.safetensors` (the EMA weights once the EMA exists, else the raw ones)."""
     path = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else path / "export"
     generator, critic = (get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag) for tag in ENGINE_TAGS)
-    ema = torch.load(path / "loop_state.pt", weights_only=False).get("ema")
-    ema_weights = ema["shadow"] if ema else None
+    ema_weights = _ema_weights(path)
     files = {"self_forcing_pt": out_dir / "reward_forcing.pt", "safetensors": out_dir / "generator.safetensors"}
     save_self_forcing(files["self_forcing_pt"], generator, critic, ema_weights)
     save_safetensors(files["safetensors"], ema_weights or generator)

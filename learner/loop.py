@@ -171,13 +171,13 @@ class Learner:
                 self.ema = EMA(weights, self.learner.ema_decay)
             else:
                 self.ema.update(weights)
-        self._publish(weights)
+        self._publish(weights, self.step + 1)  # made by the step now running (steps count from 1 in the metrics)
 
-    def _publish(self, weights: dict[str, torch.Tensor] | None) -> None:
+    def _publish(self, weights: dict[str, torch.Tensor] | None, step: int) -> None:
         if self.publisher is None or self.rank != 0:
             return
         published = self.ema.shadow if self.learner.publish_weights == "ema" and self.ema else weights
-        self.counters["publish_s"] += self.publisher.publish(self.version, published)
+        self.counters["publish_s"] += self.publisher.publish(self.version, published, step)
 
     def critic_update(self, samples: list[Sample]) -> dict[str, float]:
         engine, losses = self.models.critic, []
@@ -245,7 +245,7 @@ class Learner:
         if line is not None:
             self.version, self.restarts = line["version"], [tuple(r) for r in line["restarts"]]
             if line["publish"]:  # a resumed run's weights (or a restart's, under its new version)
-                self._publish(full_weights(self.models.generator, self.learner.zero_stage))
+                self._publish(full_weights(self.models.generator, self.learner.zero_stage), self.step)
             if self.rank == 0:
                 ray.get(self.pool.start.remote())
 

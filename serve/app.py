@@ -1,15 +1,23 @@
 """The streaming inference Serve application: watch the causal generator make video, block by block.
 
 Routes:
-  WS   /v1/stream    send {"type": "start", "prompt", "seed"?, "preset"?, "max_frames"?, "lora"?}; receive one
-                     binary message per frame (16-byte header: uint32 frame index, uint32 block, float64 seconds
-                     from the start to when the frame's block was ready; then a JPEG) and a JSON "block"
-                     message per block with its timings. Control while streaming: {"type": "switch",
-                     "prompt"} (answered by "switched"), "pause" / "resume" (answered by "paused" /
-                     "resumed"), "stop". A bad message gets {"type": "error"} and the stream goes on.
+  WS   /v1/stream    send {"type": "start", "prompt", "seed"?, "preset"?, "max_frames"?, "lora"?, "weights"?};
+                     receive one binary message per frame (20-byte header: uint32 frame index, uint32 block,
+                     float64 seconds from the start to when the frame's block was ready, uint32 weight version;
+                     then a JPEG) and a JSON "block" message per block with its timings. Control while
+                     streaming: {"type": "switch", "prompt"} (answered by "switched"), "pause" / "resume"
+                     (answered by "paused" / "resumed"), {"type": "follow", "on"} (answered by "following"),
+                     "stop". A bad message gets {"type": "error"} and the stream goes on.
   POST /v1/generate  {"prompt", "seed"?, "preset"?, "frames"?, "stream"?}: an MP4, or with stream=true a
                      fragmented MP4 sent fragment by fragment as the blocks are made.
   GET  /             the web page; GET /healthz, /v1/info, /v1/metrics.
+
+Following training (`serve/follow.py`: `launch.py train --serve`, `launch.py serve --follow DIR`): a replica built
+with a weight source plays each new version as it arrives. A session with "weights": "latest" (the default)
+switches to the newest version between blocks, never inside one, its KV window re-cached under the new weights as
+on a prompt switch, and is told with a {"type": "weights"} message (version, training step, switch and
+publish-to-frame seconds); {"type": "follow", "on": false} holds the version it plays. "weights": "start" plays
+the replica's starting weights, for a side-by-side view. Each version held by a session is one generator in memory.
 
 Each replica holds one pipeline and at most `serve.max_sessions` sessions (streams and generate calls);
 one more is refused with 503 and Retry-After (the WebSocket handshake is denied before a session is
@@ -32,14 +40,13 @@ import hmac
 import io
 import json
 import logging
-import struct
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,9 +64,10 @@ from core.model.lora import LoraAdapter, applied, merge
 from core.records.video_io import FragmentedMP4Encoder, MP4Writer
 from core.stream.pipeline import VideoPipeline
 from core.stream.session import StreamSession
+from serve.client import FRAME_HEADER
+from serve.follow import Follower, Source, Weights
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-FRAME_HEADER = struct.Struct("<IId")  # frame index, block, seconds since the stream started
 CLOSE_POLICY, CLOSE_GOING_AWAY, CLOSE_INTERNAL = 1008, 1001, 1011  # WebSocket close codes (RFC 6455)
 SHUTDOWN_MESSAGE = "the server is shutting down; reconnect to continue on another replica"
 logger = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ class StartMessage(BaseModel):
     max_frames: int | None = Field(default=None, ge=1)
     lora: str | None = None
     lora_weight: float = 1.0
+    weights: Literal["latest", "start"] = "latest"
 
 
 class GenerateRequest(BaseModel):
@@ -227,6 +236,7 @@ class _Stream:
         self.running = asyncio.Event()
         self.running.set()
         self.stopped = False
+        self.following = True  # switch to each new weight version ("weights": "latest"); False holds the current one
 
     async def _error(self, message: str) -> None:
         self.server.stats["error_bad_message"] += 1
@@ -272,6 +282,9 @@ class _Stream:
                 if start.lora is not None and self.server.svc.max_sessions > 1:
                     raise RequestError(422, "a per-session lora needs serve.max_sessions 1 (the replica's model is "
                                             "shared by its sessions); merge it at startup with serve.lora instead")
+                if start.lora is not None and self.server.follower is not None:
+                    raise RequestError(422, "a per-session lora is not available while the replica follows "
+                                            "training (each version is a new generator); merge it with serve.lora")
                 return start
             except (ValueError, RequestError) as e:
                 await self._error(f"bad start message: {getattr(e, 'message', e)}")
@@ -297,6 +310,12 @@ class _Stream:
             elif kind == "stop":
                 self.stopped = True
                 self.running.set()
+            elif kind == "follow":
+                if not isinstance(msg.get("on"), bool):
+                    await self._error("'follow' needs 'on': true (play each new weight version) or false (hold)")
+                else:
+                    self.following = msg["on"]
+                    await self.ws.send_json({"type": "following", "on": self.following})
             elif kind == "switch":
                 prompt = msg.get("prompt")
                 if not isinstance(prompt, str) or not 0 < len(prompt) <= 2000:
@@ -304,17 +323,32 @@ class _Stream:
                 else:
                     await self.controls.put(msg)
             else:
-                await self._error(f"unknown message type {kind!r}; use switch, pause, resume or stop")
+                await self._error(f"unknown message type {kind!r}; use switch, pause, resume, follow or stop")
+
+    def _wanted(self, start: StartMessage, playing: Weights) -> Weights:
+        """The weights this session should play next: the starting ones, the newest, or those it holds."""
+        if start.weights == "start":
+            return self.server.start
+        return self.server.latest() if self.following else playing
+
+    async def _switch_weights(self, session: StreamSession, to: Weights) -> dict:
+        """Between blocks: continue under `to` (window re-cached); what the "weights" message will say."""
+        seconds = await self.bound.run(session.switch_weights, to.pipe)
+        self.server.stats["weight_switches"] += 1
+        return {"type": "weights", "version": to.version, "step": to.step, "at_frame": session.frames,
+                "switch_ms": round(seconds * 1e3, 2)}
 
     async def run(self) -> None:
         server, ws = self.server, self.ws
         start = await self._start()
-        session = await self.bound.run(server._session, start.prompt, start.seed, start.preset)
+        playing = self._wanted(start, server.start)
+        session = await self.bound.run(server._session, start.prompt, start.seed, start.preset, playing.pipe)
         limit = min(x for x in (start.max_frames, server.svc.max_session_frames or None, 2**62) if x)
         await ws.send_json({"type": "started", "width": session.width, "height": session.height,
                             "fps": server.cfg.video.fps, "preset": start.preset or server.svc.default_preset,
                             "max_frames": None if limit == 2**62 else limit,
-                            "deadline_s": self.bound.seconds, "warnings": server._prompt_warnings(start.prompt)})
+                            "deadline_s": self.bound.seconds, "warnings": server._prompt_warnings(start.prompt),
+                            "weights": {"version": playing.version, "step": playing.step}})
         reader = asyncio.create_task(self._read_controls())
         lora = self._session_lora(start)
         t0, sent, first_sent_at = time.monotonic(), 0, None
@@ -325,7 +359,10 @@ class _Stream:
                     break
                 if reader.done():
                     reader.result()  # re-raise the disconnect
-                recache_s = 0.0
+                recache_s, switched = 0.0, None
+                if (wanted := self._wanted(start, playing)) is not playing:
+                    switched, playing = await self._switch_weights(session, wanted), wanted
+                    recache_s += switched["switch_ms"] / 1e3
                 while not self.controls.empty():
                     msg = self.controls.get_nowait()
                     recache_s += await self.bound.run(session.switch_prompt, msg["prompt"])
@@ -337,7 +374,12 @@ class _Stream:
                 jpegs = await asyncio.to_thread(lambda: [_jpeg(f, server.svc.jpeg_quality) for f in frames])
                 now = time.monotonic() - t0
                 for i, data in enumerate(jpegs):
-                    await ws.send_bytes(FRAME_HEADER.pack(chunk.first_frame + i, chunk.block, now) + data)
+                    await ws.send_bytes(FRAME_HEADER.pack(chunk.first_frame + i, chunk.block, now, playing.version) + data)
+                if switched is not None:  # after its first frames: publication to first frame under it, wall clock
+                    latency = time.time() - playing.published_at if playing.published_at is not None else None
+                    if latency is not None:
+                        server.publish_to_frame_s.append(latency)
+                    await ws.send_json(switched | {"publish_to_frame_s": latency})
                 if first_sent_at is None:
                     first_sent_at = time.monotonic()
                     server.ttff_s.append(first_sent_at - t0)
@@ -369,14 +411,16 @@ class _Stream:
 @serve.deployment
 @serve.ingress(api)
 class StreamServer:
-    def __init__(self, cfg: Config, token: str | None):
+    def __init__(self, cfg: Config, token: str | None, follow: Source | None = None):
         self.cfg = cfg
         self.svc = self.cfg.serve
         self.token = token
         self.pipe = VideoPipeline.from_config(self.cfg)
-        self.merged_lora = [self._merge_startup_lora(spec) for spec in self.svc.lora]
-        for block in self.pipe.generator.blocks:  # where a request's work stops once its bound ends it
-            block.register_forward_pre_hook(_check_bound)
+        self.merged_lora = [self._merge_startup_lora(spec, self.pipe) for spec in self.svc.lora]
+        self._bounded(self.pipe)
+        self.start = Weights(0, None, None, self.pipe)  # the weights the replica started with
+        self.follower = Follower(follow, self.start, self._playable) if follow is not None else None
+        self.publish_to_frame_s: list[float] = []
         self.bounds: set[_Bound] = set()  # one per open session (stream or generate call)
         self.shutting_down = False
         self.drain_watch: asyncio.Task | None = None
@@ -385,10 +429,31 @@ class StreamServer:
         self.ttff_s: list[float] = []
         api.state.server = self
 
-    def _merge_startup_lora(self, spec: dict) -> str:
+    def __del__(self) -> None:
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()
+
+    def _merge_startup_lora(self, spec: dict, pipe: VideoPipeline) -> str:
         adapter = LoraAdapter.load(spec["path"], alpha=spec.get("alpha"))
-        merge(self.pipe.generator, adapter, weight=float(spec.get("weight", 1.0)))
+        merge(pipe.generator, adapter, weight=float(spec.get("weight", 1.0)))
         return str(spec["path"])
+
+    @staticmethod
+    def _bounded(pipe: VideoPipeline) -> None:
+        for block in pipe.generator.blocks:  # where a request's work stops once its bound ends it
+            block.register_forward_pre_hook(_check_bound)
+
+    def _playable(self, weights: dict[str, torch.Tensor]) -> VideoPipeline:
+        """A pipeline of a new weight version, as the starting one was made: startup LoRAs merged, bounded."""
+        pipe = self.pipe.with_weights(weights)
+        for spec in self.svc.lora:
+            self._merge_startup_lora(spec, pipe)
+        self._bounded(pipe)
+        return pipe
+
+    def latest(self) -> Weights:
+        """The newest weights this replica has: the follower's latest version, else the starting weights."""
+        return self.follower.latest if self.follower is not None else self.start
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -458,10 +523,10 @@ class StreamServer:
         self.stats["prompt_warnings"] += len(warnings)
         return warnings
 
-    def _session(self, prompt: str, seed: int, preset: str | None) -> StreamSession:
+    def _session(self, prompt: str, seed: int, preset: str | None, pipe: VideoPipeline | None = None) -> StreamSession:
         height, width = self._size(preset)
         try:
-            return StreamSession(self.pipe, prompt, seed, height, width)
+            return StreamSession(pipe or self.latest().pipe, prompt, seed, height, width)
         except ValueError as e:
             raise RequestError(422, str(e)) from None
 
@@ -487,6 +552,7 @@ class StreamServer:
                 "vocabulary": self.pipe.text_encoder.vocabulary(),  # the words a word-level model knows, else null
                 "presets": {k: {"height": v[0], "width": v[1]} for k, v in self.svc.presets.items()},
                 "default_preset": self.svc.default_preset,
+                "weights": self._weights_info(),
                 "limits": {"max_sessions_per_replica": self.svc.max_sessions,
                            "max_session_frames": self.svc.max_session_frames or None,
                            "max_generate_frames": self.svc.max_generate_frames, "retry_after_s": self.retry_after,
@@ -494,10 +560,16 @@ class StreamServer:
                            "stream_timeout_s": self.svc.stream_timeout_s, "start_timeout_s": self.svc.start_timeout_s},
                 "auth": self.token is not None}
 
+    def _weights_info(self) -> dict:
+        latest = self.latest()
+        return {"version": latest.version, "step": latest.step, "following": self.follower is not None,
+                **(self.follower.info() if self.follower is not None else {})}
+
     @api.get("/v1/metrics")
     async def metrics(self) -> dict:
         s = self.stats
         ttff = sorted(self.ttff_s)
+        latency = sorted(self.publish_to_frame_s)
         return {"sessions_active": self.sessions, "sessions_started": s["sessions_started"],
                 "refused_busy": s["refused_busy"],
                 "refused": {k[8:]: v for k, v in s.items() if k.startswith("refused_") and k[8:].isdigit()},
@@ -510,7 +582,11 @@ class StreamServer:
                 "production_fps": {"denoise": s["frames_made"] / s["denoise_s"] if s["denoise_s"] else None,
                                    "decode": s["frames_made"] / s["decode_s"] if s["decode_s"] else None},
                 "delivered_fps": s["frames_sent"] / s["send_window_s"] if s["send_window_s"] else None,
-                "frames_sent": s["frames_sent"]}
+                "frames_sent": s["frames_sent"],
+                "weights": {"version": self.latest().version, "switches": s["weight_switches"],
+                            "versions_received": self.follower.received if self.follower is not None else 0,
+                            "publish_to_frame_s": {"last": self.publish_to_frame_s[-1] if latency else None,
+                                                   "median": latency[len(latency) // 2] if latency else None}}}
 
     def _check_http_auth(self, request: Request) -> None:
         if not self._authorised(request.headers.get("authorization"), None):
@@ -633,8 +709,9 @@ class StreamServer:
             pass
 
 
-def build_app(cfg: Config) -> serve.Application:
-    """The streaming Serve application for `cfg`; a ConfigError naming each preset the model cannot serve."""
+def build_app(cfg: Config, follow: Source | None = None) -> serve.Application:
+    """The streaming Serve application for `cfg`, following the weight versions of `follow` when given; a
+    ConfigError naming each preset the model cannot serve."""
     svc = cfg.serve
     if problems := svc.preset_problems(cfg.video, cfg.model.patch_size):
         raise ConfigError("serve presets the model cannot serve:\n  " + "\n  ".join(problems) + "\nset serve.presets "
@@ -649,7 +726,7 @@ def build_app(cfg: Config) -> serve.Application:
                                          "target_ongoing_requests": svc.max_sessions}
     else:
         options["num_replicas"] = svc.min_replicas
-    return StreamServer.options(**options).bind(cfg, token)
+    return StreamServer.options(**options).bind(cfg, token, follow)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -1,6 +1,6 @@
 """Shared fixtures: the golden set (tests/golden by default, `--golden-dir` for another), one local Ray and
-one Serve HTTP proxy per session, the reward app the Ray tests score with, a tiny VideoReward release, and a
-one-process gloo group."""
+one Serve HTTP proxy per session, the reward app the Ray tests score with, a tiny VideoReward release, a
+one-process gloo group, and headless Chromium for the page tests."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
+from playwright.sync_api import sync_playwright
 from ray import serve
 from safetensors.torch import load_file
 
 from core.config import load_config
-from helpers import free_port
+from helpers import chromium, free_port
 from reward_service.app import build_app
 from videoreward_release import Release, write_release
 
@@ -143,3 +144,15 @@ def one_rank():
         # DeepSpeed keeps its clone of the world group across process groups; a later module's group would
         # otherwise be handed the destroyed one's (engine init: "Group ... is not registered")
         deepspeed.utils.groups._WORLD_GROUP = None
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium driven by Playwright."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            yield browser
+        finally:
+            browser.close()

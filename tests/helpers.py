@@ -4,6 +4,7 @@ a PEFT adapter on disk, the true flow toward a target."""
 from __future__ import annotations
 
 import copy
+import shutil
 import socket
 from pathlib import Path
 
@@ -83,3 +84,11 @@ class TrueFlow(torch.nn.Module):
     def forward(self, x, t, context):
         sigma = t[0, 0] / 1000
         return ((x.transpose(1, 2) - self.x0) / sigma).transpose(1, 2)
+
+
+NO_CHROMIUM = "no Chromium at /usr/bin/chromium (install Debian's chromium package)"
+
+
+def chromium() -> str | None:
+    """Debian's Chromium, which the browser tests drive with Playwright; None when there is none."""
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")

@@ -73,6 +73,13 @@ def test_generate_errors_are_one_clear_line(tmp_path, capsys):
     assert "set stream.local_attn_size" in capsys.readouterr().err
 
 
+def test_serve_following_a_folder_that_is_not_there_is_one_clear_line(tmp_path, capsys):
+    """Checked before Ray or Serve start."""
+    assert launch.main(["serve", "--follow", str(tmp_path / "no_run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--follow {tmp_path / 'no_run'}: no such folder" in err and "learner.output_dir" in err
+
+
 def test_an_unexpected_runtime_error_shows_its_traceback_behind_a_one_line_summary(tmp_path, capsys):
     """A library's own RuntimeError (here flash-attn missing; CUDA out of memory or NCCL on a cluster) keeps its
     traceback, so the user sees where it came from; the last line says what it was."""

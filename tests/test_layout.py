@@ -18,10 +18,10 @@ ALLOWED = {
     "toyworld": {"core"},
     "weight_sync": set(),
     "reward_service": {"core"},
-    "serve": {"core"},
+    "serve": {"core", "learner"},  # learner.checkpointing: a replica following a run reads its checkpoints
     "actors": {"core", "reward_service", "weight_sync"},
     "learner": {"core", "weight_sync"},
-    "job": {"core", "actors", "learner", "reward_service"},
+    "job": {"core", "actors", "learner", "reward_service", "serve"},
     "launch": {"core", "toyworld", "actors", "learner", "reward_service", "serve", "job", "weight_sync"},
 }
 

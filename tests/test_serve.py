@@ -49,8 +49,9 @@ async def receive_until(ws, kind: str, frames: list | None = None, errors: list 
     while True:
         msg = await asyncio.wait_for(ws.recv(), timeout=120)
         if isinstance(msg, bytes):
-            index, block, t = FRAME_HEADER.unpack_from(msg)
+            index, block, t, version = FRAME_HEADER.unpack_from(msg)
             assert msg[FRAME_HEADER.size:FRAME_HEADER.size + 2] == b"\xff\xd8"  # a JPEG
+            assert version == 0  # a replica that follows no training plays the weights it started with
             if frames is not None:
                 frames.append((index, block, t))
             continue

@@ -4,24 +4,19 @@ and the picture change, switch the prompt, take a screenshot, stop."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 from ray import serve
 
 from core.config import REPO_ROOT, load_config
+from helpers import NO_CHROMIUM, chromium
 from serve.app import build_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 APP = "browser_stream"
 TIMEOUT_MS = 90_000
 
-pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists() and shutil.which("chromium") is None,
-                       reason="no Chromium at /usr/bin/chromium (install Debian's chromium package)"),
-]
+pytestmark = [pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)]
 
 # The canvas as a small fingerprint: the sum of its pixels and a checksum over them.
 CANVAS_PIXELS = """() => {
@@ -44,18 +39,6 @@ DRAWN_OVER_30_RENDER_TICKS = """() => new Promise(done => {
 
 def _frames(page) -> int:
     return int(page.get_attribute("#screen", "data-frames") or 0)
-
-
-@pytest.fixture
-def browser():
-    executable = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

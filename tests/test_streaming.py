@@ -69,3 +69,31 @@ def test_session_rejects_a_size_off_the_latent_grid(pipe):
     with pytest.raises(ValueError, match="not a multiple of 16x16"):
         StreamSession(pipe, "x", seed=0, height=72, width=64)
     assert StreamSession(pipe, "x", seed=0, height=32, width=96).next_chunk().frames.shape == (9, 32, 96, 3)
+
+
+def test_switching_to_the_same_weights_before_any_eviction_changes_nothing(pipe):
+    """A weight-version switch re-caches the window under the new generator: with the same weights in a new
+    generator, the stream goes on exactly as if nothing had happened."""
+    a, b = StreamSession(pipe, "a green star", seed=1), StreamSession(pipe, "a green star", seed=1)
+    for _ in range(2):
+        a.next_chunk(), b.next_chunk()
+    twin = pipe.with_weights(pipe.generator.state_dict())
+    assert twin.generator is not pipe.generator and twin.text_encoder is pipe.text_encoder
+    b.switch_weights(twin)
+    assert b.pipe is twin
+    assert torch.equal(a.next_chunk().frames, b.next_chunk().frames)
+
+
+def test_switching_weights_mid_stream_changes_what_follows_and_keeps_the_frame_count(pipe):
+    a, b = StreamSession(pipe, "a green star", seed=1), StreamSession(pipe, "a green star", seed=1)
+    for _ in range(8):  # past the window: evictions and the EMA sink
+        a.next_chunk(), b.next_chunk()
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=v.dtype)
+             for k, v in pipe.generator.state_dict().items()}
+    other = pipe.with_weights(moved)
+    assert b.switch_weights(other) >= 0
+    after_a, after_b = a.next_chunk(), b.next_chunk()
+    assert after_a.first_frame == after_b.first_frame and after_a.frames.shape == after_b.frames.shape
+    assert not torch.equal(after_a.frames, after_b.frames)
+    again = StreamSession(other, "a green star", seed=1)  # the new generator is the one that runs: not the old one
+    assert not torch.equal(again.next_chunk().frames, StreamSession(pipe, "a green star", seed=1).next_chunk().frames)

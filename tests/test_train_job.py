@@ -15,11 +15,14 @@ from pathlib import Path
 import av
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from core.config import REPO_ROOT, ConfigError
 from core.records.video_io import read_video_file
 from job.train import check_resources, required_resources
 from learner import checkpointing
+from serve.follow import CheckpointVersions
 from toyworld.config import load_world_config
 
 JOB = ["--config", "configs/plumbing.yaml", "video.num_latent_frames=6", "actors.num_actors=2", "actors.num_cpus=0.25",
@@ -63,6 +66,12 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
     assert cursor["step"] == 4 and cursor["version"] == 2  # what a resuming driver reads: a few bytes
     assert cursor["prompt_state"]["epoch"] == 0 and cursor["prompt_state"]["next_index"] >= 8
     assert (tmp_path / "export" / "generator.safetensors").is_file()
+    # what `launch.py serve --follow` plays: the newest checkpoint's generator (raw: the EMA starts at step 20)
+    newest = CheckpointVersions(tmp_path, poll_s=0.1).next(after=0, timeout_s=5)
+    assert (newest.version, newest.step) == (2, 4)
+    exported = load_file(tmp_path / "export" / "generator.safetensors")
+    assert newest.weights.keys() == exported.keys() and all(torch.equal(newest.weights[k], exported[k]) for k in exported)
+    assert CheckpointVersions(tmp_path, poll_s=0.1).next(after=2, timeout_s=0.3) is None  # nothing newer yet
 
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]

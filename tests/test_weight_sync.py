@@ -4,6 +4,7 @@ an actor restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -48,6 +49,34 @@ def test_relay_versions_and_counted_fallbacks():
     assert relay.state == "formed"
     relay.on_actor_lost(sent_epoch=1)
     assert relay.metrics()["state"] == "broken" and relay.metrics()["broken_by"] == "actor_restarted"
+
+
+def test_followers_long_poll_the_relay_and_get_broadcast_versions_only_once_a_copy_is_offered():
+    """A streaming replica following training asks the relay for a version newer than its own: it gets each
+    object-store version with its step, waits (bounded) when there is none, and under broadcast gets a version
+    only once the publisher offers an object-store copy, which it does while a follower has asked recently."""
+
+    async def scenario() -> None:
+        relay = WeightRelay()
+        assert not relay.wants_copy()  # nobody follows: broadcast versions need no object-store copy
+        relay.publish(1, "ref-1", step=5)
+        got = await relay.follow(0, timeout_s=1.0)
+        assert got["version"] == 1 and got["step"] == 5 and got["refs"] == ["ref-1"] and got["published_at"] > 0
+        start = time.monotonic()
+        assert await relay.follow(1, timeout_s=0.3) is None  # nothing newer: the poll ends at its bound
+        assert 0.25 < time.monotonic() - start < 2 and relay.wants_copy()
+        relay.state = "formed"
+        assert relay.begin_broadcast(2, [("w", [1])], workers=[], step=10) is None
+        waiting = asyncio.ensure_future(relay.follow(1, timeout_s=5.0))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # broadcast to the actors only: nothing a follower can pull yet
+        relay.offer(1, "too-old")  # an offer for an older version is ignored
+        relay.offer(2, "copy-2")
+        got = await asyncio.wait_for(waiting, 2.0)
+        assert got["version"] == 2 and got["step"] == 10 and got["refs"] == ["copy-2"]
+        await relay.receiving  # the (empty) actors' receive task
+
+    asyncio.run(scenario())
 
 
 def test_a_restarted_learner_republishes_above_every_version_and_the_lost_ones_stay_lost():

@@ -17,18 +17,19 @@ from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import Codec, build_codec
 from core.config import Config
 from core.model.wan import CausalWanModel
-from core.records.checkpoint import WanBuild, materialise, reader
+from core.records.checkpoint import Reader, WanBuild, materialise, reader
 from core.runtime import resolve_device, resolve_dtype
 
 
 def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None,
-                    build: WanBuild | None = None) -> CausalWanModel:
+                    build: WanBuild | None = None, read: Reader | None = None) -> CausalWanModel:
     """The causal generator (frozen, in runtime.dtype unless `dtype` is given), made real by `build` (default: built
-    straight into that dtype on `device`): the local checkpoint in checkpoint.generator, or seeded random weights
-    (the same in every process)."""
+    straight into that dtype on `device`) with the weights `read` reads (default: the local checkpoint in
+    checkpoint.generator, or seeded random weights, the same in every process, when there is none)."""
     build = build or materialise(device, dtype or resolve_dtype(cfg.runtime.dtype), cfg.runtime.seed)
     ckpt = cfg.checkpoint
-    read = reader(ckpt.generator, "generator", ckpt.use_ema) if ckpt.generator else None
+    if read is None and ckpt.generator:
+        read = reader(ckpt.generator, "generator", ckpt.use_ema)
     model = build(lambda: CausalWanModel(cfg.model, cfg.stream), read)
     model.attention_backend = cfg.runtime.attention_backend
     return model.eval().requires_grad_(False)
@@ -46,6 +47,14 @@ class VideoPipeline:
         sched = FlowMatchScheduler.from_config(cfg.scheduler)
         timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
         self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise)
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> "VideoPipeline":
+        """A pipeline sharing this one's text encoder and codec, with a new generator holding `weights` (a state
+        dict in any dtype and device: built on meta and filled once, in this pipeline's dtype on its device)."""
+        build = materialise(self.device, self.dtype, self.cfg.runtime.seed)
+        generator = build_generator(self.cfg, self.device, self.dtype, build,
+                                    read=lambda device, dtype: {k: v.to(device, dtype) for k, v in weights.items()})
+        return VideoPipeline(self.cfg, generator, self.text_encoder, self.vae, self.device)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "VideoPipeline":

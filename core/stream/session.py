@@ -5,7 +5,7 @@ the streaming VAE decoder and returns its uint8 frames; the KV cache keeps only 
 the session keeps only the clean latents of the frames that window can hold, so a session runs
 forever at constant memory.
 
-`switch_prompt` follows LongLive's KV re-cache: the cross-attention K/V switch to the new prompt,
+`switch_prompt` (and `switch_weights`, for a newer weight version) follows LongLive's KV re-cache: the cross-attention K/V switch to the new prompt,
 and the self-attention cache is rebuilt by re-running the recent clean latents (the frames still
 in the window, whole blocks) at t = context_noise under the new prompt, so the next block sees
 the past as if it had been made under the new prompt and the motion continues without a cut.
@@ -85,11 +85,26 @@ class StreamSession:
         """Continue the stream under `prompt` (KV re-cache of the recent clean latents); seconds spent."""
         t0 = self._sync()
         self.prompt, self.context = prompt, self._encode(prompt)
+        self._recache()
+        return self._sync() - t0
+
+    @torch.no_grad()
+    def switch_weights(self, pipe: VideoPipeline) -> float:
+        """Continue the stream with `pipe`'s generator (other weights, the same text encoder and codec): the window
+        is re-cached under them as on a prompt switch, so the next block sees the past as the new weights would
+        have written it; seconds spent."""
+        t0 = self._sync()
+        self.pipe = pipe
+        self._recache()
+        return self._sync() - t0
+
+    def _recache(self) -> None:
+        """Rewrite the window's self-attention K/V from the recent clean latents under the current prompt and
+        generator; the oldest recent block becomes the sink."""
         first = self.cache.frames - self.fpb * len(self.recent)
         self.cache.restart_at(first)
         for i, latents in enumerate(self.recent):
             self.pipe.rollout.write_cache(latents, self.context, self.cache, first + i * self.fpb)
-        return self._sync() - t0
 
     def chunks(self, latent_frames: int | None = None) -> Iterator[VideoChunk]:
         """Decoded chunks block by block until `latent_frames` latent frames (forever when None)."""
