@@ -16,6 +16,9 @@ the job ends. From each run:
                      version (the pool's relay stamps it) to the stream's first frame under it being sent
   switch             the replica's part of it: re-caching the session's window under the new generator
   max frame gap      the longest wait between two frames the client received (its own pauses included)
+  jump at a switch   the mean absolute change (0-255) from the last frame before a weight switch to the first
+                     after it, over the same change at the stream's other block boundaries (1: a switch jumps
+                     no more than an ordinary block boundary)
 
 Medians over runs, and the ratio of steady steps/s with / without the follower.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import re
 import statistics
@@ -35,6 +39,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
@@ -55,6 +62,19 @@ def _job(out: Path, steps: int, follow: bool) -> tuple[list[str], dict]:
     return cmd, env
 
 
+def _jumps(frames: list, switch_frames: set[int]) -> tuple[list[float], list[float]]:
+    """Mean |change| across each block boundary: at weight switches, and at the other boundaries."""
+    def pixels(f) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(f.jpeg)).convert("RGB"), dtype=np.float64)
+
+    at_switch, ordinary = [], []
+    for before, after in zip(frames, frames[1:]):
+        if after.block != before.block:
+            change = float(np.abs(pixels(after) - pixels(before)).mean())
+            (at_switch if after.index in switch_frames else ordinary).append(change)
+    return at_switch, ordinary
+
+
 def _watch(proc: subprocess.Popen, stdout: Path, timeout_s: float) -> dict:
     """Wait for the app's URL, then hold a stream open until the job ends; the stream's numbers."""
     deadline = time.monotonic() + timeout_s
@@ -66,7 +86,9 @@ def _watch(proc: subprocess.Popen, stdout: Path, timeout_s: float) -> dict:
     frames, messages = asyncio.run(read_stream(url, {"prompt": PROMPT, "seed": 0}, until=lambda f, m: proc.poll() is not None,
                                                max_gap_s=60, deadline_s=max(1.0, deadline - time.monotonic())))
     switches = [m for m in messages if m["type"] == "weights"]
+    at_switch, ordinary = _jumps(frames, {m["at_frame"] for m in switches})
     return {"frames": len(frames), "versions_seen": len({f.version for f in frames}), "switches": len(switches),
+            "jump_at_switch": at_switch, "jump_at_other_boundaries": ordinary,
             "publish_to_frame_s": [m["publish_to_frame_s"] for m in switches],
             "switch_ms": [m["switch_ms"] for m in switches],
             "max_frame_gap_s": max((b.arrived - a.arrived for a, b in zip(frames, frames[1:])), default=None)}
@@ -123,7 +145,9 @@ def main() -> int:
         "publish_to_frame_s": statistics.median(latencies) if latencies else None,
         "publish_to_frame_s_max": latencies[-1] if latencies else None,
         "switch_ms": statistics.median(switch_ms) if switch_ms else None,
-        "max_frame_gap_s": max(r["max_frame_gap_s"] for r in followed if r["max_frame_gap_s"] is not None)}}
+        "max_frame_gap_s": max(r["max_frame_gap_s"] for r in followed if r["max_frame_gap_s"] is not None),
+        "jump_at_switch": statistics.fmean(x for r in followed for x in r["jump_at_switch"]),
+        "jump_at_other_boundaries": statistics.fmean(x for r in followed for x in r["jump_at_other_boundaries"])}}
     m = results["medians"]
     ratio = m["steady_steps_per_s_with"] / m["steady_steps_per_s_without"]
     results["ratio_steps_per_s_with_over_without"] = ratio
@@ -132,7 +156,9 @@ def main() -> int:
     print(f"RATIO: steady steps/s with / without a follower x{ratio:.2f} ({m['steady_steps_per_s_with']:.3f} / "
           f"{m['steady_steps_per_s_without']:.3f}); publish to first frame {m['publish_to_frame_s']:.2f} s median "
           f"(max {m['publish_to_frame_s_max']:.2f} s) over {len(latencies)} switches, of which the window re-cache "
-          f"{m['switch_ms']:.1f} ms; longest frame gap {m['max_frame_gap_s']:.2f} s")
+          f"{m['switch_ms']:.1f} ms; longest frame gap {m['max_frame_gap_s']:.2f} s; jump at a switch / at other block "
+          f"boundaries x{m['jump_at_switch'] / m['jump_at_other_boundaries']:.2f} ({m['jump_at_switch']:.2f} / "
+          f"{m['jump_at_other_boundaries']:.2f} of 255)")
     return 0
 
 

@@ -138,9 +138,21 @@ def set_aside(out: str | Path) -> Path | None:
     return aside
 
 
-def _deploy_reward_service(cfg: Config) -> str:
+STREAM_CLOSE_S = 10.0  # a stream's own deadline closes it this long before the shared proxy would cut it
+
+
+def _proxy_timeout_s(cfg: Config, serve_stream: bool) -> float:
+    """Serve's HTTP proxy bounds every request with one timeout (WebSockets too): reward_service.request_timeout_s,
+    or with the streaming app beside it, long enough for a stream to reach its own deadline (serve.stream_timeout_s)
+    and be closed by the app, with its reason. The actors score through a handle (actors.score_timeout_s), which
+    the proxy's timeout does not bound."""
+    timeout = cfg.reward_service.request_timeout_s
+    return max(timeout, cfg.serve.stream_timeout_s + STREAM_CLOSE_S) if serve_stream else timeout
+
+
+def _deploy_reward_service(cfg: Config, serve_stream: bool) -> str:
     svc, name = cfg.reward_service, cfg.actors.reward_app
-    start_serve(svc.host, svc.port, svc.request_timeout_s, section="reward_service")
+    start_serve(svc.host, svc.port, _proxy_timeout_s(cfg, serve_stream), section="reward_service")
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
     return name
 
@@ -213,7 +225,7 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
             check_resources(cfg, ray.cluster_resources(), serve_stream)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), allow_unicode=True, sort_keys=False))
-        app = _deploy_reward_service(cfg)
+        app = _deploy_reward_service(cfg, serve_stream)
         phases.done(f"reward service ({cfg.reward.backend}) deployed on Ray Serve")
         if stop.requested.is_set():
             return None

@@ -33,7 +33,8 @@ def following_job(serve_instance, ray_instance, tmp_path_factory):
     cmd = [sys.executable, "launch.py", "train", "--serve", "--address", ray_instance.get_runtime_context().gcs_address,
            f"learner.output_dir={out}", "learner.max_steps=400", "evaluation.around_train=false",
            "actors.reward_app=follow_reward", f"reward_service.port={serve_instance.rsplit(':', 1)[1]}",
-           f"serve.app_name={APP}", f"serve.route_prefix={ROUTE}"]
+           f"serve.app_name={APP}", f"serve.route_prefix={ROUTE}",
+           "serve.stream_timeout_s=50"]  # the session's proxy cuts requests at 60 s: streams close before, by the app
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=stdout.open("w"), stderr=stderr.open("w"), text=True)
     deadline, url = time.monotonic() + 300, None
     while url is None:

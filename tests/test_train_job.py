@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from core.config import REPO_ROOT, ConfigError
 from core.records.video_io import read_video_file
-from job.train import check_resources, required_resources
+from job.train import STREAM_CLOSE_S, _proxy_timeout_s, check_resources, required_resources
 from learner import checkpointing
 from serve.follow import CheckpointVersions
 from toyworld.config import load_world_config
@@ -113,6 +113,17 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
     message = str(err.value)
     assert "runtime.device is cpu" in message and "needs 8 GPU" in message and "needs 4.75 CPU" in message
     check_resources(load_world_config(), {"CPU": 2.0})  # the embedded default fits a 2-core laptop
+    check_resources(load_world_config(), {"CPU": 2.0}, serve_stream=True)  # with a following stream too
+    with pytest.raises(ConfigError, match=r"streaming app 1 x 1.0 \(serve.num_cpus\)"):
+        check_resources(load_world_config(None, ["serve.num_cpus=1"]), {"CPU": 2.0}, serve_stream=True)
+
+
+def test_a_following_stream_is_cut_by_its_own_deadline_not_by_the_shared_proxy():
+    """Serve's one HTTP proxy bounds every request, WebSockets too: with --serve it waits for the stream's own
+    deadline (the app closes the stream with its reason), else it keeps the reward service's bound."""
+    cfg = load_world_config()
+    assert _proxy_timeout_s(cfg, serve_stream=False) == cfg.reward_service.request_timeout_s == 60
+    assert _proxy_timeout_s(cfg, serve_stream=True) == cfg.serve.stream_timeout_s + STREAM_CLOSE_S
 
     missing = subprocess.run([sys.executable, "launch.py", "train", "learner.teacher.kind=wan",
                               "learner.teacher.checkpoint=/nonexistent/wan14b"],

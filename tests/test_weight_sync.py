@@ -126,7 +126,7 @@ def test_broadcast_sync_and_fallback_after_an_actor_restarts(reward_app):
         assert publisher.group is not None and sync["state"] == "formed" and sync["groups_formed"] == 1, sync
         ray.get(pool.start.remote())
         versions = {}
-        for version in (1, 2, 3):
+        for version in (1, 2, 3, 4):
             torch.manual_seed(100 + version)
             versions[version] = CausalWanModel(cfg.model, cfg.stream).state_dict()
         publisher.publish(1, versions[1])
@@ -150,6 +150,15 @@ def test_broadcast_sync_and_fallback_after_an_actor_restarts(reward_app):
         publisher.publish(3, versions[3])
         assert publisher.syncs == {"broadcast": 2, "object_store": 1}, ray.get(pool.metrics.remote())["weight_sync"]
         assert replays_exactly(cfg, fresh_sample(pool, 3), versions[3])
+        # a streaming replica starts following: version 3 went to the actors only, so it waits for the next one,
+        # which the publisher also puts in the object store for it
+        assert ray.get(pool.follow_weights.remote(0, 0.2)) is None
+        publisher.publish(4, versions[4])
+        assert publisher.syncs == {"broadcast": 3, "object_store": 1, "follower_copy": 1}
+        followed = ray.get(pool.follow_weights.remote(3, 5.0))
+        assert followed["version"] == 4 and followed["step"] == 0  # (this test publishes no steps)
+        copy = ray.get(followed["refs"][0])
+        assert all(torch.equal(copy[k], versions[4][k]) for k in versions[4])
         drops = ray.get(pool.metrics.remote())["drops"]
         assert "worker_error" not in drops, drops
     finally:
