@@ -62,6 +62,9 @@ def check_resources(cfg: Config, available: dict[str, float], serve_stream: bool
     if cfg.runtime.device == "cpu" and (cfg.actors.num_gpus > 0 or cfg.learner.use_gpu):
         problems.append("runtime.device is cpu but actors.num_gpus > 0 or learner.use_gpu is set: "
                         "use runtime.device=cuda (or auto), or drop the GPU requests")
+    if serve_stream and cfg.actors.num_gpus > 0 and cfg.serve.num_gpus == 0:
+        problems.append("--serve beside rollout actors on GPUs, but serve.num_gpus is 0: the streaming replica would "
+                        "run the generator on a CPU; set serve.num_gpus=1 (and serve.presets to sizes the model serves)")
     need = required_resources(cfg, serve_stream)
     for kind, amount in need.items():
         have = available.get(kind, 0.0)

@@ -116,6 +116,11 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
     check_resources(load_world_config(), {"CPU": 2.0}, serve_stream=True)  # with a following stream too
     with pytest.raises(ConfigError, match=r"streaming app 1 x 1.0 \(serve.num_cpus\)"):
         check_resources(load_world_config(None, ["serve.num_cpus=1"]), {"CPU": 2.0}, serve_stream=True)
+    gpu_job = load_world_config(None, ["runtime.device=cuda", "actors.num_gpus=1"])
+    with pytest.raises(ConfigError, match="set serve.num_gpus=1"):
+        check_resources(gpu_job, {"CPU": 8.0, "GPU": 8.0}, serve_stream=True)
+    check_resources(gpu_job.model_copy(update={"serve": gpu_job.serve.model_copy(update={"num_gpus": 1.0})}),
+                    {"CPU": 8.0, "GPU": 8.0}, serve_stream=True)
 
 
 def test_a_following_stream_is_cut_by_its_own_deadline_not_by_the_shared_proxy():
