@@ -63,8 +63,12 @@ def _get(url: str) -> dict:
 def test_a_stream_held_open_plays_each_new_version_without_a_gap(following_job):
     """Frames keep coming in order while the version advances mid-session; each switch is announced after the
     first frames it made, with its training step, and counted in /v1/metrics."""
-    info = _get(following_job + "v1/info")
+    info, deadline = _get(following_job + "v1/info"), time.monotonic() + 300
     assert info["weights"]["following"] and "rollout pool" in info["weights"]["source"]
+    while info["weights"]["version"] < 1:  # the learner has started (the app is up before it is built)
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+        info = _get(following_job + "v1/info")
 
     def two_switches(frames: list[Frame], messages: list[dict]) -> bool:
         return sum(m["type"] == "weights" for m in messages) >= 2  # each announced after its first frames
