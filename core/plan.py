@@ -60,7 +60,6 @@ GB = 1e9
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64)  # REFERENCE.md section 5
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Resources of the instance types cluster.yaml names, for node types that declare no `resources:` (the Ray
 # autoscaler fills these in from the cloud's catalogue itself): vCPUs, GPUs, GB per GPU.
 INSTANCE_RESOURCES = {"p5.48xlarge": (192, 8, 80.0), "p4de.24xlarge": (96, 8, 80.0), "p4d.24xlarge": (96, 8, 40.0),
@@ -365,7 +364,7 @@ def _stream_items(cfg: Config, sizes: ModelSizes, p: int, batch: int) -> list[It
 
 
 def actor_role(cfg: Config, sizes: ModelSizes) -> RolePlan:
-    p = DTYPE_BYTES[cfg.runtime.dtype]
+    p = resolve_dtype(cfg.runtime.dtype).itemsize
     items = _stream_items(cfg, sizes, p, 1)
     if cfg.learner.publish_backend == "broadcast":
         items.append(Item("staged weights", sizes.generator * p, "broadcast buffer of the next version"))
@@ -376,13 +375,13 @@ def actor_role(cfg: Config, sizes: ModelSizes) -> RolePlan:
 def reward_role(cfg: Config, sizes: ModelSizes) -> RolePlan:
     dtype = getattr(cfg.reward, "dtype", "float32")
     s = cfg.reward_service
-    items = [Item("reward model", sizes.reward * DTYPE_BYTES[dtype], "weights only (activations not estimated)")]
+    items = [Item("reward model", sizes.reward * resolve_dtype(dtype).itemsize, "weights only (activations not estimated)")]
     return RolePlan("reward replica", s.max_replicas, s.num_cpus, s.num_gpus, _dtype_name(dtype), items)
 
 
 def serve_role(cfg: Config, sizes: ModelSizes) -> RolePlan:
     s = cfg.serve
-    items = _stream_items(cfg, sizes, DTYPE_BYTES[cfg.runtime.dtype], s.max_sessions)
+    items = _stream_items(cfg, sizes, resolve_dtype(cfg.runtime.dtype).itemsize, s.max_sessions)
     return RolePlan("streaming replica", s.max_replicas, s.num_cpus, s.num_gpus, _dtype_name(cfg.runtime.dtype), items)
 
 
@@ -494,7 +493,7 @@ def build_plan(cfg: Config, config_name: str, gpu_gb: float | None = None, clust
 
 def _per_sample(cfg: Config) -> dict[str, int]:
     """Bytes one rollout sample carries to the learner, in the rollout dtype."""
-    p = DTYPE_BYTES[cfg.runtime.dtype]
+    p = resolve_dtype(cfg.runtime.dtype).itemsize
     latent = cfg.video.num_latent_frames * cfg.model.in_dim * math.prod(cfg.video.latent_hw)
     copies = 3 if cfg.scheduler.context_noise else 2  # noisy exit-step inputs and clean outputs (+ context inputs)
     context = text_context_bytes(cfg.model.text_len, cfg.model.text_dim, resolve_dtype(cfg.runtime.dtype))
