@@ -27,11 +27,11 @@ URL_LINE = re.compile(r"streaming app following the training: open (\S+)")
 
 @pytest.fixture(scope="module")
 def following_job(serve_instance, ray_instance, tmp_path_factory):
-    """The main job with --serve, long enough for both tests (SIGTERM stops it): yields the page's URL."""
+    """The main job with --serve, far longer than both tests (SIGTERM stops it): yields the page's URL."""
     out = tmp_path_factory.mktemp("follow") / "run"
     stdout, stderr = out.parent / "stdout", out.parent / "stderr"
     cmd = [sys.executable, "launch.py", "train", "--serve", "--address", ray_instance.get_runtime_context().gcs_address,
-           f"learner.output_dir={out}", "learner.max_steps=400", "evaluation.around_train=false",
+           f"learner.output_dir={out}", "learner.max_steps=5000", "evaluation.around_train=false",
            "actors.reward_app=follow_reward", f"reward_service.port={serve_instance.rsplit(':', 1)[1]}",
            f"serve.app_name={APP}", f"serve.route_prefix={ROUTE}",
            "serve.stream_timeout_s=50"]  # the session's proxy cuts requests at 60 s: streams close before, by the app
