@@ -186,13 +186,14 @@ class WeightPublisher:
             if reason is None:
                 try:
                     self.group.broadcast(buffer)
+                except Exception as e:  # noqa: BLE001 - a member vanished mid-sync (timeout): resend by object store
+                    reason = f"broadcast_failed: {_describe(e)}"
+                else:
                     self.syncs["broadcast"] += 1
                     if ray.get(self.pool.wants_weight_copy.remote()):  # a streaming replica follows the versions
                         ray.get(self.pool.offer_weights.remote(version, [self._put(weights)]))
                         self.syncs["follower_copy"] += 1
                     return time.perf_counter() - start
-                except Exception as e:  # noqa: BLE001 - a member vanished mid-sync (timeout): resend by object store
-                    reason = f"broadcast_failed: {_describe(e)}"
         elif self.broadcast:
             reason = self.not_formed or "group_not_formed"
         ray.get(self.pool.publish.remote(version, [self._put(weights)], reason, step))

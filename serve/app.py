@@ -43,7 +43,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -420,7 +420,7 @@ class StreamServer:
         self._bounded(self.pipe)
         self.start = Weights(0, None, None, self.pipe)  # the weights the replica started with
         self.follower = Follower(follow, self.start, self._playable) if follow is not None else None
-        self.publish_to_frame_s: list[float] = []
+        self.publish_to_frame_s: deque[float] = deque(maxlen=1024)  # the latest switches' latencies (bounded)
         self.bounds: set[_Bound] = set()  # one per open session (stream or generate call)
         self.shutting_down = False
         self.drain_watch: asyncio.Task | None = None
