@@ -54,7 +54,7 @@ from core.plan import build_plan
 from core.records.checkpoint import CheckpointError, save_self_forcing, save_wan_folder
 from core.records.video_io import MP4Writer
 from core.stream.pipeline import VideoPipeline
-from core.stream.session import StreamSession
+from core.stream.session import StreamSession, warm_up
 from job.cluster import start_ray, start_serve
 from job.signals import StopSignal
 from job.train import finished_run, print_summary, run, set_aside
@@ -154,6 +154,8 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     video_frames = args.frames if args.frames is not None else video_frames_for(cfg.video.num_latent_frames, cfg)
     latent_frames = latent_frames_for(video_frames, cfg)
     pipe = VideoPipeline.from_config(cfg)
+    if warmed := warm_up(pipe):
+        print(f"stream fast path ({pipe.block_step.mode}) warmed up in {warmed:.1f} s")
     print(f"generator on {pipe.device} ({cfg.runtime.dtype}); {latent_frames} latent frames -> "
           f"{video_frames} video frames at {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps")
     for i, (prompt, path) in enumerate(zip(prompts, _output_paths(args.out, prompts, args.prompts_file is not None))):
@@ -162,8 +164,9 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
         pipe.encode([prompt])  # encoded (and cached) before the bar, so a prompt warning is not drawn over by it
         written, denoise_s, decode_s = 0, 0.0, 0.0
         bar = tqdm(total=latent_frames // fpb, unit="block", desc=f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
-        with bar, MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer:
-            for chunk in StreamSession(pipe, prompt, seed).chunks(latent_frames):
+        with bar, MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer, \
+                StreamSession(pipe, prompt, seed) as session:
+            for chunk in session.chunks(latent_frames):
                 frames = chunk.frames[: video_frames - written]
                 writer.write(frames)
                 written += len(frames)

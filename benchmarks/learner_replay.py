@@ -15,7 +15,7 @@ e in --exits (default 0,1,2,3), the learner side of one generator update on one 
 * in-learner rollout (Self Forcing's learner): the generator runs the whole training rollout
   inside the learner: per block, the denoising steps before the exit step without grad, the
   exit step with grad, and the context re-run without grad (implemented below with
-  `SelfForcedRollout._predict_x0`, `_renoise` and `_write_context`, in the same order as
+  `SelfForcedRollout.predict_x0`, `renoise` and `_write_context`, in the same order as
   `training_rollout`, with the same noise seed and weights, so both paths give the same
   exit-step predictions: their max difference is printed). Then the same generator_loss +
   backward.
@@ -140,10 +140,10 @@ def in_learner_rollout(rollout: SelfForcedRollout, context: torch.Tensor, genera
         x = noise_fn(block, -1)
         with torch.no_grad():
             for i in range(exit_index):
-                x0 = rollout._predict_x0(x, float(ts[i]), context, cache, start)
-                x = rollout._renoise(x0, noise_fn(block, i), float(ts[i + 1]))
+                x0 = rollout.predict_x0(x, float(ts[i]), context, cache, start)
+                x = rollout.renoise(x0, noise_fn(block, i), float(ts[i + 1]))
         with torch.enable_grad():
-            x0 = rollout._predict_x0(x, float(ts[exit_index]), context, cache, start)
+            x0 = rollout.predict_x0(x, float(ts[exit_index]), context, cache, start)
         outputs.append(x0)
         with torch.no_grad():
             rollout._write_context(x0.detach(), context, cache, start, block, noise_fn)

@@ -127,6 +127,7 @@ class StreamConfig(ConfigSection):
     sink_mode: Literal["static", "ema"] = "static"
     compression_alpha: float = 0.999
     max_cache_frames: int = 21
+    context_rerun: bool = True  # streaming: False keeps a block's last denoising-step K/V (one forward fewer per block)
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
@@ -179,10 +180,20 @@ class SchedulerConfig(ConfigSection):
 
 
 class RuntimeConfig(ConfigSection):
+    """Where and how the models run. The streaming fast path (core/stream/block_step.py, README "Streaming speed"):
+    `compile` puts the DiT's transformer blocks through torch.compile, `cuda_graphs` replays each stream block from a
+    captured CUDA graph (CUDA only; a pipeline then serves at most serve.max_sessions streams, warmed at start),
+    `overlap_decode` denoises the next block while this one decodes (a switch then applies one block later), `fp8`
+    runs the transformer blocks' linear layers in float8 through torchao (optional extra `fp8`, CUDA sm89+)."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     attention_backend: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
     seed: int = 0
+    compile: bool = False
+    cuda_graphs: bool = False
+    overlap_decode: bool = False
+    fp8: bool = False
 
 
 class TextEncoderConfig(ConfigSection):

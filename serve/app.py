@@ -60,10 +60,11 @@ from ray import serve
 from starlette.background import BackgroundTask
 
 from core.config import Config, ConfigError, load_bearer_token, load_config
+from core.model.attention import attention_kernel
 from core.model.lora import LoraAdapter, applied, merge
 from core.records.video_io import FragmentedMP4Encoder, MP4Writer
 from core.stream.pipeline import VideoPipeline
-from core.stream.session import StreamSession
+from core.stream.session import StreamSession, warm_up
 from serve.client import FRAME_HEADER
 from serve.follow import Follower, Source, Weights
 
@@ -192,6 +193,7 @@ class _Bound:
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         _WORKER.bound = self
         try:
+            self.check()  # a compiled or graph-replayed generator has no per-layer check: stop between blocks
             return fn(*args)
         finally:
             _WORKER.bound = None
@@ -387,7 +389,8 @@ class _Stream:
                 server.stats["frames_sent"] += len(frames)
                 await ws.send_json({"type": "block", "block": chunk.block, "first_frame": chunk.first_frame,
                                     "frames": len(frames), "denoise_ms": round(chunk.denoise_s * 1e3, 2),
-                                    "decode_ms": round(chunk.decode_s * 1e3, 2), "recache_ms": round(recache_s * 1e3, 2),
+                                    "decode_ms": round(chunk.decode_s * 1e3, 2), "block_ms": round(chunk.wall_s * 1e3, 2),
+                                    "recache_ms": round(recache_s * 1e3, 2),
                                     "memory_bytes": session.memory_bytes()})
             await ws.send_json({"type": "end", "frames": sent, "reason": "stop" if self.stopped else "max_frames"})
             await ws.close()
@@ -397,7 +400,7 @@ class _Stream:
             reader.cancel()
             if lora is not None:
                 lora.__exit__(None, None, None)
-            del session
+            session.close()
 
     def _session_lora(self, start: StartMessage):
         if start.lora is None:
@@ -418,6 +421,7 @@ class StreamServer:
         self.pipe = VideoPipeline.from_config(self.cfg)
         self.merged_lora = [self._merge_startup_lora(spec, self.pipe) for spec in self.svc.lora]
         self._bounded(self.pipe)
+        self.warm_up_s = self._warm_up(self.pipe)
         self.start = Weights(0, None, None, self.pipe)  # the weights the replica started with
         self.follower = Follower(follow, self.start, self._playable) if follow is not None else None
         self.publish_to_frame_s: deque[float] = deque(maxlen=1024)  # the latest switches' latencies (bounded)
@@ -440,8 +444,11 @@ class StreamServer:
 
     @staticmethod
     def _bounded(pipe: VideoPipeline) -> None:
-        for block in pipe.generator.blocks:  # where a request's work stops once its bound ends it
-            block.register_forward_pre_hook(_check_bound)
+        """Where a request's work stops once its bound ends it: before every transformer block on the eager path;
+        compiled layers and replayed graphs run no Python hooks, so there it stops between stream blocks."""
+        if pipe.block_step.mode == "eager":
+            for block in pipe.generator.blocks:
+                block.register_forward_pre_hook(_check_bound)
 
     def _playable(self, weights: dict[str, torch.Tensor]) -> VideoPipeline:
         """A pipeline of a new weight version, as the starting one was made: startup LoRAs merged, bounded."""
@@ -449,7 +456,15 @@ class StreamServer:
         for spec in self.svc.lora:
             self._merge_startup_lora(spec, pipe)
         self._bounded(pipe)
+        self._warm_up(pipe)
         return pipe
+
+    def _warm_up(self, pipe: VideoPipeline) -> float:
+        """Compile and capture every stream shape of every preset now, so no session does (seconds; 0 when eager)."""
+        seconds = warm_up(pipe, list(self.svc.presets.values()), self.svc.max_sessions)
+        if seconds:
+            logger.info("stream fast path (%s) warmed up in %.1f s", pipe.block_step.mode, seconds)
+        return seconds
 
     def latest(self) -> Weights:
         """The newest weights this replica has: the follower's latest version, else the starting weights."""
@@ -549,6 +564,10 @@ class StreamServer:
                 "checkpoint": cfg.checkpoint.generator, "use_ema": cfg.checkpoint.use_ema, "lora": self.merged_lora,
                 "lora_adapters": sorted(self.svc.lora_adapters),
                 "stream": cfg.stream.model_dump(), "fps": cfg.video.fps,
+                "fast_path": {"block_step": self.pipe.block_step.mode, "overlap_decode": cfg.runtime.overlap_decode,
+                              "fp8": cfg.runtime.fp8, "warm_up_s": round(self.warm_up_s, 2),
+                              "attention": attention_kernel(cfg.runtime.attention_backend, self.pipe.device,
+                                                            self.pipe.dtype)},
                 "vocabulary": self.pipe.text_encoder.vocabulary(),  # the words a word-level model knows, else null
                 "presets": {k: {"height": v[0], "width": v[1]} for k, v in self.svc.presets.items()},
                 "default_preset": self.svc.default_preset,
@@ -579,8 +598,10 @@ class StreamServer:
                 "errors": {k[6:]: v for k, v in s.items() if k.startswith("error_")},
                 "time_to_first_frame_s": {"last": self.ttff_s[-1] if ttff else None,
                                           "median": ttff[len(ttff) // 2] if ttff else None},
+                # benchmarks/stream_session.py's definitions: video frames over the summed seconds
                 "production_fps": {"denoise": s["frames_made"] / s["denoise_s"] if s["denoise_s"] else None,
-                                   "decode": s["frames_made"] / s["decode_s"] if s["decode_s"] else None},
+                                   "decode": s["frames_made"] / s["decode_s"] if s["decode_s"] else None,
+                                   "end_to_end": s["frames_made"] / s["block_s"] if s["block_s"] else None},
                 "delivered_fps": s["frames_sent"] / s["send_window_s"] if s["send_window_s"] else None,
                 "frames_sent": s["frames_sent"],
                 "weights": {"version": self.latest().version, "switches": s["weight_switches"],
@@ -602,7 +623,7 @@ class StreamServer:
         self._size(body.preset)  # validate before claiming a slot
         bound = _Bound(self.svc.generate_timeout_s, "serve.generate_timeout_s", "generate")
         self._open(bound)
-        fragments = None  # once it has started, the fragment generator owns the slot: it counts and frees it
+        fragments = session = None  # once started, the fragment generator owns the slot and the session: it frees them
         try:
             async with bound.scope():
                 session = await bound.run(self._session, body.prompt, body.seed, body.preset)
@@ -618,6 +639,8 @@ class StreamServer:
         finally:
             if fragments is None:
                 self._close(bound)
+                if session is not None:
+                    session.close()
         return FileResponse(path, media_type="video/mp4", filename="video.mp4", headers=headers,
                             background=BackgroundTask(Path(path).unlink, missing_ok=True))
 
@@ -653,6 +676,7 @@ class StreamServer:
             raise
         finally:  # also when the response is dropped unsent: a started async generator is closed when collected
             self._close(bound)
+            session.close()
 
     def _count_end(self, bound: _Bound, ended: WorkEnded) -> None:
         """Count and log a request's early end, once."""
@@ -665,6 +689,7 @@ class StreamServer:
         self.stats["frames_made"] += len(chunk.frames)
         self.stats["denoise_s"] += chunk.denoise_s
         self.stats["decode_s"] += chunk.decode_s
+        self.stats["block_s"] += chunk.wall_s
 
     # ------------------------------------------------------------------------------------------ WebSocket
 

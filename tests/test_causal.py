@@ -266,9 +266,9 @@ def test_replay_gradient_equals_self_forcing_in_rollout_gradient():
         for i in range(exit_index + 1):
             t = float(STEPS[i])
             with torch.set_grad_enabled(i == exit_index):
-                x0 = rollout._predict_x0(x, t, ctx, cache, start)
+                x0 = rollout.predict_x0(x, t, ctx, cache, start)
             if i < exit_index:
-                x = rollout._renoise(x0, replayed_noise(b, i), float(STEPS[i + 1]))
+                x = rollout.renoise(x0, replayed_noise(b, i), float(STEPS[i + 1]))
         outputs.append(x0)
         with torch.no_grad():
             rollout._write_context(x0.detach(), ctx, cache, start, b, replayed_noise)

@@ -112,6 +112,8 @@ def test_session_limit_refuses_with_503_and_frees_on_disconnect(app_url):
         metrics = httpx.get(f"{app_url}/v1/metrics").json()
         assert metrics["refused_busy"] >= 1 and metrics["time_to_first_frame_s"]["last"] > 0
         assert metrics["production_fps"]["denoise"] > 0 and metrics["delivered_fps"] > 0
+        # end to end (denoise + decode) is never faster than denoising alone on the sequential path
+        assert 0 < metrics["production_fps"]["end_to_end"] <= metrics["production_fps"]["denoise"]
     asyncio.run(run())
 
 
@@ -142,6 +144,8 @@ def test_info_health_and_page(app_url):
     assert info["presets"]["tiny"] == {"height": 64, "width": 64} and info["default_preset"] == "tiny"
     assert info["vocabulary"] is None  # a byte-level tokenizer: no word list to show
     assert info["limits"]["max_sessions_per_replica"] == 1 and info["auth"] is False
+    assert info["fast_path"] == {"block_step": "eager", "overlap_decode": False, "fp8": False, "warm_up_s": 0.0,
+                                 "attention": "sdpa"}
     assert httpx.get(f"{app_url}/healthz").json()["status"] == "ok"
     page = httpx.get(f"{app_url}/")
     assert page.status_code == 200 and "<canvas" in page.text

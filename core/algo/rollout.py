@@ -18,12 +18,13 @@ Latents here are [B, F, C, H, W]; the model takes [B, C, F, H, W].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn as nn
 
 from core.algo.scheduler import FlowMatchScheduler
-from core.model.kv_cache import KVCache
+from core.model.kv_cache import BlockView, KVCache
 from core.model.wan import CausalWanModel
 
 # noise_fn(block, step) -> noise [B, f, C, H, W]; step -1 is the block's initial noise,
@@ -73,36 +74,40 @@ def _bcfhw(x: torch.Tensor) -> torch.Tensor:
 
 class SelfForcedRollout:
     def __init__(self, model: CausalWanModel, scheduler: FlowMatchScheduler, timesteps: torch.Tensor,
-                 context_noise: int = 0):
+                 context_noise: int = 0, context_rerun: bool = True):
         self.model = model
         self.scheduler = scheduler
         self.timesteps = timesteps.to(torch.float32)
         self.context_noise = context_noise
+        self.context_rerun = context_rerun  # streaming only: False keeps the last denoising step's K/V instead
         self.frames_per_block = model.stream.num_frame_per_block
 
-    def _predict_x0(self, x: torch.Tensor, t: float, context, cache: KVCache, start_frame: int) -> torch.Tensor:
+    def predict_x0(self, x: torch.Tensor, t: float, context, cache: KVCache | BlockView,
+                   start_frame: int | torch.Tensor, blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        """The model's clean estimate of the block x [B, f, C, H, W] at timestep t."""
         b, f = x.shape[:2]
         t_frames = torch.full((b, f), t, dtype=torch.float32, device=x.device)
-        flow = _bcfhw(self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame))
+        flow = _bcfhw(self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame, blocks=blocks))
         return self.scheduler.x0_from_flow(flow.flatten(0, 1), x.flatten(0, 1), t_frames.flatten()).unflatten(0, (b, f))
 
-    def _renoise(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    def renoise(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
         b, f = x0.shape[:2]
         t_frames = torch.full((b * f,), t, dtype=torch.float32, device=x0.device)
         return self.scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t_frames).unflatten(0, (b, f))
 
-    def write_cache(self, x: torch.Tensor, context: torch.Tensor, cache: KVCache, start_frame: int,
-                    t: float | None = None) -> None:
+    def write_cache(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | BlockView,
+                    start_frame: int | torch.Tensor, t: float | None = None,
+                    blocks: Sequence[nn.Module] | None = None) -> None:
         """Run finished latents x [B, f, C, H, W] at timestep `t` (default: the context timestep) so their K/V
         land in the cache: a block's context re-run, a replay's, and a prompt switch's re-cache."""
         t = float(self.context_noise) if t is None else t
         t_frames = torch.full(x.shape[:2], t, dtype=torch.float32, device=x.device)
-        self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame)
+        self.model(_bcfhw(x), t_frames, context, cache=cache, start_frame=start_frame, blocks=blocks)
 
     def _write_context(self, x0: torch.Tensor, context, cache: KVCache, start_frame: int, block: int,
                        noise_fn: NoiseFn) -> torch.Tensor:
         """Re-run the finished block at t = context_noise so its clean K/V land in the cache."""
-        x = x0 if self.context_noise == 0 else self._renoise(x0, noise_fn(block, "context"), float(self.context_noise))
+        x = x0 if self.context_noise == 0 else self.renoise(x0, noise_fn(block, "context"), float(self.context_noise))
         self.write_cache(x, context, cache, start_frame)
         return x
 
@@ -116,11 +121,12 @@ class SelfForcedRollout:
             x = noise_fn(block, -1)
             last = len(self.timesteps) - 1
             for i, t in enumerate(self.timesteps.tolist()):
-                x0 = self._predict_x0(x, t, context, cache, start)
+                x0 = self.predict_x0(x, t, context, cache, start)
                 if i < last:
-                    x = self._renoise(x0, noise_fn(block, i), float(self.timesteps[i + 1]))
+                    x = self.renoise(x0, noise_fn(block, i), float(self.timesteps[i + 1]))
             yield Block(block, start, x0)
-            self._write_context(x0, context, cache, start, block, noise_fn)
+            if self.context_rerun:
+                self._write_context(x0, context, cache, start, block, noise_fn)
             block += 1
 
     @torch.no_grad()
@@ -143,9 +149,9 @@ class SelfForcedRollout:
             x = noise_fn(block, -1)
             for i in range(exit_index + 1):
                 t = float(self.timesteps[i])
-                x0 = self._predict_x0(x, t, context, cache, start)
+                x0 = self.predict_x0(x, t, context, cache, start)
                 if i < exit_index:
-                    x = self._renoise(x0, noise_fn(block, i), float(self.timesteps[i + 1]))
+                    x = self.renoise(x0, noise_fn(block, i), float(self.timesteps[i + 1]))
             ctx_in = self._write_context(x0, context, cache, start, block, noise_fn)
             record.blocks.append(ReplayBlock(start, x, x0, ctx_in if self.context_noise else None))
         return record
@@ -158,7 +164,7 @@ class SelfForcedRollout:
         """
         outputs = []
         for blk in record.blocks:
-            outputs.append(self._predict_x0(blk.noisy, record.exit_timestep, context, cache, blk.start_frame))
+            outputs.append(self.predict_x0(blk.noisy, record.exit_timestep, context, cache, blk.start_frame))
             with torch.no_grad():
                 ctx_in = blk.clean if blk.context_input is None else blk.context_input
                 self.write_cache(ctx_in, context, cache, blk.start_frame, record.context_timestep)

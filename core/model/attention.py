@@ -87,6 +87,15 @@ def resolve_backend(backend: str, q: torch.Tensor, masked: bool) -> str:
     return backend
 
 
+def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel an unmasked attention (every streaming call) runs for `backend` on this device and dtype, by name:
+    flash-attn-3, flash-attn-2, sdpa (PyTorch picks flash, cuDNN or memory-efficient inside), flex or math."""
+    kind = resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), masked=False)
+    if kind == "flash":
+        return "flash-attn-3" if _flash3 is not None else "flash-attn-2"
+    return kind
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               mask_mod: MaskMod | None = None, backend: str = "auto") -> torch.Tensor:
     """Scaled dot-product attention of q [B, Lq, H, D] over k, v [B, Lk, H, D]."""

@@ -45,6 +45,16 @@ class LayerCache:
     pinned: int = 0  # leading tokens of k/v that a checkpointed block holds views of
 
 
+@dataclass(frozen=True)
+class BlockSlots:
+    """Where one block's K/V go, in tokens: `evict` leave the window first, the block fills [start, end), attention
+    reads [0, end). Constant once the window is full, so it keys a compiled or captured block step."""
+
+    evict: int
+    start: int
+    end: int
+
+
 class KVCache:
     """Self-attention caches of every layer plus the per-prompt cross-attention K/V of one stream."""
 
@@ -93,6 +103,9 @@ class KVCache:
             c.global_end, c.local_end = frame * self.tokens_per_frame, 0
         self.cross_kv = [None] * len(self.layers)
 
+    def layer(self, index: int) -> LayerView:
+        return LayerView(self, index)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's K/V for frames starting at `start_frame`; return the K/V to attend to."""
         c = self.layers[layer]
@@ -107,30 +120,55 @@ class KVCache:
         """Store this call's K/V (detached) for frames starting at `start_frame`, advancing the pointers and
         evicting on the first call of a new block; return the slot they start at."""
         c = self.layers[layer]
-        new = k.shape[1]
+        slots, current_end = self._slots(c, start_frame, k.shape[1])
+        if slots.evict:
+            self._evict(c, slots.evict)
+            if layer == 0:
+                self.evictions += 1
+        if slots.start < c.pinned:
+            self._unpin(c)
+        c.k[:, slots.start:slots.end] = k.detach()
+        c.v[:, slots.start:slots.end] = v.detach()
+        c.global_end, c.local_end = current_end, slots.end
+        return slots.start
+
+    def _slots(self, c: LayerCache, start_frame: int, new: int) -> tuple[BlockSlots, int]:
+        """Where `new` tokens of frames from `start_frame` go in layer cache `c`, and its new `global_end`."""
         current_end = start_frame * self.tokens_per_frame + new
         local_end = c.local_end + current_end - c.global_end
+        evict = 0
         if current_end > c.global_end and c.local_end + new > self.capacity:
             if not self.windowed:
                 raise StreamLimitError(
                     f"the KV cache holds {self.stream.max_cache_frames} latent frames and no window is set "
                     f"(stream.local_attn_size=-1), so frame {current_end // self.tokens_per_frame - 1} cannot be "
                     "generated: set stream.local_attn_size (e.g. 12) and stream.sink_size (e.g. 3) for longer videos")
-            n_evict = c.local_end + new - self.capacity
-            self._evict(c, n_evict)
-            local_end -= n_evict
-            if layer == 0:
-                self.evictions += 1
-        start = local_end - new
-        if start < 0:
+            evict = c.local_end + new - self.capacity
+            local_end -= evict
+        if local_end - new < 0:
             raise StreamLimitError(f"frame {start_frame} lies before the cached window; "
                                      "a stream can only rewrite its latest block")
-        if start < c.pinned:
-            self._unpin(c)
-        c.k[:, start:local_end] = k.detach()
-        c.v[:, start:local_end] = v.detach()
-        c.global_end, c.local_end = current_end, local_end
-        return start
+        return BlockSlots(evict, local_end - new, local_end), current_end
+
+    def open_block(self, start_frame: int, frames: int) -> BlockSlots:
+        """Advance every layer's pointers for a new block of `frames` latent frames at `start_frame`, as its first
+        write would, without touching a tensor: the eviction (`evict`) and the writes (`BlockView`) then run as
+        fixed-shape work, the same for every block once the window is full."""
+        new = frames * self.tokens_per_frame
+        slots, current_end = self._slots(self.layers[0], start_frame, new)
+        if current_end <= self.layers[0].global_end:
+            raise StreamLimitError(f"frame {start_frame} is not a new block (the stream is at frame {self.frames})")
+        for c in self.layers:
+            if c.pinned:
+                self._unpin(c)
+            c.global_end, c.local_end = current_end, slots.end
+        self.evictions += bool(slots.evict)
+        return slots
+
+    def evict(self, tokens: int) -> None:
+        """Drop the oldest `tokens` non-sink tokens of every layer (fused into the EMA sink): `open_block`'s eviction."""
+        for c in self.layers:
+            self._evict(c, tokens)
 
     def pin(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `tokens` cached K/V of `layer` that keep their values: later writes there copy first."""
@@ -180,9 +218,60 @@ class CheckpointedCache:
     def rope(self) -> str:
         return self.cache.rope
 
+    def layer(self, index: int) -> LayerView:
+        return LayerView(self, index)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V to attend to: the pinned window of the first run, then this run's own K/V (live, for the grad)."""
         if layer not in self.windows:
             self.windows[layer] = self.cache.pin(layer, self.cache.write(layer, k, v, start_frame))
         past_k, past_v = self.windows[layer]
         return torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+
+
+@dataclass
+class LayerView:
+    """One layer of a cache, as a transformer block's self-attention uses it: `rope` and `update(k, v, start_frame)`."""
+
+    cache: KVCache | CheckpointedCache
+    index: int
+
+    @property
+    def rope(self) -> str:
+        return self.cache.rope
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_frame: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(self.index, k, v, start_frame)
+
+
+@dataclass
+class WindowSlots:
+    """One layer's buffers as a fixed-shape block step uses them: this call's K/V overwrite slots [start, end) and
+    attention reads [0, end). Only tensors and constants, so one compiled graph serves every layer and every block
+    with the same `BlockSlots`, and a captured CUDA graph replays it."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+    end: int
+    rope: str
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_frame: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[:, self.start:self.end] = k
+        self.v[:, self.start:self.end] = v
+        return self.k[:, :self.end], self.v[:, :self.end]
+
+
+class BlockView:
+    """A cache after `open_block`, as the block's forwards see it: per layer `WindowSlots`, and the prompt's
+    cross-attention K/V (already computed)."""
+
+    def __init__(self, cache: KVCache, slots: BlockSlots):
+        if any(kv is None for kv in cache.cross_kv):
+            raise ValueError("a block view needs the prompt's cross-attention K/V in the cache (KVCache.cross_kv)")
+        self.rope = cache.rope
+        self.cross_kv = cache.cross_kv
+        self.layers = [WindowSlots(c.k, c.v, slots.start, slots.end, cache.rope) for c in cache.layers]
+
+    def layer(self, index: int) -> WindowSlots:
+        return self.layers[index]

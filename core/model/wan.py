@@ -9,7 +9,7 @@ as [B, C, F, H, W] latents; tokens per frame follow from H, W and the patch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.config import StreamConfig, WanArchConfig
 from core.model.attention import MaskMod, attention, block_causal_mask, teacher_forcing_mask
-from core.model.kv_cache import CheckpointedCache, KVCache, StreamLimitError
+from core.model.kv_cache import BlockView, CheckpointedCache, KVCache, LayerView, StreamLimitError, WindowSlots
 
 ROPE_POSITIONS = 1024  # length of the RoPE table per axis, as in Wan
 
@@ -53,18 +53,26 @@ def rope_tables(head_dim: int, positions: int = ROPE_POSITIONS, theta: float = 1
     return torch.stack([torch.cos(ang), torch.sin(ang)], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, tables: torch.Tensor, grid: tuple[int, int, int], start_frame: int = 0) -> torch.Tensor:
-    """Rotate x [B, f*h*w, heads, head_dim] (interleaved pairs) at frames start_frame..start_frame+f-1."""
+def apply_rope(x: torch.Tensor, tables: torch.Tensor, grid: tuple[int, int, int],
+               start_frame: int | torch.Tensor = 0) -> torch.Tensor:
+    """Rotate x [B, f*h*w, heads, head_dim] (interleaved pairs) at frames start_frame..start_frame+f-1.
+
+    A tensor `start_frame` (0-d, int64) is gathered rather than sliced, so the position is data and a compiled or
+    captured block step serves every position; its caller checks the table bound."""
     f, h, w = grid
-    if start_frame < 0 or start_frame + f > tables.shape[0]:
+    if not isinstance(start_frame, torch.Tensor) and (start_frame < 0 or start_frame + f > tables.shape[0]):
         raise StreamLimitError(
             f"RoPE position {start_frame + f - 1} is past the {tables.shape[0]}-entry table: absolute RoPE "
             "cannot go further; use stream.rope=window (Reward Forcing) for unbounded length")
     c = tables.shape[1]
     ct, ch = c - 2 * (c // 3), c // 3
     tab = tables.to(device=x.device, dtype=_compute_dtype(x))
+    if isinstance(start_frame, torch.Tensor):
+        frames = tab.index_select(0, start_frame.to(x.device) + torch.arange(f, device=x.device))
+    else:
+        frames = tab[start_frame:start_frame + f]
     per_axis = (
-        tab[start_frame:start_frame + f, :ct].view(f, 1, 1, ct, 2).expand(f, h, w, ct, 2),
+        frames[:, :ct].view(f, 1, 1, ct, 2).expand(f, h, w, ct, 2),
         tab[:h, ct:ct + ch].view(1, h, 1, ch, 2).expand(f, h, w, ch, 2),
         tab[:w, ct + ch:].view(1, 1, w, ch, 2).expand(f, h, w, ch, 2),
     )
@@ -120,7 +128,7 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], rope: torch.Tensor, backend: str,
                 mask_mod: MaskMod | None = None, rope_grids: list[tuple[int, int, int]] | None = None,
-                cache: KVCache | CheckpointedCache | None = None, layer: int = 0, start_frame: int = 0) -> torch.Tensor:
+                cache: LayerView | WindowSlots | None = None, start_frame: int | torch.Tensor = 0) -> torch.Tensor:
         q, (k, v) = self._query(x), self._key_value(x)
         if cache is None:
             # Full-sequence forward; `rope_grids` splits the sequence into parts that each restart at
@@ -129,7 +137,7 @@ class SelfAttention(_Attention):
             k = self._rope_parts(k, rope, rope_grids or [grid])
             out = attention(q, k, v, mask_mod=mask_mod, backend=backend)
         else:
-            out = self._cached(q, k, v, grid, rope, backend, cache, layer, start_frame)
+            out = self._cached(q, k, v, grid, rope, backend, cache, start_frame)
         return self.o(out.flatten(2))
 
     @staticmethod
@@ -138,13 +146,13 @@ class SelfAttention(_Attention):
         return torch.cat([apply_rope(p, rope, g) for p, g in zip(x.split(sizes, dim=1), grids)], dim=1)
 
     @staticmethod
-    def _cached(q, k, v, grid, rope, backend, cache: KVCache | CheckpointedCache, layer: int,
-                start_frame: int) -> torch.Tensor:
+    def _cached(q, k, v, grid, rope, backend, cache: LayerView | WindowSlots,
+                start_frame: int | torch.Tensor) -> torch.Tensor:
         f, h, w = grid
         if cache.rope == "absolute":  # keys are cached already rotated at their absolute frame
             q = apply_rope(q, rope, grid, start_frame)
             k = apply_rope(k, rope, grid, start_frame)
-        keys, values = cache.update(layer, k, v, start_frame)
+        keys, values = cache.update(k, v, start_frame)
         if cache.rope == "window":  # pre-RoPE keys take window positions 0..n-1, queries the last slots
             n_frames = keys.shape[1] // (h * w)
             keys = apply_rope(keys, rope, (n_frames, h, w), 0)
@@ -312,23 +320,27 @@ class _WanBase(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return tokens, grid, e.unflatten(0, (b, f)), e0.unflatten(0, (b, f))
 
-    def _run_blocks(self, x, e0, context, **attn_kwargs) -> torch.Tensor:
-        cache = attn_kwargs.get("cache")
+    def _run_blocks(self, x, e0, context, blocks: Sequence[nn.Module] | None = None, **attn_kwargs) -> torch.Tensor:
+        """The transformer blocks over tokens x; `blocks` replaces them with compiled ones (the stream's fast path)."""
+        cache = attn_kwargs.pop("cache", None)
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        layers = cache
         if checkpointed and cache is not None:
             # The backward recomputes each block after the cache has moved on: it must read the window
             # the forward read and write nothing (kv_cache.CheckpointedCache).
-            attn_kwargs["cache"] = CheckpointedCache(cache)
-        for i, block in enumerate(self.blocks):
+            layers = CheckpointedCache(cache)
+        for i, block in enumerate(blocks or self.blocks):
             ctx_kv = self._context_kv(i, block, context, cache)
+            if layers is not None:
+                attn_kwargs["cache"] = layers.layer(i)
             if checkpointed:
-                x = checkpoint(block, x, e0, ctx_kv, use_reentrant=False, layer=i, **attn_kwargs)
+                x = checkpoint(block, x, e0, ctx_kv, use_reentrant=False, **attn_kwargs)
             else:
-                x = block(x, e0, ctx_kv, layer=i, **attn_kwargs)
+                x = block(x, e0, ctx_kv, **attn_kwargs)
         return x
 
     @staticmethod
-    def _context_kv(layer: int, block: WanBlock, context: torch.Tensor, cache: KVCache | None):
+    def _context_kv(layer: int, block: WanBlock, context: torch.Tensor, cache: KVCache | BlockView | None):
         # Without grad the text K/V are computed once per prompt and reused by every later call.
         # With grad they are recomputed, so a cache never holds tensors tied to one backward pass
         # and every grad-enabled call gets the text-side gradient.
@@ -373,8 +385,14 @@ class CausalWanModel(_WanBase):
         return KVCache(self.stream, self.cfg.num_layers, batch, (latent_hw[0] // ph) * (latent_hw[1] // pw),
                        self.cfg.num_heads, self.cfg.head_dim, dtype or p.dtype, device or p.device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | list[torch.Tensor], *,
-                cache: KVCache | None = None, start_frame: int = 0, clean_x: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention K/V of one prompt embedding: what a stream's cache keeps per prompt."""
+        ctx = self.embed_context(context)
+        return [block.cross_attn.context_kv(ctx) for block in self.blocks]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None, *,
+                cache: KVCache | BlockView | None = None, start_frame: int | torch.Tensor = 0,
+                clean_x: torch.Tensor | None = None, blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
         """Flow prediction for x [B, C, F, H, W] at per-frame timesteps t [B, F].
 
         With `cache`: x is the block starting at latent frame `start_frame`; the cache is read and
@@ -390,7 +408,7 @@ class CausalWanModel(_WanBase):
         else:
             ctx = self.embed_context(context)
         tpb = self.stream.num_frame_per_block * grid[1] * grid[2]
-        kwargs = dict(grid=grid, rope=self.rope, backend=self.attention_backend)
+        kwargs = dict(grid=grid, rope=self.rope, backend=self.attention_backend, blocks=blocks)
         if cache is not None:
             kwargs.update(cache=cache, start_frame=start_frame)
         elif clean_x is None:

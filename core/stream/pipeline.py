@@ -16,9 +16,11 @@ from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import Codec, build_codec
 from core.config import Config
+from core.model.fp8 import float8_linears
 from core.model.wan import CausalWanModel
 from core.records.checkpoint import Reader, WanBuild, materialise, reader
 from core.runtime import resolve_device, resolve_dtype
+from core.stream.block_step import BlockStep
 
 
 def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None,
@@ -32,6 +34,8 @@ def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype 
         read = reader(ckpt.generator, "generator", ckpt.use_ema)
     model = build(lambda: CausalWanModel(cfg.model, cfg.stream), read)
     model.attention_backend = cfg.runtime.attention_backend
+    if cfg.runtime.fp8:
+        float8_linears(model)
     return model.eval().requires_grad_(False)
 
 
@@ -46,7 +50,8 @@ class VideoPipeline:
         self.dtype = next(generator.parameters()).dtype
         sched = FlowMatchScheduler.from_config(cfg.scheduler)
         timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
-        self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise)
+        self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise, cfg.stream.context_rerun)
+        self.block_step = BlockStep(self.rollout, cfg.runtime.compile, cfg.runtime.cuda_graphs)
 
     def with_weights(self, weights: dict[str, torch.Tensor]) -> "VideoPipeline":
         """A pipeline sharing this one's text encoder and codec, with a new generator holding `weights` (a state

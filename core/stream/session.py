@@ -11,13 +11,20 @@ in the window, whole blocks) at t = context_noise under the new prompt, so the n
 the past as if it had been made under the new prompt and the motion continues without a cut.
 The re-cached window starts at the oldest recent block, which becomes the sink; the old EMA sink,
 accumulated under the previous prompt, is dropped with it.
+
+Each block's denoising runs through the pipeline's `BlockStep` (eager, compiled or a replayed CUDA graph). With
+`overlap_decode` the session denoises one block ahead, in a worker thread (on CUDA on its own stream), while the
+caller decodes the block before it, so a block costs max(denoise, decode) instead of their sum; the frames are the
+same, and a prompt or weight switch applies from the first block not yet denoised, one block later than without.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +40,19 @@ class VideoChunk:
     denoise_s: float
     decode_s: float
     first_frame: int = 0  # index of frames[0] in the stream
+    wall_s: float = 0.0  # what the caller of next_chunk waited: denoise + decode, or with overlap max(both) or less
+
+
+@dataclass
+class _Denoised:
+    block: int
+    latents: torch.Tensor  # clean [1, f, C, H, W]
+    seconds: float
 
 
 class StreamSession:
-    def __init__(self, pipe: VideoPipeline, prompt: str, seed: int, height: int | None = None, width: int | None = None):
+    def __init__(self, pipe: VideoPipeline, prompt: str, seed: int, height: int | None = None, width: int | None = None,
+                 overlap_decode: bool | None = None):
         cfg = pipe.cfg
         self.pipe, self.seed = pipe, seed
         self.height, self.width = height or cfg.video.height, width or cfg.video.width
@@ -49,33 +65,60 @@ class StreamSession:
         self.fpb = cfg.stream.num_frame_per_block
         window = cfg.stream.local_attn_size if cfg.stream.local_attn_size != -1 else cfg.stream.cache_frames
         self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window // self.fpb))  # clean blocks the window holds
-        self.cache = pipe.generator.init_cache(1, self.latent_hw)
+        self.cache = pipe.block_step.acquire(self.latent_hw)
         self.decoder = pipe.vae.stream_decoder()
         self.noise = pipe.noise(1, torch.Generator(device="cpu").manual_seed(seed), self.latent_hw)
         self.blocks = self.frames = 0
+        self.denoised = 0  # blocks denoised, the one made ahead included
         self.prompt = prompt
         self.context = self._encode(prompt)
+        self.overlap = cfg.runtime.overlap_decode if overlap_decode is None else overlap_decode
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="denoise-ahead") if self.overlap else None
+        self._ahead: Future[_Denoised] | None = None
+        cuda = pipe.device.type == "cuda"
+        self._denoise_stream = torch.cuda.Stream(pipe.device) if cuda and self.overlap else None
 
     def _encode(self, prompt: str) -> torch.Tensor:
         return self.pipe.encode([prompt])
 
     def _sync(self) -> float:
+        """Now, once the current stream's work is done (a stream, not the device: the other stream keeps running)."""
         if self.pipe.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(self.pipe.device).synchronize()
         return time.perf_counter()
 
     @torch.no_grad()
-    def next_chunk(self) -> VideoChunk:
+    def _denoise(self) -> _Denoised:
+        """Denoise the next block (its context K/V written): the unit the worker runs ahead."""
+        stream = torch.cuda.stream(self._denoise_stream) if self._denoise_stream is not None else contextlib.nullcontext()
+        with stream:
+            t0 = self._sync()
+            latents = self.pipe.block_step(self.cache, self.context, self.noise, self.denoised)
+            self.recent.append(latents)
+            done = _Denoised(self.denoised, latents, self._sync() - t0)
+        self.denoised += 1
+        return done
+
+    def _settle(self) -> None:
+        """Wait for the block being made ahead (the cache is the worker's until then)."""
+        if self._ahead is not None:
+            self._ahead.result()
+
+    @torch.no_grad()
+    def next_chunk(self, more: bool = True) -> VideoChunk:
         """The next block's decoded frames: with Wan's VAE 1 + 4 per later latent for the first block and 4 per
-        latent after, with the patch codec one per latent."""
+        latent after, with the patch codec one per latent. `more`: another block will be asked for (with overlap
+        it is denoised while this one decodes)."""
+        called = time.perf_counter()
+        if self._worker is None:
+            made = self._denoise()
+        else:
+            made = self._ahead.result() if self._ahead is not None else self._denoise()
+            self._ahead = self._worker.submit(self._denoise) if more else None  # denoises while this one decodes
         t0 = self._sync()
-        # exhausting the one-block stream also runs the context re-run that writes the block's clean K/V
-        (block,) = list(self.pipe.rollout.stream(self.context, self.cache, self.noise, num_blocks=1))
-        t1 = self._sync()
-        frames = to_uint8_frames(self.decoder.decode(block.latents.transpose(1, 2)))
-        t2 = self._sync()
-        self.recent.append(block.latents)
-        chunk = VideoChunk(self.blocks, frames, t1 - t0, t2 - t1, first_frame=self.frames)
+        frames = to_uint8_frames(self.decoder.decode(made.latents.transpose(1, 2)))
+        done = self._sync()
+        chunk = VideoChunk(made.block, frames, made.seconds, done - t0, self.frames, done - called)
         self.blocks += 1
         self.frames += len(frames)
         return chunk
@@ -83,6 +126,7 @@ class StreamSession:
     @torch.no_grad()
     def switch_prompt(self, prompt: str) -> float:
         """Continue the stream under `prompt` (KV re-cache of the recent clean latents); seconds spent."""
+        self._settle()
         t0 = self._sync()
         self.prompt, self.context = prompt, self._encode(prompt)
         self._recache()
@@ -93,10 +137,30 @@ class StreamSession:
         """Continue the stream with `pipe`'s generator (other weights, the same text encoder and codec): the window
         is re-cached under them as on a prompt switch, so the next block sees the past as the new weights would
         have written it; seconds spent."""
+        self._settle()
         t0 = self._sync()
-        self.pipe = pipe
+        if pipe is not self.pipe:  # the cache belongs to the pipeline that runs it (its graphs are bound to it)
+            cache = pipe.block_step.acquire(self.latent_hw)
+            cache.restart_at(self.cache.frames)
+            self.pipe.block_step.release(self.cache)
+            self.pipe, self.cache = pipe, cache
         self._recache()
         return self._sync() - t0
+
+    def close(self) -> None:
+        """Stop making blocks ahead and give the cache back (a graph-bound one returns to the pipeline's pool)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        if self.cache is not None:
+            self.pipe.block_step.release(self.cache)
+            self.cache = None
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _recache(self) -> None:
         """Rewrite the window's self-attention K/V from the recent clean latents under the current prompt and
@@ -111,8 +175,43 @@ class StreamSession:
         if latent_frames is not None and latent_frames % self.fpb:
             raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({self.fpb})")
         while latent_frames is None or self.blocks < latent_frames // self.fpb:
-            yield self.next_chunk()
+            yield self.next_chunk(more=latent_frames is None or self.blocks + 1 < latent_frames // self.fpb)
 
     def memory_bytes(self) -> int:
         """KV cache plus the kept clean latents: constant once the window is full."""
         return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in self.recent)
+
+
+def warm_up(pipe: VideoPipeline, sizes: list[tuple[int, int]] | None = None, sessions: int = 1) -> float:
+    """Run every shape a stream meets once per video size (height, width), so no session compiles or captures: the
+    window filling, two steady blocks, a prompt switch and the block after it. With CUDA graphs, for each of
+    `sessions` pooled caches (how many sessions the pipeline may serve at once). Nothing to do on the eager path.
+    Seconds spent."""
+    step = pipe.block_step
+    if step.mode == "eager":
+        return 0.0
+    t0 = time.perf_counter()
+    stream = pipe.cfg.stream
+    words = pipe.text_encoder.vocabulary()  # a word-level model warns of words it does not know
+    first, second = words[:2] if words and len(words) > 1 else ("warm up", "switch")
+    for height, width in sizes or [(pipe.cfg.video.height, pipe.cfg.video.width)]:
+        if step.cuda_graphs:
+            sh, sw = pipe.cfg.video.vae_stride[1:]
+            step.add_pool((height // sh, width // sw), sessions)
+        opened = [StreamSession(pipe, first, seed=0, height=height, width=width, overlap_decode=False)
+                  for _ in range(sessions if step.cuda_graphs else 1)]
+        try:
+            for session in opened:
+                if stream.local_attn_size == -1:  # no window: every block until the cache is full is a new shape
+                    for _ in range(stream.max_cache_frames // stream.num_frame_per_block):
+                        session.next_chunk()
+                    continue
+                for _ in range(-(-stream.cache_frames // stream.num_frame_per_block) + 2):
+                    session.next_chunk()
+                session.switch_prompt(second)
+                session.next_chunk()
+                session.next_chunk()
+        finally:
+            for session in opened:
+                session.close()
+    return time.perf_counter() - t0

@@ -1,0 +1,121 @@
+"""The streaming fast path: a fixed-shape block step (eager, compiled), overlapped decode, and their guards.
+
+CUDA graphs and FP8 need a GPU; here they are checked to refuse a CPU clearly, and benchmarks/gpu_stream.sh runs
+them against the eager path on one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.algo.rollout import gaussian_noise
+from core.config import PLUMBING_CONFIG, load_config
+from core.model.wan import apply_rope, rope_tables
+from core.stream.block_step import compile_counters
+from core.stream.pipeline import VideoPipeline
+from core.stream.session import StreamSession, warm_up
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def _pipe(*overrides: str) -> VideoPipeline:
+    return VideoPipeline.from_config(load_config(PLUMBING_CONFIG, list(overrides)))
+
+
+def _offline(pipe: VideoPipeline, prompt: str, seed: int, blocks: int) -> torch.Tensor:
+    """The stream's latents as the offline rollout makes them (per-layer cache writes, Python positions)."""
+    lh, lw = pipe.cfg.video.latent_hw
+    noise = gaussian_noise((1, 3, pipe.cfg.model.in_dim, lh, lw), torch.Generator().manual_seed(seed), pipe.dtype, "cpu")
+    return pipe.rollout.generate(pipe.encode([prompt]), pipe.generator.init_cache(1, (lh, lw)), noise, blocks)
+
+
+def _streamed(session: StreamSession, blocks: int) -> torch.Tensor:
+    for _ in range(blocks):
+        session.next_chunk()
+    return torch.cat(list(session.recent), dim=1)
+
+
+@pytest.mark.parametrize("stream", [
+    [],  # the plumbing config: window 12, EMA sink 3, window RoPE
+    ["stream.rope=absolute", "stream.sink_mode=static"],  # Self Forcing style: the position is a gathered tensor
+    ["stream.context_rerun=false"],  # the last denoising step's K/V stay in the cache
+])
+def test_the_block_step_makes_the_offline_rollout_bit_for_bit_past_evictions(stream):
+    pipe = _pipe(*stream)
+    with StreamSession(pipe, "a red circle", seed=4) as session:
+        streamed = _streamed(session, 8)  # 24 latent frames through a 12-frame window: 4 evictions
+        assert session.cache.evictions == 4
+    window = streamed.shape[1]
+    assert torch.equal(streamed, _offline(pipe, "a red circle", 4, 8)[:, -window:])
+
+
+def test_a_stream_without_the_context_rerun_is_a_different_stream():
+    with StreamSession(_pipe(), "a red circle", seed=4) as a, \
+            StreamSession(_pipe("stream.context_rerun=false"), "a red circle", seed=4) as b:
+        assert torch.equal(a.next_chunk().frames, b.next_chunk().frames)  # the first block sees no context
+        assert not torch.equal(a.next_chunk().frames, b.next_chunk().frames)
+
+
+def test_a_tensor_rope_position_rotates_as_the_int_one():
+    tables, x = rope_tables(16), torch.randn(1, 3 * 2 * 2, 2, 16, dtype=torch.float64)
+    assert torch.equal(apply_rope(x, tables, (3, 2, 2), 37), apply_rope(x, tables, (3, 2, 2), torch.tensor(37)))
+
+
+@pytest.fixture(scope="module")
+def compiled_and_eager():
+    eager, compiled = _pipe(), _pipe("runtime.compile=true")
+    compiled.generator.load_state_dict(eager.generator.state_dict())
+    assert warm_up(eager) == 0.0 and warm_up(compiled) > 0  # eager has nothing to warm
+    return compiled, eager
+
+
+def test_the_compiled_stream_equals_eager_past_evictions_and_through_a_prompt_switch(compiled_and_eager):
+    compiled, eager = compiled_and_eager
+    assert compiled.block_step.mode == "compiled"
+    with StreamSession(compiled, "a red circle", seed=3) as fast, StreamSession(eager, "a red circle", seed=3) as ref:
+        for block in range(12):
+            if block == 7:  # after 3 evictions into the EMA sink
+                fast.switch_prompt("a blue square")
+                ref.switch_prompt("a blue square")
+            fast.next_chunk(), ref.next_chunk()
+            torch.testing.assert_close(fast.recent[-1], ref.recent[-1], rtol=1e-4, atol=1e-5)
+        assert fast.cache.evictions == ref.cache.evictions == 8
+
+
+def test_a_warmed_compiled_stream_never_recompiles(compiled_and_eager, monkeypatch):
+    compiled, _ = compiled_and_eager
+    before = compile_counters()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with StreamSession(compiled, "a green star", seed=9) as session:
+        for block in range(50):
+            if block == 25:
+                session.switch_prompt("a purple cube")
+            session.next_chunk()
+    assert compile_counters() == before
+
+
+def test_overlapped_decode_makes_the_same_frames_and_switches_one_block_later():
+    pipe = _pipe()
+    with StreamSession(pipe, "a red circle", seed=2, overlap_decode=False) as ref, \
+            StreamSession(pipe, "a red circle", seed=2, overlap_decode=True) as ahead:
+        for block in range(10):
+            if block == 5:
+                ahead.switch_prompt("a blue square")  # block 5 is already denoised: applies from block 6
+            if block == 6:
+                ref.switch_prompt("a blue square")
+            a, b = ref.next_chunk(), ahead.next_chunk()
+            assert (a.block, a.first_frame) == (b.block, b.first_frame)
+            assert torch.equal(a.frames, b.frames), f"block {block}"
+        assert ahead.denoised == 11  # one ahead
+
+
+def test_the_last_block_of_a_finite_overlapped_stream_is_not_made_ahead():
+    with StreamSession(_pipe(), "a red circle", seed=2, overlap_decode=True) as session:
+        assert len(list(session.chunks(12))) == 4 and session.denoised == 4
+
+
+def test_cuda_graphs_and_fp8_refuse_a_cpu_with_what_to_do():
+    with pytest.raises(ValueError, match="runtime.cuda_graphs needs the generator on CUDA.*runtime.cuda_graphs=false"):
+        _pipe("runtime.device=cpu", "runtime.cuda_graphs=true")
+    with pytest.raises(ValueError, match="runtime.fp8 needs a CUDA GPU.*runtime.fp8=false"):
+        _pipe("runtime.device=cpu", "runtime.fp8=true")
