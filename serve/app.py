@@ -742,6 +742,10 @@ def build_app(cfg: Config, follow: Source | None = None) -> serve.Application:
         raise ConfigError("serve presets the model cannot serve:\n  " + "\n  ".join(problems) + "\nset serve.presets "
                           "(and serve.default_preset) to sizes that fit, e.g. serve.presets={video: [" +
                           f"{cfg.video.height}, {cfg.video.width}]}} serve.default_preset=video")
+    if svc.lora_adapters and (cfg.runtime.compile or cfg.runtime.cuda_graphs):
+        raise ConfigError("serve.lora_adapters applies a session's LoRA through forward hooks, which compiled layers "
+                          "and replayed CUDA graphs do not run: merge adapters at startup with serve.lora, or set "
+                          "runtime.compile=false runtime.cuda_graphs=false")
     token = load_bearer_token("serve", svc.auth_token_env, svc.auth_token_file)
     options = dict(max_ongoing_requests=svc.max_sessions + 8,  # room for health, info and control besides sessions
                    ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus},

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from core.algo.rollout import gaussian_noise
-from core.config import PLUMBING_CONFIG, load_config
+from core.config import PLUMBING_CONFIG, ConfigError, load_config
 from core.model.wan import apply_rope, rope_tables
 from core.stream.block_step import compile_counters
 from core.stream.pipeline import VideoPipeline
 from core.stream.session import StreamSession, warm_up
+from serve.app import build_app
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -80,6 +81,32 @@ def test_the_compiled_stream_equals_eager_past_evictions_and_through_a_prompt_sw
             fast.next_chunk(), ref.next_chunk()
             torch.testing.assert_close(fast.recent[-1], ref.recent[-1], rtol=1e-4, atol=1e-5)
         assert fast.cache.evictions == ref.cache.evictions == 8
+
+
+def test_the_compiled_path_projects_q_k_v_with_one_matmul_on_the_same_parameters(compiled_and_eager):
+    compiled, eager = compiled_and_eager
+    attn = compiled.generator.blocks[0].self_attn
+    assert attn.qkv_weight is not None and eager.generator.blocks[0].self_attn.qkv_weight is None
+    assert attn.k.weight.data_ptr() == attn.qkv_weight.data_ptr() + attn.q.weight.numel() * attn.q.weight.element_size()
+    assert set(compiled.generator.state_dict()) == set(eager.generator.state_dict())  # Wan's keys, no new ones
+
+
+def test_fused_q_k_v_equal_the_three_projections_and_follow_loaded_weights():
+    model, fused = _pipe().generator.blocks[0].self_attn, _pipe().generator.blocks[0].self_attn
+    fused.fuse_qkv()
+    x = torch.randn(1, 8, model.q.in_features)
+    for a, b in zip(model._qkv(x), fused._qkv(x)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    changed = {k: v + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(changed), fused.load_state_dict(changed)  # a weight switch writes through the views
+    for a, b in zip(model._qkv(x), fused._qkv(x)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_per_session_lora_is_refused_with_the_fast_path():
+    cfg = load_config("configs/serve.yaml", ["serve.lora_adapters={style: some/folder}", "runtime.compile=true"])
+    with pytest.raises(ConfigError, match="forward hooks.*serve.lora, or set runtime.compile=false"):
+        build_app(cfg)
 
 
 def test_a_warmed_compiled_stream_never_recompiles(compiled_and_eager, monkeypatch):

@@ -23,6 +23,14 @@ class FlowMatchScheduler:
         bell = torch.exp(-2 * ((self.timesteps - n / 2) / n) ** 2)
         bell = bell - bell.min()
         self.linear_timesteps_weights = bell * (n / bell.sum())
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, timesteps) on `device`, copied there once: a per-call host-to-device copy would synchronise
+        every step, and cannot be captured in a CUDA graph."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.sigmas.to(device), self.timesteps.to(device))
+        return self._on_device[device]
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig) -> "FlowMatchScheduler":
@@ -38,11 +46,11 @@ class FlowMatchScheduler:
 
     def table_index(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(torch.float32).flatten()
-        return torch.argmin((self.timesteps.to(t.device)[None, :] - t[:, None]).abs(), dim=1)
+        return torch.argmin((self._tables(t.device)[1][None, :] - t[:, None]).abs(), dim=1)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """float32 sigma of the nearest table entry for each timestep."""
-        return self.sigmas.to(t.device)[self.table_index(t)]
+        return self._tables(t.device)[0][self.table_index(t)]
 
     @staticmethod
     def _per_sample(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

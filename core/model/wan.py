@@ -126,10 +126,33 @@ class _Attention(nn.Module):
 
 
 class SelfAttention(_Attention):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_qkv
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """Project q, k and v with one matmul: their parameters become views of one [3 dim, dim] buffer (the same
+        state-dict keys, no extra memory). For inference, after the weights and the device are final (a later
+        `.to()` would copy the parameters apart from the buffer)."""
+        dim = self.q.in_features
+        projections = (self.q, self.k, self.v)
+        self.qkv_weight = torch.cat([p.weight.detach() for p in projections])
+        self.qkv_bias = torch.cat([p.bias.detach() for p in projections])
+        for i, p in enumerate(projections):
+            p.weight = nn.Parameter(self.qkv_weight[i * dim:(i + 1) * dim], requires_grad=False)
+            p.bias = nn.Parameter(self.qkv_bias[i * dim:(i + 1) * dim], requires_grad=False)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is None:
+            return self._query(x), *self._key_value(x)
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        return self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], rope: torch.Tensor, backend: str,
                 mask_mod: MaskMod | None = None, rope_grids: list[tuple[int, int, int]] | None = None,
                 cache: LayerView | WindowSlots | None = None, start_frame: int | torch.Tensor = 0) -> torch.Tensor:
-        q, (k, v) = self._query(x), self._key_value(x)
+        q, k, v = self._qkv(x)
         if cache is None:
             # Full-sequence forward; `rope_grids` splits the sequence into parts that each restart at
             # frame 0 (teacher forcing: the clean and the noisy halves share positions).

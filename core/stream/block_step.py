@@ -6,8 +6,10 @@ shapes: evict one block's frames (into the EMA sink), then the forwards, which a
 whole window. `KVCache.open_block` does the pointer arithmetic in Python first; what remains depends only on tensors
 and on the block's `BlockSlots`, which take a handful of values while the window fills and then one for ever:
 
-- `compile`: each transformer block goes through torch.compile (static shapes). The layers share one graph per
-  `BlockSlots` (their parameters are inputs), so the whole stream compiles a few small graphs, at warm-up.
+- `compile`: each transformer block goes through torch.compile (static shapes), with q, k and v projected by one
+  matmul (`SelfAttention.fuse_qkv`, not with FP8's per-layer float8 linears); the norms, RoPE and modulation fuse
+  into a few kernels. The layers share one graph per `BlockSlots` (their parameters are inputs), so the whole
+  stream compiles a few small graphs, at warm-up.
 - `cuda_graphs`: the whole block (eviction, forwards, re-noising, context re-run) is captured once per stream cache
   and `BlockSlots`, then replayed with the block's noise copied in. The frame position is a tensor (absolute RoPE
   gathers it), the prompt's cross-attention K/V live in buffers the graph reads, so nothing is re-captured as the
@@ -39,7 +41,8 @@ class _Graph:
 
 
 class BlockStep:
-    def __init__(self, rollout: SelfForcedRollout, compile: bool = False, cuda_graphs: bool = False):
+    def __init__(self, rollout: SelfForcedRollout, compile: bool = False, cuda_graphs: bool = False,
+                 fuse_qkv: bool = False):
         model = rollout.model
         device = next(model.parameters()).device
         if cuda_graphs and device.type != "cuda":
@@ -49,6 +52,7 @@ class BlockStep:
         self.fpb = rollout.frames_per_block
         self.compiled = compile
         self.cuda_graphs = cuda_graphs
+        self.fuse_qkv, self.fused = fuse_qkv, False
         # One torch.compile per layer module: they share the code of WanBlock.forward and so one graph per shape.
         self.blocks = [torch.compile(block, dynamic=False) for block in model.blocks] if compile else None
         if compile:
@@ -59,6 +63,14 @@ class BlockStep:
         self._free: dict[tuple[int, int], list[KVCache]] = {}  # those not in a session
         self._sizes: dict[int, tuple[int, int]] = {}  # latent size of each graph-bound cache
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Fuse the self-attention projections for the compiled path, once the weights are final (startup LoRA
+        merged): warm-up calls it."""
+        if self.fuse_qkv and not self.fused:
+            for block in self.model.blocks:
+                block.self_attn.fuse_qkv()
+            self.fused = True
 
     @property
     def mode(self) -> str:

@@ -51,7 +51,8 @@ class VideoPipeline:
         sched = FlowMatchScheduler.from_config(cfg.scheduler)
         timesteps = sched.denoising_timesteps(cfg.scheduler.denoising_step_list, cfg.scheduler.warp_denoising_step)
         self.rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise, cfg.stream.context_rerun)
-        self.block_step = BlockStep(self.rollout, cfg.runtime.compile, cfg.runtime.cuda_graphs)
+        rt = cfg.runtime  # FP8's float8 linears stay per projection: fusing them would undo it
+        self.block_step = BlockStep(self.rollout, rt.compile, rt.cuda_graphs, fuse_qkv=rt.compile and not rt.fp8)
 
     def with_weights(self, weights: dict[str, torch.Tensor]) -> "VideoPipeline":
         """A pipeline sharing this one's text encoder and codec, with a new generator holding `weights` (a state

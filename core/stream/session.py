@@ -191,6 +191,7 @@ def warm_up(pipe: VideoPipeline, sizes: list[tuple[int, int]] | None = None, ses
     if step.mode == "eager":
         return 0.0
     t0 = time.perf_counter()
+    step.prepare()
     stream = pipe.cfg.stream
     words = pipe.text_encoder.vocabulary()  # a word-level model warns of words it does not know
     first, second = words[:2] if words and len(words) > 1 else ("warm up", "switch")
