@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import resource
@@ -65,6 +66,7 @@ from core.model.attention import BACKENDS, attention_kernel  # noqa: E402
 from core.model.fp8 import float8_linears  # noqa: E402
 from core.model.wan import CausalWanModel  # noqa: E402
 from core.runtime import DTYPES  # noqa: E402
+from core.stream.block_step import compile_counters  # noqa: E402
 from core.stream.pipeline import VideoPipeline  # noqa: E402
 from core.stream.session import StreamSession, warm_up  # noqa: E402
 
@@ -162,6 +164,7 @@ def measure(pipe: VideoPipeline, args: argparse.Namespace, clock: Clock, cuda: b
         throwaway.next_chunk()
     warm_s = time.perf_counter() - t0
 
+    compiled_before = compile_counters()
     ttff = []
     for i in range(3):
         t = clock()
@@ -205,7 +208,8 @@ def measure(pipe: VideoPipeline, args: argparse.Namespace, clock: Clock, cuda: b
             "far": {"p50_s": percentile(far, 50), "p99_s": percentile(far, 99)},
             "far_over_near_p50": percentile(far, 50) / percentile(near, 50),
             "peak_memory_bytes": peak, "session_memory_bytes": memory_bytes, "evictions": evictions,
-            "switch_median_s": statistics.median(switches), "per_block": blocks, "frames": frames}
+            "switch_median_s": statistics.median(switches), "per_block": blocks, "frames": frames,
+            "graphs_compiled_after_warm_up": compile_counters()["graphs"] - compiled_before["graphs"]}
 
 
 def compare_frames(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
@@ -321,8 +325,11 @@ def main() -> None:
         del r["frames"]
         r["block_step"] = pipe.block_step.mode
         results[name] = r
-        print(f"    warm-up {r['warm_up_s']:.1f} s, FPS end to end {r['fps_end_to_end']:.1f}, denoise {r['fps_denoise']:.1f}",
-              flush=True)
+        print(f"    warm-up {r['warm_up_s']:.1f} s, FPS end to end {r['fps_end_to_end']:.1f}, denoise {r['fps_denoise']:.1f}, "
+              f"graphs compiled after warm-up {r['graphs_compiled_after_warm_up']}", flush=True)
+        if args.json:  # what is measured so far survives a budget's timeout
+            Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results,
+                                                   "partial": True}, indent=2, default=str))
         del pipe
         gc.collect()
         if cuda:

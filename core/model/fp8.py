@@ -17,8 +17,8 @@ def float8_linears(model: nn.Module) -> int:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(f"runtime.fp8 needs a CUDA GPU of compute capability 8.9 or higher (Ada, Hopper); the "
                          f"generator is on {device}: set runtime.fp8=false")
-    try:  # optional heavy dependency: only FP8 runs need it
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # optional: FP8 only
     except ImportError as e:
         raise ValueError(f"runtime.fp8 needs torchao ({e}): pip install -e '.[fp8]', or set runtime.fp8=false") from None
     linears = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())

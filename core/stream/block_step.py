@@ -56,7 +56,7 @@ class BlockStep:
         # One torch.compile per layer module: they share the code of WanBlock.forward and so one graph per shape.
         self.blocks = [torch.compile(block, dynamic=False) for block in model.blocks] if compile else None
         if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._graphs: dict[tuple[int, BlockSlots], _Graph] = {}
         self._prompt_buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pools: dict[tuple[int, int], list[KVCache]] = {}  # graph-bound caches per latent size

@@ -65,13 +65,13 @@ class StreamSession:
         self.fpb = cfg.stream.num_frame_per_block
         window = cfg.stream.local_attn_size if cfg.stream.local_attn_size != -1 else cfg.stream.cache_frames
         self.recent: deque[torch.Tensor] = deque(maxlen=max(1, window // self.fpb))  # clean blocks the window holds
-        self.cache = pipe.block_step.acquire(self.latent_hw)
+        self.prompt = prompt
+        self.context = self._encode(prompt)
         self.decoder = pipe.vae.stream_decoder()
         self.noise = pipe.noise(1, torch.Generator(device="cpu").manual_seed(seed), self.latent_hw)
         self.blocks = self.frames = 0
         self.denoised = 0  # blocks denoised, the one made ahead included
-        self.prompt = prompt
-        self.context = self._encode(prompt)
+        self.cache = pipe.block_step.acquire(self.latent_hw)  # last: nothing after it can fail and leave it taken
         self.overlap = cfg.runtime.overlap_decode if overlap_decode is None else overlap_decode
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="denoise-ahead") if self.overlap else None
         self._ahead: Future[_Denoised] | None = None
