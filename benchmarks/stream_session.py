@@ -235,7 +235,7 @@ def print_table(results: dict, reference: str, cuda: bool, args: argparse.Namesp
                      f"{r['far']['p50_s'] * 1e3:.1f}/{r['far']['p99_s'] * 1e3:.1f}", f"x{r['far_over_near_p50']:.2f}",
                      f"{r['peak_memory_bytes'] / GiB:.2f}", f"{r['switch_median_s'] * 1e3:.1f}",
                      f"{same['max_levels']}/{same['mean_levels']:.3f}" if same else "-"])
-    widths = [max(len(c), *(len(row[i]) for row in rows if len(row) > i and not row[1].startswith("skipped")))
+    widths = [max(len(c), *(len(row[i]) for row in rows if i == 0 or not row[1].startswith("skipped")))
               for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in rows:

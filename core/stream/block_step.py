@@ -188,13 +188,12 @@ class BlockStep:
             result = self._run(cache, slots, static_noise, static_start).clone()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not executed: the cache is not moved a second time
+        # recorded, not executed (the cache is not moved a second time); thread-local, so streams that other threads
+        # run meanwhile (a replica warming a new weight version while it serves) are not caught by the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self._run(cache, slots, static_noise, static_start)
         self._graphs[(id(cache), slots)] = _Graph(graph, static_noise, static_start, out)
         return result
-
-    def captured(self) -> int:
-        return len(self._graphs)
 
 
 def compile_counters() -> dict[str, int]:
