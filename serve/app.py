@@ -337,7 +337,7 @@ class _Stream:
         """Between blocks: continue under `to` (window re-cached); what the "weights" message will say."""
         seconds = await self.bound.run(session.switch_weights, to.pipe)
         self.server.stats["weight_switches"] += 1
-        return {"type": "weights", "version": to.version, "step": to.step, "at_frame": session.frames,
+        return {"type": "weights", "version": to.version, "step": to.step, "at_frame": session.switch_frame,
                 "switch_ms": round(seconds * 1e3, 2)}
 
     async def run(self) -> None:
@@ -354,6 +354,8 @@ class _Stream:
         reader = asyncio.create_task(self._read_controls())
         lora = self._session_lora(start)
         t0, sent, first_sent_at = time.monotonic(), 0, None
+        # whose weights made a block: with overlapped decode, the block after a weight switch was made before it
+        made_by, announce = {id(playing.pipe): playing}, None
         try:
             while not self.stopped and sent < limit:
                 await self.running.wait()
@@ -361,27 +363,30 @@ class _Stream:
                     break
                 if reader.done():
                     reader.result()  # re-raise the disconnect
-                recache_s, switched = 0.0, None
+                recache_s = 0.0
                 if (wanted := self._wanted(start, playing)) is not playing:
-                    switched, playing = await self._switch_weights(session, wanted), wanted
-                    recache_s += switched["switch_ms"] / 1e3
+                    announce = await self._switch_weights(session, wanted)
+                    made_by, playing = {id(playing.pipe): playing, id(wanted.pipe): wanted}, wanted
+                    recache_s += announce["switch_ms"] / 1e3
                 while not self.controls.empty():
                     msg = self.controls.get_nowait()
                     recache_s += await self.bound.run(session.switch_prompt, msg["prompt"])
-                    await ws.send_json({"type": "switched", "prompt": msg["prompt"], "at_frame": session.frames,
+                    await ws.send_json({"type": "switched", "prompt": msg["prompt"], "at_frame": session.switch_frame,
                                         "warnings": server._prompt_warnings(msg["prompt"])})
                 chunk = await self.bound.run(session.next_chunk)
                 server._count(chunk)
+                made = made_by.get(id(chunk.pipe), playing)
                 frames = chunk.frames[: limit - sent].numpy()
                 jpegs = await asyncio.to_thread(lambda: [_jpeg(f, server.svc.jpeg_quality) for f in frames])
                 now = time.monotonic() - t0
                 for i, data in enumerate(jpegs):
-                    await ws.send_bytes(FRAME_HEADER.pack(chunk.first_frame + i, chunk.block, now, playing.version) + data)
-                if switched is not None:  # after its first frames: publication to first frame under it, wall clock
+                    await ws.send_bytes(FRAME_HEADER.pack(chunk.first_frame + i, chunk.block, now, made.version) + data)
+                if announce is not None and made is playing:  # after its first frames: publication to them, wall clock
                     latency = time.time() - playing.published_at if playing.published_at is not None else None
                     if latency is not None:
                         server.publish_to_frame_s.append(latency)
-                    await ws.send_json(switched | {"publish_to_frame_s": latency})
+                    await ws.send_json(announce | {"publish_to_frame_s": latency})
+                    announce = None
                 if first_sent_at is None:
                     first_sent_at = time.monotonic()
                     server.ttff_s.append(first_sent_at - t0)

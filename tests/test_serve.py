@@ -361,3 +361,34 @@ def test_deleting_the_app_closes_open_streams_with_going_away(serve_instance):
     code, reason, messages = asyncio.run(run())
     assert code == 1001 and "shutting down" in reason
     assert messages[-1]["type"] == "error" and messages[-1]["fatal"] and messages[-1]["close_code"] == 1001
+
+
+def test_a_compiled_replica_with_overlapped_decode_warms_at_start_and_streams(serve_instance):
+    """The fast path end to end on CPU: compiled layers and decode overlapped with the next block's denoising."""
+    deploy("stream_fast", "runtime.compile=true", "runtime.overlap_decode=true")
+    url = f"{serve_instance}/stream_fast"
+    try:
+        fast = httpx.get(f"{url}/v1/info").json()["fast_path"]
+        assert fast["block_step"] == "compiled" and fast["overlap_decode"] is True and fast["warm_up_s"] > 0
+
+        async def stream() -> tuple[list, dict]:
+            async with websockets.connect(ws_url(url), max_size=None) as ws:
+                await ws.send(json.dumps({"type": "start", "prompt": "a red ball", "seed": 3, "max_frames": 57}))
+                await receive_until(ws, "started")
+                frames = []
+                await receive_until(ws, "block", frames)
+                await ws.send(json.dumps({"type": "switch", "prompt": "a blue cube"}))
+                switched = await receive_until(ws, "switched", frames)
+                switched["frames_before"] = len(frames)
+                await receive_until(ws, "end", frames)
+                return frames, switched
+        frames, switched = asyncio.run(stream())
+        # every frame made was sent when the switch came, and one block (12 frames) more was denoised ahead: the
+        # switch applies after it
+        assert [f[0] for f in frames] == list(range(57)) and switched["at_frame"] == switched["frames_before"] + 12
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a fox", "frames": 21}, timeout=120)
+        assert r.status_code == 200 and read_video(r.content).frames.shape[0] == 21
+        metrics = httpx.get(f"{url}/v1/metrics").json()
+        assert metrics["sessions_active"] == 0 and metrics["production_fps"]["end_to_end"] > 0
+    finally:
+        serve.delete("stream_fast")

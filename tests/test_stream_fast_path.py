@@ -132,6 +132,7 @@ def test_overlapped_decode_makes_the_same_frames_and_switches_one_block_later():
         for block in range(10):
             if block == 5:
                 ahead.switch_prompt("a blue square")  # block 5 is already denoised: applies from block 6
+                assert ahead.switch_frame == ref.frames + 12 == 9 + 12 * 5
             if block == 6:
                 ref.switch_prompt("a blue square")
             a, b = ref.next_chunk(), ahead.next_chunk()
@@ -150,3 +151,15 @@ def test_cuda_graphs_and_fp8_refuse_a_cpu_with_what_to_do():
         _pipe("runtime.device=cpu", "runtime.cuda_graphs=true")
     with pytest.raises(ValueError, match="runtime.fp8 needs a CUDA GPU.*runtime.fp8=false"):
         _pipe("runtime.device=cpu", "runtime.fp8=true")
+
+
+def test_a_chunk_names_the_weights_that_made_it_when_a_weight_switch_waits_for_the_block_ahead():
+    pipe = _pipe()
+    other = pipe.with_weights({k: v * 0.5 for k, v in pipe.generator.state_dict().items()})
+    with StreamSession(pipe, "a red circle", seed=2, overlap_decode=False) as ref, \
+            StreamSession(pipe, "a red circle", seed=2, overlap_decode=True) as ahead:
+        for session in (ref, ahead):
+            session.next_chunk()
+            session.switch_weights(other)
+        assert ref.next_chunk().pipe is other
+        assert [ahead.next_chunk().pipe for _ in range(2)] == [pipe, other]  # block 1 was denoised before the switch

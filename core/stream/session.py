@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.codecs.video import to_uint8_frames
+from core.codecs.video import to_uint8_frames, video_frames_for
 from core.stream.pipeline import VideoPipeline
 
 
@@ -41,6 +41,7 @@ class VideoChunk:
     decode_s: float
     first_frame: int = 0  # index of frames[0] in the stream
     wall_s: float = 0.0  # what the caller of next_chunk waited: denoise + decode, or with overlap max(both) or less
+    pipe: VideoPipeline | None = None  # whose generator made it (after switch_weights, with overlap, maybe the old)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Denoised:
     block: int
     latents: torch.Tensor  # clean [1, f, C, H, W]
     seconds: float
+    pipe: VideoPipeline
 
 
 class StreamSession:
@@ -95,9 +97,15 @@ class StreamSession:
             t0 = self._sync()
             latents = self.pipe.block_step(self.cache, self.context, self.noise, self.denoised)
             self.recent.append(latents)
-            done = _Denoised(self.denoised, latents, self._sync() - t0)
+            done = _Denoised(self.denoised, latents, self._sync() - t0, self.pipe)
         self.denoised += 1
         return done
+
+    @property
+    def switch_frame(self) -> int:
+        """The stream frame a switch made now takes effect at: the first of the next block to be denoised (`frames`,
+        or with overlapped decode one block past it)."""
+        return video_frames_for(self.denoised * self.fpb, self.pipe.cfg) if self.denoised else 0
 
     def _settle(self) -> None:
         """Wait for the block being made ahead (the cache is the worker's until then)."""
@@ -118,7 +126,7 @@ class StreamSession:
         t0 = self._sync()
         frames = to_uint8_frames(self.decoder.decode(made.latents.transpose(1, 2)))
         done = self._sync()
-        chunk = VideoChunk(made.block, frames, made.seconds, done - t0, self.frames, done - called)
+        chunk = VideoChunk(made.block, frames, made.seconds, done - t0, self.frames, done - called, made.pipe)
         self.blocks += 1
         self.frames += len(frames)
         return chunk
