@@ -21,6 +21,11 @@ views cost no memory; to keep them valid, the cache never changes a region a vie
 covers in place: such a write (an eviction, a rewind) first moves the layer to
 fresh buffers (copy-on-write). A replay that never evicts (the paper's 21-frame
 window over a 21-frame clip) never copies; streaming, without grad, never pins.
+
+A stream block can also run as fixed-shape work (core/stream/block_step.py): `open_block` moves every layer's
+pointers for the new block at once, `evict` shifts the window, and the block's forwards see a `BlockView`, whose
+per-layer `WindowSlots` write to constant slots and read a constant window. The tensors are the cache's own
+buffers, which no streaming write ever reallocates, so a captured CUDA graph may hold their addresses.
 """
 
 from __future__ import annotations
