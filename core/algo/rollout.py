@@ -95,6 +95,18 @@ class SelfForcedRollout:
         t_frames = torch.full((b * f,), t, dtype=torch.float32, device=x0.device)
         return self.scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t_frames).unflatten(0, (b, f))
 
+    def denoise_block(self, x: torch.Tensor, context, cache: KVCache | BlockView, start_frame: int | torch.Tensor,
+                      renoise_noise: Callable[[int], torch.Tensor],
+                      blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        """All few-step denoising steps of one block from its initial noise x (re-noised after step i with
+        `renoise_noise(i)`): its clean estimate. The context re-run is the caller's."""
+        timesteps = self.timesteps.tolist()
+        for i, t in enumerate(timesteps):
+            x0 = self.predict_x0(x, t, context, cache, start_frame, blocks)
+            if i + 1 < len(timesteps):
+                x = self.renoise(x0, renoise_noise(i), timesteps[i + 1])
+        return x0
+
     def write_cache(self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | BlockView,
                     start_frame: int | torch.Tensor, t: float | None = None,
                     blocks: Sequence[nn.Module] | None = None) -> None:
@@ -118,12 +130,7 @@ class SelfForcedRollout:
         block = 0
         while num_blocks is None or block < num_blocks:
             start = cache.frames
-            x = noise_fn(block, -1)
-            last = len(self.timesteps) - 1
-            for i, t in enumerate(self.timesteps.tolist()):
-                x0 = self.predict_x0(x, t, context, cache, start)
-                if i < last:
-                    x = self.renoise(x0, noise_fn(block, i), float(self.timesteps[i + 1]))
+            x0 = self.denoise_block(noise_fn(block, -1), context, cache, start, lambda step: noise_fn(block, step))
             yield Block(block, start, x0)
             if self.context_rerun:
                 self._write_context(x0, context, cache, start, block, noise_fn)

@@ -90,7 +90,7 @@ class BlockStep:
             if free is None:
                 raise ValueError(f"no stream caches were warmed up for latent size {tuple(latent_hw)} (warmed: "
                                  f"{sorted(self._free)}); with runtime.cuda_graphs every size a session may use is "
-                                 "warmed when the pipeline starts (VideoPipeline.warm_up)")
+                                 "warmed when the pipeline starts (core.stream.session.warm_up)")
             if not free:
                 raise RuntimeError(f"all {len(self._pools[tuple(latent_hw)])} warmed stream caches of latent size "
                                    f"{tuple(latent_hw)} are in use: a pipeline with CUDA graphs serves at most that "
@@ -142,15 +142,11 @@ class BlockStep:
 
     def _run(self, cache: KVCache, slots: BlockSlots, noise: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """The block's tensor work, given its slots: what is compiled and captured."""
-        rollout, timesteps = self.rollout, self.rollout.timesteps.tolist()
+        rollout = self.rollout
         if slots.evict:
             cache.evict(slots.evict)
         view = BlockView(cache, slots)
-        x = noise[0]
-        for i, t in enumerate(timesteps):
-            x0 = rollout.predict_x0(x, t, None, view, start, blocks=self.blocks)
-            if i + 1 < len(timesteps):
-                x = rollout.renoise(x0, noise[i + 1], timesteps[i + 1])
+        x0 = rollout.denoise_block(noise[0], None, view, start, lambda step: noise[step + 1], self.blocks)
         if rollout.context_rerun:
             ctx = x0 if not rollout.context_noise else rollout.renoise(x0, noise[-1], float(rollout.context_noise))
             rollout.write_cache(ctx, None, view, start, blocks=self.blocks)

@@ -73,12 +73,12 @@ class StreamSession:
         self.noise = pipe.noise(1, torch.Generator(device="cpu").manual_seed(seed), self.latent_hw)
         self.blocks = self.frames = 0
         self.denoised = 0  # blocks denoised, the one made ahead included
-        self.cache = pipe.block_step.acquire(self.latent_hw)  # last: nothing after it can fail and leave it taken
         self.overlap = cfg.runtime.overlap_decode if overlap_decode is None else overlap_decode
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="denoise-ahead") if self.overlap else None
-        self._ahead: Future[_Denoised] | None = None
         cuda = pipe.device.type == "cuda"
         self._denoise_stream = torch.cuda.Stream(pipe.device) if cuda and self.overlap else None
+        self._ahead: Future[_Denoised] | None = None
+        self.cache = pipe.block_step.acquire(self.latent_hw)  # last but the worker: nothing can fail and leave it taken
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="denoise-ahead") if self.overlap else None
 
     def _encode(self, prompt: str) -> torch.Tensor:
         return self.pipe.encode([prompt])
