@@ -42,7 +42,7 @@ VARIANTS = {
     "no context re-run": ["runtime.dtype=float32", "stream.context_rerun=false"],
     "bfloat16 + FP8": ["runtime.dtype=bfloat16", "runtime.fp8=true"],
 }
-SHOWN = ("adherence_all", "adherence_colour", "adherence_direction", "visible_frames", "fidelity_rms",
+SHOWN = ("adherence_all", "adherence_colour", "drawn_colour", "adherence_direction", "visible_frames", "fidelity_rms",
          "displacement_px", "boundary_ratio")
 
 

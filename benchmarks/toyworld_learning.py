@@ -59,7 +59,7 @@ STUDIES = {
              "no sink": ["stream.sink_mode=static", "stream.sink_size=0"]},
     "staleness": {f"max_staleness {k}": [f"actors.max_staleness={k}"] for k in (0, 1, 2)},
 }
-MEASURES = ("adherence_all", "adherence_colour", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
+MEASURES = ("adherence_all", "adherence_colour", "drawn_colour", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
             "motion_reward", "initial_frame_copy", "long_fidelity_end", "long_adherence_end")
 
 

@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from toyworld.evaluate import measure_clip
+from toyworld.exact import WorldClips
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
@@ -92,3 +94,20 @@ def test_world_tokenizer_gives_one_id_per_word_and_the_shipped_copy_is_current(t
     red, blue = tokenizer(["a red circle", "a blue circle"])["input_ids"]
     assert red[0] == blue[0] and red[2:] == blue[2:] and red[1] != blue[1]  # a colour word changes one id only
     assert tokenizer(["A RED cat"])["input_ids"][0][:3] == [red[0], red[1], unk]
+
+
+def test_colour_as_drawn_reads_a_dim_shape_by_its_hue_and_fails_a_shape_that_changes_or_vanishes():
+    """The nearest world clip (RMS) reads a half-covered white square on black as purple, which lies between them;
+    the colour as drawn reads white. It still fails a shape that turns red after the first block or vanishes."""
+    white = render(Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1]), 9)
+    red = render(Scene("square", "red", "black", "right", "steadily", 0.5, 0.5, SIZES[1]), 9)
+    background = np.array(BACKGROUNDS["black"], dtype=np.float64)
+    dim = (background + 0.5 * (white - background)).round().astype(np.uint8)
+    prompt, clips = Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1]).prompt, WorldClips(9, 32, 32)
+    measured = measure_clip(dim, prompt, clips, 3)
+    assert measured["adherence_colour"] == 0.0 and measured["drawn_colour"] == 1.0, measured
+    assert measure_clip(white, prompt, clips, 3)["drawn_colour"] == 1.0
+    turns_red = np.concatenate([white[:3], red[3:]])
+    vanishes = np.concatenate([white[:3], np.broadcast_to(white[:1, :1, :1], white[3:].shape)])
+    assert measure_clip(turns_red, prompt, clips, 3)["drawn_colour"] == 0.0
+    assert measure_clip(vanishes, prompt, clips, 3)["drawn_colour"] == 0.0

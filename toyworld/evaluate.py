@@ -8,6 +8,10 @@ and each clip is measured with the world's exact machinery (toyworld/exact.py):
 - adherence: the colour, shape, background, direction and speed of the nearest world clip of any prompt,
   counted only when the shape is visible in every frame (a shape that fades or vanishes does not adhere);
   `all` when every attribute does;
+- colour as drawn: the palette colour that each block's pixels are blends of over the background (`colour_of`),
+  the prompted one in every block, with the shape visible in every frame. The nearest clip misreads colour when
+  the shape is softer or smaller than the world's: under RMS, a dim white blob on black is nearer a purple
+  clip than a white one, because purple is darker;
 - motion: the shape's mean displacement per frame, and its distance from the prompted speed;
 - block boundaries: the mean frame-to-frame change across the student's block boundaries over the mean change
   within blocks (1 for world clips);
@@ -41,6 +45,7 @@ from toyworld.world import (
     DIRECTIONS,
     SPEEDS,
     Scene,
+    colour_of,
     foreground,
     initial_frame_similarity,
     parse_prompt,
@@ -67,6 +72,8 @@ def measure_clip(video: np.ndarray, prompt: str, clips: WorldClips, frames_per_b
     for name in ATTRIBUTES:
         out[f"adherence_{name}"] = float(shown and getattr(near.attributes, name) == getattr(attrs, name))
     out["adherence_all"] = float(shown and near.attributes == attrs)
+    blocks = range(0, len(video), frames_per_block)
+    out["drawn_colour"] = float(shown and all(colour_of(video[b:b + frames_per_block]) == attrs.colour for b in blocks))
     velocity = velocity_of(video)
     moved = float(np.hypot(*velocity)) if velocity is not None else 0.0
     prompted = SPEEDS[attrs.speed] * video.shape[2] / 32 if attrs.speed else 0.0
@@ -146,7 +153,9 @@ def evaluate_config(cfg: WorldConfig, generator: CausalWanModel | None = None, n
 
 # what the table shows, in order: (key, label, which way is better)
 REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
-            ("adherence_colour", "adherence: colour", "higher"), ("adherence_shape", "adherence: shape", "higher"),
+            ("adherence_colour", "adherence: colour of the nearest clip", "higher"),
+            ("drawn_colour", "adherence: colour drawn in every block", "higher"),
+            ("adherence_shape", "adherence: shape", "higher"),
             ("adherence_direction", "adherence: direction", "higher"), ("adherence_speed", "adherence: speed", "higher"),
             ("visible_frames", "frames showing the shape", "higher"),
             ("fidelity_rms", "distance to the prompt's nearest clip", "lower"),

@@ -202,12 +202,24 @@ def foreground(video: np.ndarray, tolerance: float = 40.0) -> np.ndarray:
 
 
 def colour_of(video: np.ndarray) -> str | None:
-    """The palette name nearest to the median foreground colour; None when there is no foreground."""
+    """The palette colour whose blends with the background explain the foreground pixels best; None when there
+    is no foreground.
+
+    Each foreground pixel is fitted as coverage a in [0, 1] of the colour over the background (a soft or dim
+    edge is a partial coverage), and the colour with the smallest summed residual wins. A nearest-colour rule
+    on raw pixels reads a dim white shape as purple, because purple lies between white and a dark background."""
     mask = foreground(video)
     if not mask.any():
         return None
-    median = np.median(video[mask].astype(np.float64), axis=0)
-    return min(COLOURS, key=lambda name: float(np.linalg.norm(median - np.array(COLOURS[name]))))
+    background = background_colour(video)
+    pixels = video[mask].astype(np.float64) - background
+
+    def residual(name: str) -> float:
+        towards = np.asarray(COLOURS[name], dtype=np.float64) - background
+        coverage = np.clip(pixels @ towards / max(float(towards @ towards), 1e-9), 0.0, 1.0)
+        return float(np.linalg.norm(pixels - coverage[:, None] * towards, axis=1).sum())
+
+    return min(COLOURS, key=residual)
 
 
 def _circular_centre(mask: np.ndarray, axis: int) -> float | None:
