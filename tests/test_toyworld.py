@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -99,11 +100,11 @@ def test_world_tokenizer_gives_one_id_per_word_and_the_shipped_copy_is_current(t
 def test_colour_as_drawn_reads_a_dim_shape_by_its_hue_and_fails_a_shape_that_changes_or_vanishes():
     """The nearest world clip (RMS) reads a half-covered white square on black as purple, which lies between them;
     the colour as drawn reads white. It still fails a shape that turns red after the first block or vanishes."""
-    white = render(Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1]), 9)
-    red = render(Scene("square", "red", "black", "right", "steadily", 0.5, 0.5, SIZES[1]), 9)
+    scene = Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1])
+    white, red = render(scene, 9), render(dataclasses.replace(scene, colour="red"), 9)
     background = np.array(BACKGROUNDS["black"], dtype=np.float64)
     dim = (background + 0.5 * (white - background)).round().astype(np.uint8)
-    prompt, clips = Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1]).prompt, WorldClips(9, 32, 32)
+    prompt, clips = scene.prompt, WorldClips(9, 32, 32)
     measured = measure_clip(dim, prompt, clips, 3)
     assert measured["adherence_colour"] == 0.0 and measured["drawn_colour"] == 1.0, measured
     assert measure_clip(white, prompt, clips, 3)["drawn_colour"] == 1.0
