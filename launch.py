@@ -64,7 +64,14 @@ from reward_service.client import RewardError, RewardHTTPClient
 from serve.app import build_app as build_stream_app
 from serve.follow import CheckpointVersions
 from toyworld.config import WorldConfig, load_world_config
-from toyworld.evaluate import evaluate_config, evaluate_teacher, format_change, format_measures
+from toyworld.evaluate import (
+    ExactSampler,
+    evaluate_config,
+    evaluate_student,
+    evaluate_teacher,
+    format_change,
+    format_measures,
+)
 from toyworld.ode_init import ode_init
 from toyworld.pretrain import pretrain_teacher
 
@@ -312,8 +319,14 @@ def _evaluate(cfg: WorldConfig, generator=None, prompts: int = 24, seeds: tuple[
 
 def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     cfg.check_paths()
-    scores = _evaluate(cfg, None, args.prompts, tuple(range(args.seeds)), args.first_scene, args.long_frames,
-                       args.long_prompts, args.figure)
+    if args.exact_sampler:
+        scores = evaluate_student(cfg, ExactSampler(cfg), args.prompts, tuple(range(args.seeds)), args.first_scene,
+                                  args.long_frames, args.long_prompts, args.figure)
+        print("the exact denoiser in the student's sampler (the student column), no student weights")
+        print(format_measures(scores))
+    else:
+        scores = _evaluate(cfg, None, args.prompts, tuple(range(args.seeds)), args.first_scene, args.long_frames,
+                           args.long_prompts, args.figure)
     if args.figure:
         print(f"wrote {args.figure}: the first prompts' clips (noise seed 0), each over the world clip of its scene")
     if args.out:
@@ -399,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (0: skip)")
     p.add_argument("--out", default=None, help="write the measures as JSON here")
     p.add_argument("--figure", default=None, help="write a PNG of the first 6 prompts' clips over the world's here")
+    p.add_argument("--exact-sampler", action="store_true",
+                   help="measure the student's few-step sampler with the world's exact denoiser in the student's "
+                        "place instead of a student: the best that sampler can do")
 
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml",
                 epilog=REWARD_SERVER_HELP)

@@ -14,12 +14,14 @@ from core.algo.distill import build_teacher
 from core.algo.rollout import SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
+from core.config import ConfigError
 from core.model.wan import CausalWanModel, WanModel
 from core.records.checkpoint import load_wan_state_dict, save_wan_folder
 from core.stream.pipeline import build_generator
 from helpers import TrueFlow
 from toyworld.config import load_world_config
 from toyworld.ode_init import (
+    block_weighted_mse,
     ode_regression_loss,
     on_policy_loss,
     regression_record,
@@ -107,6 +109,16 @@ def test_on_policy_targets_are_the_teachers_x0_at_the_students_own_states():
     loss = on_policy_loss(student, teacher, sched, timesteps, context, prompts, shape, 1, rng)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_first_block_weight_scales_only_the_first_blocks_error():
+    pred, target = torch.zeros(2, 6, 4), torch.zeros(2, 6, 4)
+    target[:, :3] = 1.0  # all the error in the first block of 3 frames
+    assert block_weighted_mse(pred, target, 3).item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
+    assert block_weighted_mse(pred, target, 3, 3.0).item() == pytest.approx(3 / 4)  # 3 * 1 / (3 + 1)
+    assert block_weighted_mse(target, target, 3, 3.0).item() == 0.0
+    with pytest.raises(ConfigError, match="first_block_weight must be > 0"):
+        load_world_config(None, ["ode_init.first_block_weight=0"])
 
 
 def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_load(tmp_path, capsys):

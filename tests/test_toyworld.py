@@ -112,3 +112,16 @@ def test_colour_as_drawn_reads_a_dim_shape_by_its_hue_and_fails_a_shape_that_cha
     vanishes = np.concatenate([white[:3], np.broadcast_to(white[:1, :1, :1], white[3:].shape)])
     assert measure_clip(turns_red, prompt, clips, 3)["drawn_colour"] == 0.0
     assert measure_clip(vanishes, prompt, clips, 3)["drawn_colour"] == 0.0
+
+
+def test_boundary_steps_split_the_first_boundary_from_the_later_ones():
+    """A clip whose first block is drawn elsewhere jumps at the first boundary only: the first boundary's step is
+    larger than a within-block one, the later boundaries' equal to one (the world's motion)."""
+    scene = Scene("square", "white", "black", "right", "steadily", 0.5, 0.5, SIZES[1])
+    world = render(scene, 9)
+    moved = np.concatenate([np.roll(world[:3], 8, axis=1), world[3:]])  # block 1 drawn 8 rows lower
+    clips = WorldClips(9, 32, 32)
+    measured, as_world = measure_clip(moved, scene.prompt, clips, 3), measure_clip(world, scene.prompt, clips, 3)
+    assert measured["first_boundary_step"] > 2 * measured["within_step"]
+    assert measured["later_boundary_step"] == pytest.approx(measured["within_step"])
+    assert as_world["first_boundary_step"] == pytest.approx(as_world["within_step"])

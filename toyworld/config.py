@@ -76,8 +76,9 @@ class OdeInitConfig(_RecipeConfig):
     - `few_step`: the teacher's x0 at each state of the student's own few-step sampler run with the teacher as
       its denoiser (unguided), so the student learns the denoiser where it will be used.
     With `on_policy`, that fraction of the steps instead regresses the teacher's x0 at the states the student's
-    own rollout reaches (DAgger). The student starts from `init` (or the Wan teacher's weights). `output` gets
-    `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
+    own rollout reaches (DAgger). `first_block_weight` weighs the first block's error against the others': that
+    block picks the shape's place from pure noise, the hardest step. The student starts from `init` (or the Wan
+    teacher's weights). `output` gets `ode_init.pt` (Self-Forcing layout: checkpoint.generator loads it)."""
 
     steps: int = 400
     lr: float = 2e-4
@@ -91,6 +92,7 @@ class OdeInitConfig(_RecipeConfig):
     init: str | None = None  # the student's starting weights; None: the teacher's (a Wan teacher), else Wan's init
     pairs: Literal["ode", "causal_ode", "few_step"] = "ode"
     on_policy: float = 0.0  # the fraction of steps regressing the teacher's x0 at the student's own rollout states
+    first_block_weight: float = 1.0  # the first block's share of the loss relative to each later block's
 
     @model_validator(mode="after")
     def _block_wise_is_unguided(self) -> "OdeInitConfig":
@@ -105,6 +107,9 @@ class OdeInitConfig(_RecipeConfig):
             raise ValueError("ode_init.ode_steps must be >= 1")
         if not 0 <= self.on_policy <= 1:
             raise ValueError(f"ode_init.on_policy is a fraction of the steps: it must be in [0, 1], got {self.on_policy}")
+        if self.first_block_weight <= 0:
+            raise ValueError(f"ode_init.first_block_weight must be > 0 (1 weighs every block alike), got "
+                             f"{self.first_block_weight}")
         return self
 
 

@@ -14,7 +14,8 @@ and each clip is measured with the world's exact machinery (toyworld/exact.py):
   clip than a white one, because purple is darker;
 - motion: the shape's mean displacement per frame, and its distance from the prompted speed;
 - block boundaries: the mean frame-to-frame change across the student's block boundaries over the mean change
-  within blocks (1 for world clips);
+  within blocks (1 for world clips); also for the first boundary alone, where the stream's first block, drawn
+  from pure noise with nothing before it, hands over to a block that has a past, and for the later ones;
 - motion reward: the MQ axis the learner weights Re-DMD by (core/reward/motion.py);
 - long rollouts (`long_frames` latent frames, past the attention window): initial-frame copy, and fidelity and
   adherence of the first and the last clip-length window.
@@ -38,8 +39,8 @@ from core.reward.base import VideoInput
 from core.reward.motion import MotionScorer
 from core.stream.pipeline import VideoPipeline, build_generator
 from toyworld.config import WorldConfig
-from toyworld.exact import WorldClips
-from toyworld.sampler import sample
+from toyworld.exact import ExactWorldTeacher, WorldClips
+from toyworld.sampler import few_step_trajectory, sample
 from toyworld.world import (
     COLOURS,
     DIRECTIONS,
@@ -80,14 +81,19 @@ def measure_clip(video: np.ndarray, prompt: str, clips: WorldClips, frames_per_b
     out.update(displacement_px=moved, speed_error_px=abs(moved - prompted))
     steps = np.abs(np.diff(video.astype(np.float64), axis=0)).mean(axis=(1, 2, 3)) / 255  # [T - 1]
     at_boundary = (np.arange(1, len(video)) % frames_per_block) == 0
-    out.update(boundary_step=float(steps[at_boundary].mean()), within_step=float(steps[~at_boundary].mean()))
+    out.update(boundary_step=float(steps[at_boundary].mean()), within_step=float(steps[~at_boundary].mean()),
+               first_boundary_step=float(steps[frames_per_block - 1]))
+    if at_boundary.sum() > 1:
+        out["later_boundary_step"] = float(steps[frames_per_block:][at_boundary[frames_per_block:]].mean())
     return out
 
 
 def _mean_measures(videos: list[np.ndarray], prompts: list[str], clips: WorldClips, cfg: WorldConfig) -> dict[str, float]:
     per_clip = [measure_clip(v, p, clips, cfg.stream.num_frame_per_block) for v, p in zip(videos, prompts)]
     out = {k: float(np.mean([m[k] for m in per_clip])) for k in per_clip[0]}
-    out["boundary_ratio"] = out["boundary_step"] / max(out["within_step"], 1e-12)
+    for kind in ("", "first_", "later_"):
+        if f"{kind}boundary_step" in out:
+            out[f"{kind}boundary_ratio"] = out[f"{kind}boundary_step"] / max(out["within_step"], 1e-12)
     out["motion_reward"] = float(np.mean(motion_rewards(cfg, videos, prompts)))
     return out
 
@@ -110,7 +116,7 @@ def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str
     return [s.normalized[cfg.learner.reward_axis] for s in scores]
 
 
-def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline, num_prompts: int = 24, seeds: tuple[int, ...] = (0, 1, 2),
+def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline | ExactSampler, num_prompts: int = 24, seeds: tuple[int, ...] = (0, 1, 2),
                      first_scene: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8,
                      figure: str | Path | None = None, figure_prompts: int = 6) -> dict:
     """Every measure of the module docstring for the pipeline's generator on scenes `first_scene`.. , one clip per
@@ -139,6 +145,29 @@ def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline, num_prompts: int = 2
             "measures": measures}
 
 
+class ExactSampler:
+    """The student's own few-step sampler with the exact denoiser in the student's place (`few_step_trajectory`),
+    behind the part of `VideoPipeline` that `evaluate_student` uses: what that sampler reaches at best, measured
+    as a student is."""
+
+    def __init__(self, cfg: WorldConfig):
+        self.teacher = ExactWorldTeacher(cfg)
+        self.vae = build_codec(cfg)
+        self.sched = FlowMatchScheduler.from_config(cfg.scheduler)
+        self.timesteps = self.sched.denoising_timesteps(cfg.scheduler.denoising_step_list,
+                                                        cfg.scheduler.warp_denoising_step)
+        self.frames_per_block = cfg.stream.num_frame_per_block
+        self.latent_shape = (cfg.model.in_dim, *cfg.video.latent_hw)
+
+    def encode(self, prompts: list[str]) -> list[str]:
+        return list(prompts)  # the exact teacher reads the prompts themselves
+
+    def generate(self, prompts: list[str], seed: int, latent_frames: int) -> torch.Tensor:
+        shape = (len(prompts), latent_frames, *self.latent_shape)
+        return few_step_trajectory(self.teacher, self.sched, prompts, shape, self.frames_per_block, self.timesteps,
+                                   torch.Generator().manual_seed(seed))[2]
+
+
 def evaluate_config(cfg: WorldConfig, generator: CausalWanModel | None = None, num_prompts: int = 24,
                     seeds: tuple[int, ...] = (0, 1, 2), first_scene: int = 1_000_000, long_frames: int = 63,
                     long_prompts: int = 8, figure: str | Path | None = None) -> dict:
@@ -162,6 +191,8 @@ REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
             ("displacement_px", "displacement per frame (px)", "as world"),
             ("speed_error_px", "error from the prompted speed (px)", "lower"),
             ("boundary_ratio", "block-boundary / within-block change", "as world"),
+            ("first_boundary_ratio", "  the first boundary (after block 1)", "as world"),
+            ("later_boundary_ratio", "  the later boundaries", "as world"),
             ("motion_reward", "motion reward (MQ)", "higher"),
             ("initial_frame_copy", "long rollouts: initial-frame copy", "as world"),
             ("long_fidelity_start", "long rollouts: distance, first window", "lower"),

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core.algo.distill import build_teacher, teacher_context
 from core.algo.rollout import ReplayBlock, RolloutRecord, SelfForcedRollout, gaussian_noise
@@ -100,16 +99,27 @@ def regression_record(states: torch.Tensor, clean: torch.Tensor, exit_index: int
     return record
 
 
+def block_weighted_mse(pred: torch.Tensor, target: torch.Tensor, frames_per_block: int,
+                       first_block_weight: float = 1.0) -> torch.Tensor:
+    """mse over videos [B, F, ...] with the first block's frames weighted `first_block_weight` against the rest's 1,
+    normalised so the loss keeps mse's scale (weight 1 is plain mse)."""
+    weights = torch.ones(pred.shape[1], dtype=pred.dtype, device=pred.device)
+    weights[:frames_per_block] = first_block_weight
+    per_frame = (pred - target).square().flatten(2).mean(dim=(0, 2))
+    return (weights * per_frame).sum() / weights.sum()
+
+
 def ode_regression_loss(generator: CausalWanModel, sched: FlowMatchScheduler, timesteps: torch.Tensor,
                         states: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor, context: torch.Tensor,
-                        exit_index: int, context_noise: int = 0) -> torch.Tensor:
+                        exit_index: int, context_noise: int = 0, first_block_weight: float = 1.0) -> torch.Tensor:
     """mse(student's x0 from the trajectory state at timestep `exit_index`, its target there), over every block,
-    each attending to the clean blocks before it."""
+    each attending to the clean blocks before it (`block_weighted_mse`)."""
     rollout = SelfForcedRollout(generator, sched, timesteps, context_noise)
     record = regression_record(states, clean, exit_index, float(timesteps[exit_index]),
                                generator.stream.num_frame_per_block, float(context_noise))
     cache = generator.init_cache(clean.shape[0], tuple(clean.shape[-2:]), device=clean.device, dtype=clean.dtype)
-    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), targets[:, exit_index])
+    return block_weighted_mse(rollout.replay_exit_steps(record, context, cache), targets[:, exit_index],
+                              generator.stream.num_frame_per_block, first_block_weight)
 
 
 @torch.no_grad()
@@ -131,7 +141,8 @@ def teacher_x0_at_exit(teacher: torch.nn.Module, sched: FlowMatchScheduler, reco
 
 def on_policy_loss(generator: CausalWanModel, teacher: torch.nn.Module, sched: FlowMatchScheduler,
                    timesteps: torch.Tensor, context: torch.Tensor, teacher_ctx: torch.Tensor | list[str],
-                   shape: tuple[int, ...], exit_index: int, rng: torch.Generator, context_noise: int = 0) -> torch.Tensor:
+                   shape: tuple[int, ...], exit_index: int, rng: torch.Generator, context_noise: int = 0,
+                   first_block_weight: float = 1.0) -> torch.Tensor:
     """DAgger for a few-step student: mse(its x0 at the states its own rollout reaches, the teacher's x0 there).
     Offline pairs teach the student the teacher's sampler on the teacher's states; its own small errors then lead
     it to states it never saw. Here it learns the teacher's answer at those."""
@@ -144,7 +155,7 @@ def on_policy_loss(generator: CausalWanModel, teacher: torch.nn.Module, sched: F
         record = rollout.training_rollout(context, cache, noise, f // fpb, exit_index)
     targets = teacher_x0_at_exit(teacher, sched, record, teacher_ctx, rng)
     cache = generator.init_cache(b, tuple(shape[-2:]), device="cpu", dtype=torch.float32)
-    return F.mse_loss(rollout.replay_exit_steps(record, context, cache), targets)
+    return block_weighted_mse(rollout.replay_exit_steps(record, context, cache), targets, fpb, first_block_weight)
 
 
 def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = None,
@@ -197,10 +208,11 @@ def ode_init(cfg: WorldConfig, on_stage: Callable[[str, int], None] | None = Non
         if rng.random() < o.on_policy:
             loss = on_policy_loss(student, teacher, sched, timesteps, context, teacher_context(teacher, context, chosen),
                                   (len(chosen), *pairs.clean.shape[1:]), exit_index, noise_rng,
-                                  cfg.scheduler.context_noise)
+                                  cfg.scheduler.context_noise, o.first_block_weight)
         else:
             loss = ode_regression_loss(student, sched, timesteps, pairs.states[pick], pairs.targets[pick],
-                                       pairs.clean[pick], context, exit_index, cfg.scheduler.context_noise)
+                                       pairs.clean[pick], context, exit_index, cfg.scheduler.context_noise,
+                                       o.first_block_weight)
         losses.append(opt.step(loss))
         if on_step is not None:
             on_step(1, losses[-1])
