@@ -43,7 +43,7 @@ VARIANTS = {
     "bfloat16 + FP8": ["runtime.dtype=bfloat16", "runtime.fp8=true"],
 }
 SHOWN = ("adherence_all", "adherence_colour", "drawn_colour", "adherence_direction", "visible_frames", "fidelity_rms",
-         "displacement_px", "boundary_ratio")
+         "displacement_px", "boundary_ratio", "first_boundary_ratio", "later_boundary_ratio")
 
 
 def main() -> None:

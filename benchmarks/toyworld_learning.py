@@ -59,8 +59,9 @@ STUDIES = {
              "no sink": ["stream.sink_mode=static", "stream.sink_size=0"]},
     "staleness": {f"max_staleness {k}": [f"actors.max_staleness={k}"] for k in (0, 1, 2)},
 }
-MEASURES = ("adherence_all", "adherence_colour", "drawn_colour", "adherence_direction", "fidelity_rms", "displacement_px", "boundary_ratio",
-            "motion_reward", "initial_frame_copy", "long_fidelity_end", "long_adherence_end")
+MEASURES = ("adherence_all", "adherence_colour", "drawn_colour", "adherence_direction", "fidelity_rms", "displacement_px",
+            "boundary_ratio", "first_boundary_ratio", "later_boundary_ratio", "motion_reward", "initial_frame_copy",
+            "long_fidelity_end", "long_adherence_end")
 
 
 def train(overrides: list[str], seed: int, args, out: Path) -> tuple[Path, float, int]:
