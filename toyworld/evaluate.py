@@ -40,6 +40,7 @@ from core.reward.motion import MotionScorer
 from core.stream.pipeline import VideoPipeline, build_generator
 from toyworld.config import WorldConfig
 from toyworld.exact import ExactWorldTeacher, WorldClips
+from toyworld.ode_init import student_timesteps
 from toyworld.sampler import few_step_trajectory, sample
 from toyworld.world import (
     COLOURS,
@@ -81,8 +82,9 @@ def measure_clip(video: np.ndarray, prompt: str, clips: WorldClips, frames_per_b
     out.update(displacement_px=moved, speed_error_px=abs(moved - prompted))
     steps = np.abs(np.diff(video.astype(np.float64), axis=0)).mean(axis=(1, 2, 3)) / 255  # [T - 1]
     at_boundary = (np.arange(1, len(video)) % frames_per_block) == 0
-    out.update(boundary_step=float(steps[at_boundary].mean()), within_step=float(steps[~at_boundary].mean()),
-               first_boundary_step=float(steps[frames_per_block - 1]))
+    out.update(boundary_step=float(steps[at_boundary].mean()), within_step=float(steps[~at_boundary].mean()))
+    if at_boundary.any():
+        out["first_boundary_step"] = float(steps[frames_per_block - 1])
     if at_boundary.sum() > 1:
         out["later_boundary_step"] = float(steps[frames_per_block:][at_boundary[frames_per_block:]].mean())
     return out
@@ -116,8 +118,8 @@ def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str
     return [s.normalized[cfg.learner.reward_axis] for s in scores]
 
 
-def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline | ExactSampler, num_prompts: int = 24, seeds: tuple[int, ...] = (0, 1, 2),
-                     first_scene: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8,
+def evaluate_student(cfg: WorldConfig, pipe: VideoPipeline | ExactSampler, num_prompts: int = 24,
+                     seeds: tuple[int, ...] = (0, 1, 2), first_scene: int = 1_000_000, long_frames: int = 63, long_prompts: int = 8,
                      figure: str | Path | None = None, figure_prompts: int = 6) -> dict:
     """Every measure of the module docstring for the pipeline's generator on scenes `first_scene`.. , one clip per
     prompt and noise seed: {"measures": {name: {"mean", "std", "world"}}, "prompts", "seeds", "first_scene"}.
@@ -154,8 +156,7 @@ class ExactSampler:
         self.teacher = ExactWorldTeacher(cfg)
         self.vae = build_codec(cfg)
         self.sched = FlowMatchScheduler.from_config(cfg.scheduler)
-        self.timesteps = self.sched.denoising_timesteps(cfg.scheduler.denoising_step_list,
-                                                        cfg.scheduler.warp_denoising_step)
+        self.timesteps = student_timesteps(cfg)
         self.frames_per_block = cfg.stream.num_frame_per_block
         self.latent_shape = (cfg.model.in_dim, *cfg.video.latent_hw)
 
