@@ -4,6 +4,7 @@ that read back as prompted; behind the learner's teacher interface, with the lea
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -137,13 +138,15 @@ def test_the_students_sampler_with_the_exact_denoiser_makes_world_clips_as_promp
         assert near.attributes == parse_prompt(scene.prompt) and near.rms < 0.05, (scene.prompt, near)
 
 
-def test_evaluate_measures_the_exact_sampler_as_it_measures_a_student(capsys):
-    """`launch.py evaluate --exact-sampler`: the same table for the exact denoiser in the student's sampler, whose
+def test_evaluate_measures_the_exact_sampler_as_it_measures_a_student(tmp_path):
+    """`launch.py evaluate --exact-sampler`: the same measures for the exact denoiser in the student's sampler, whose
     clips adhere fully and whose later block boundaries are as smooth as the world's."""
-    assert launch.main(["evaluate", "--exact-sampler", "--prompts", "3", "--seeds", "1", "--long-prompts", "0"]) == 0
-    rows = {line[:40].strip(): line[40:].split() for line in capsys.readouterr().out.splitlines()}
-    assert float(rows["adherence: every attribute"][0]) == 1.0
-    assert float(rows["the later boundaries"][0]) == pytest.approx(1.0, abs=0.05)
+    report = tmp_path / "exact.json"
+    assert launch.main(["evaluate", "--exact-sampler", "--prompts", "3", "--seeds", "1", "--long-prompts", "0",
+                        "--out", str(report)]) == 0
+    measures = json.loads(report.read_text())["measures"]
+    assert measures["adherence_all"]["mean"] == 1.0
+    assert measures["later_boundary_ratio"]["mean"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_behind_the_teacher_interface_with_the_learned_critic():
