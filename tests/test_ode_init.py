@@ -34,10 +34,11 @@ from toyworld.sampler import ode_trajectory
 SMALL = ["model.dim=32", "model.ffn_dim=64", "model.num_heads=2", "model.num_layers=1", "video.num_latent_frames=6",
          "checkpoint.generator=null", "ode_init.init=null"]
 LEARNED = ["learner.teacher.kind=wan", "learner.critic_checkpoint=null"]  # a Wan teacher instead of the exact one
+WARPED = ["scheduler.warp_denoising_step=true"]  # the student's steps on the shifted table, where the ODE's grid is
 
 
 def test_trajectory_states_at_the_student_timesteps_are_exact_with_the_true_flow():
-    cfg = load_world_config()
+    cfg = load_world_config(None, WARPED)
     keep = tuple(student_timesteps(cfg).tolist())
     shape = (2, 6, 16, 2, 2)
     x0 = torch.randn(shape, dtype=torch.float64)
@@ -52,6 +53,13 @@ def test_trajectory_states_at_the_student_timesteps_are_exact_with_the_true_flow
         ode_trajectory(TrueFlow(x0), FlowMatchScheduler(cfg.scheduler.shift), None, None, shape, 10, keep=keep)
 
 
+def test_ode_pairs_on_the_unwarped_list_are_refused_at_load_with_the_fix():
+    """The embedded default's unwarped steps (sigma 0.75, 0.5, 0.25) are off the ODE's shifted grid."""
+    with pytest.raises(ConfigError, match="set scheduler.warp_denoising_step=true, or use ode_init.pairs=few_step"):
+        load_world_config(None, ["ode_init.pairs=causal_ode"])
+    assert load_world_config(None, ["ode_init.pairs=causal_ode", *WARPED]).ode_init.pairs == "causal_ode"
+
+
 def test_regression_record_slices_blocks_at_the_exit_step():
     states, clean = torch.randn(2, 4, 6, 16, 2, 2), torch.randn(2, 6, 16, 2, 2)
     record = regression_record(states, clean, 2, 500.0, frames_per_block=3)
@@ -61,7 +69,7 @@ def test_regression_record_slices_blocks_at_the_exit_step():
 
 def test_regression_through_the_replay_path_fits_teacher_trajectories():
     cfg = load_world_config(None, [*SMALL, *LEARNED, "ode_init.num_clips=2", "ode_init.ode_steps=4",
-                                   "ode_init.batch_size=2", "ode_init.pairs=ode"])
+                                   "ode_init.batch_size=2", "ode_init.pairs=ode", *WARPED])
     torch.manual_seed(0)
     teacher = WanModel(cfg.model).eval()
     encoder = TextEncoder.from_config(cfg, "cpu", torch.float32)
@@ -86,8 +94,9 @@ def test_regression_through_the_replay_path_fits_teacher_trajectories():
 
 def test_on_policy_targets_are_the_teachers_x0_at_the_students_own_states():
     """DAgger: the student's rollout picks the states; the target of each block is the exact teacher's x0 there,
-    given the student's earlier blocks as the clean past and no future; the loss trains through the replay."""
-    cfg = load_world_config(None, SMALL)
+    given the student's earlier blocks as the clean past and no future; the loss trains through the replay. On
+    the warped list, whose timesteps are table entries, so sigma is exactly t / 1000 on both sides."""
+    cfg = load_world_config(None, [*SMALL, *WARPED])
     torch.manual_seed(0)
     student, teacher = CausalWanModel(cfg.model, cfg.stream), build_teacher(cfg)
     sched, timesteps = FlowMatchScheduler.from_config(cfg.scheduler), student_timesteps(cfg)

@@ -135,6 +135,16 @@ class WorldConfig(Config):
     ode_init: OdeInitConfig = Field(default_factory=OdeInitConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
+    @model_validator(mode="after")
+    def _ode_pairs_need_the_warped_list(self) -> "WorldConfig":
+        """The ODE pairs keep the solve's states at the student's timesteps, so those must lie on its grid, which
+        is the shifted table's."""
+        if self.ode_init.pairs != "few_step" and not self.scheduler.warp_denoising_step:
+            raise ValueError(f"ode_init.pairs={self.ode_init.pairs} keeps the teacher's ODE states at the student's "
+                             "timesteps, which lie on the ODE's grid only when warped onto the shifted table: set "
+                             "scheduler.warp_denoising_step=true, or use ode_init.pairs=few_step")
+        return self
+
 
 def load_world_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WorldConfig:
     """A config (the embedded default when `path` is None) validated with the toy world's sections."""
