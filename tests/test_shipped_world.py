@@ -31,11 +31,11 @@ def test_the_learned_teacher_draws_the_prompted_colour_well_above_chance(cfg):
 
 def test_the_student_draws_the_prompted_colour_and_motion_and_a_lasting_shape_in_four_steps(cfg):
     result = evaluate_config(cfg, None, num_prompts=24, seeds=(0,), long_prompts=0)["measures"]
-    assert result["drawn_colour"]["mean"] >= 0.8, result  # measured 1.00 over seeds 0-2
+    assert result["drawn_colour"]["mean"] >= 0.9, result  # the colour target; measured 1.00 over seeds 0-2
     assert result["adherence_colour"]["mean"] >= 3 * CHANCE, result  # measured 0.85 over seeds 0-2
-    assert result["adherence_direction"]["mean"] >= 0.7, result  # chance 0.2; measured 0.88 over seeds 0-2
+    assert result["adherence_direction"]["mean"] >= 0.75, result  # chance 0.2; measured 0.88 over seeds 0-2 (target 0.8)
     assert result["visible_frames"]["mean"] >= 0.9, result  # measured 1.00
-    assert result["fidelity_rms"]["mean"] < 0.14, result  # measured 0.118; the causal-ODE-pairs student 0.171
+    assert result["fidelity_rms"]["mean"] < 0.13, result  # measured 0.118; the causal-ODE-pairs student 0.171
 
 
 def test_generate_on_the_embedded_default_writes_videos_of_the_prompted_colours(tmp_path, cfg):
