@@ -47,13 +47,14 @@ import ray
 from ray import serve
 from tqdm import tqdm
 
+from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import latent_frames_for, video_frames_for
 from core.config import ConfigError
 from core.model.kv_cache import StreamLimitError
 from core.plan import build_plan
 from core.records.checkpoint import CheckpointError, save_self_forcing, save_wan_folder
 from core.records.video_io import MP4Writer
-from core.stream.pipeline import VideoPipeline
+from core.stream.pipeline import VideoPipeline, build_generator
 from core.stream.session import StreamSession, warm_up
 from job.cluster import start_ray, start_serve
 from job.signals import StopSignal
@@ -66,10 +67,12 @@ from serve.follow import CheckpointVersions
 from toyworld.config import WorldConfig, load_world_config
 from toyworld.evaluate import (
     ExactSampler,
+    denoiser_error,
     evaluate_config,
     evaluate_student,
     evaluate_teacher,
     format_change,
+    format_denoiser_error,
     format_measures,
 )
 from toyworld.ode_init import ode_init
@@ -325,8 +328,13 @@ def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
         print("the exact denoiser in the student's sampler (the student column), no student weights")
         print(format_measures(scores))
     else:
-        scores = _evaluate(cfg, None, args.prompts, tuple(range(args.seeds)), args.first_scene, args.long_frames,
+        generator = build_generator(cfg, torch.device("cpu"), torch.float32).eval()
+        scores = _evaluate(cfg, generator, args.prompts, tuple(range(args.seeds)), args.first_scene, args.long_frames,
                            args.long_prompts, args.figure)
+        if args.denoiser_error:
+            scores["denoiser_error"] = denoiser_error(cfg, generator, TextEncoder.from_config(cfg, "cpu", torch.float32),
+                                                      args.prompts, tuple(range(args.seeds)), args.first_scene)
+            print(format_denoiser_error(scores["denoiser_error"]))
     if args.figure:
         print(f"wrote {args.figure}: the first prompts' clips (noise seed 0), each over the world clip of its scene")
     if args.out:
@@ -412,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-prompts", type=int, default=8, help="prompts rolled out long (0: skip)")
     p.add_argument("--out", default=None, help="write the measures as JSON here")
     p.add_argument("--figure", default=None, help="write a PNG of the first 6 prompts' clips over the world's here")
-    p.add_argument("--exact-sampler", action="store_true",
-                   help="measure the student's few-step sampler with the world's exact denoiser in the student's "
-                        "place instead of a student: the best that sampler can do")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--exact-sampler", action="store_true",
+                       help="measure the student's few-step sampler with the world's exact denoiser in the student's "
+                            "place instead of a student: the best that sampler can do")
+    which.add_argument("--denoiser-error", action="store_true",
+                       help="also the student's x0 error against the exact denoiser's at its own rollout states, per "
+                            "step and block: where it falls short of the exact sampler")
 
     p = command("reward-server", "serve reward scoring over HTTP with Ray Serve", "configs/reward_service.yaml",
                 epilog=REWARD_SERVER_HELP)

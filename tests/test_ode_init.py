@@ -147,9 +147,12 @@ def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_lo
 
     report = tmp_path / "eval.json"
     args = ["evaluate", *SMALL, f"checkpoint.generator={out / 'ode_init.pt'}", "--prompts", "3", "--seeds", "2",
-            "--long-frames", "12", "--long-prompts", "2", "--out", str(report)]
+            "--long-frames", "12", "--long-prompts", "2", "--denoiser-error", "--out", str(report)]
     assert launch.main(args) == 0
     result = json.loads(report.read_text())
+    errors = result["denoiser_error"]  # [seed][step][block] against the exact denoiser at the student's own states
+    assert len(errors["mse"]) == 2 and all(len(steps) == len(errors["timesteps"]) for steps in errors["mse"])
+    assert all(e > 0 for steps in errors["mse"] for blocks in steps for e in blocks)
     measures = result["measures"]
     assert {"adherence_all", "adherence_colour", "fidelity_rms", "visible_frames", "displacement_px", "boundary_ratio",
             "motion_reward", "initial_frame_copy"} <= set(measures) and result["seeds"] == [0, 1] and result["long_frames"] == 12
@@ -159,6 +162,7 @@ def test_ode_init_and_evaluate_commands_write_what_the_learner_and_evaluation_lo
     assert world["speed_error_px"] < 0.05 and abs(world["boundary_ratio"] - 1) < 0.15
     printed = capsys.readouterr().out
     assert "adherence: every attribute" in printed and "long rollouts: initial-frame copy" in printed
+    assert "against the exact denoiser's at its own rollout states" in printed
     assert world["long_fidelity_end"] < 1e-6 and world["long_adherence_end"] == 1.0
 
 

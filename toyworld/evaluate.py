@@ -19,6 +19,8 @@ and each clip is measured with the world's exact machinery (toyworld/exact.py):
 - motion reward: the MQ axis the learner weights Re-DMD by (core/reward/motion.py);
 - long rollouts (`long_frames` latent frames, past the attention window): initial-frame copy, and fidelity and
   adherence of the first and the last clip-length window.
+With `denoiser_error` (`launch.py evaluate --denoiser-error`), also where the student falls short of its
+sampler's best: its x0 against the exact denoiser's at the states its own rollout reaches, per step and block.
 Each is the mean over noise seeds with its standard deviation, next to the world clips of the same scenes.
 """
 
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 
 from core.algo.distill import teacher_context
+from core.algo.rollout import SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.codecs.text_encoder import TextEncoder
 from core.codecs.video import Codec, build_codec, from_uint8_frames, to_uint8_frames
@@ -40,7 +43,7 @@ from core.reward.motion import MotionScorer
 from core.stream.pipeline import VideoPipeline, build_generator
 from toyworld.config import WorldConfig
 from toyworld.exact import ExactWorldTeacher, WorldClips
-from toyworld.ode_init import student_timesteps
+from toyworld.ode_init import student_timesteps, teacher_x0_at_exit
 from toyworld.sampler import few_step_trajectory, sample
 from toyworld.world import (
     COLOURS,
@@ -180,6 +183,49 @@ def evaluate_config(cfg: WorldConfig, generator: CausalWanModel | None = None, n
                          build_codec(cfg), torch.device("cpu"))
     return evaluate_student(cfg, pipe, num_prompts, seeds, first_scene, long_frames, long_prompts, figure)
 
+
+def denoiser_error(cfg: WorldConfig, generator: CausalWanModel, encoder: TextEncoder, num_prompts: int = 24,
+                   seeds: tuple[int, ...] = (0, 1, 2), first_scene: int = 1_000_000) -> dict:
+    """Where the student falls short of the exact sampler: the mse between its x0 and the exact denoiser's at the
+    states its own rollout reaches, per denoising step and block, in codec latents (the sampler with the exact
+    denoiser in the student's place has 0 at every one). Each step is its own rollout, stopped there, as in
+    DAgger. {"timesteps": [per step], "mse": [seed][step][block]}."""
+    teacher = ExactWorldTeacher(cfg)
+    sched = FlowMatchScheduler.from_config(cfg.scheduler)
+    timesteps = student_timesteps(cfg)
+    prompts = [Scene.from_seed(first_scene + i).prompt for i in range(num_prompts)]
+    context = encoder.encode(prompts)
+    fpb = cfg.stream.num_frame_per_block
+    blocks = cfg.video.num_latent_frames // fpb
+    shape = (num_prompts, fpb, cfg.model.in_dim, *cfg.video.latent_hw)
+    rollout = SelfForcedRollout(generator, sched, timesteps, cfg.scheduler.context_noise)
+    runs = []
+    for seed in seeds:
+        rng = torch.Generator().manual_seed(seed)
+        per_step = []
+        for exit_index in range(len(timesteps)):
+            cache = generator.init_cache(num_prompts, cfg.video.latent_hw, device="cpu", dtype=torch.float32)
+            record = rollout.training_rollout(context, cache, gaussian_noise(shape, rng, torch.float32, "cpu"),
+                                              blocks, exit_index)
+            exact = teacher_x0_at_exit(teacher, sched, record, prompts, rng)
+            made = torch.cat([b.clean for b in record.blocks], dim=1)
+            per_frame = (made.double() - exact.double()).square().mean(dim=(0, 2, 3, 4))
+            per_step.append([float(per_frame[b * fpb:(b + 1) * fpb].mean()) for b in range(blocks)])
+        runs.append(per_step)
+    return {"timesteps": [float(t) for t in timesteps], "mse": runs, "prompts": num_prompts, "seeds": list(seeds)}
+
+
+def format_denoiser_error(result: dict) -> str:
+    """`denoiser_error` as a table: a row per step, a column per block, mean ± std over the noise seeds."""
+    mse = np.asarray(result["mse"])  # [seed, step, block]
+    blocks = mse.shape[2]
+    lines = [f"the student's x0 against the exact denoiser's at its own rollout states (latent mse; the exact "
+             f"sampler: 0), {result['prompts']} prompts x noise seeds {', '.join(map(str, result['seeds']))}",
+             f"{'step at t':<12}" + "".join(f"{f'block {b + 1}':>19}" for b in range(blocks))]
+    for i, t in enumerate(result["timesteps"]):
+        cells = "".join(f"{mse[:, i, b].mean():>10.4f} ± {mse[:, i, b].std():<6.4f}" for b in range(blocks))
+        lines.append(f"{t:<12.0f}{cells}")
+    return "\n".join(lines)
 
 # what the table shows, in order: (key, label, which way is better)
 REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
