@@ -227,6 +227,7 @@ def format_denoiser_error(result: dict) -> str:
         lines.append(f"{t:<12.0f}{cells}")
     return "\n".join(lines)
 
+
 # what the table shows, in order: (key, label, which way is better)
 REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
             ("adherence_colour", "adherence: colour of the nearest clip", "higher"),
