@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import Counter
 from datetime import timedelta
@@ -48,7 +47,7 @@ from datetime import timedelta
 import ray
 import torch
 import torch.distributed as dist
-from ray.exceptions import ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, ObjectLostError
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,10 @@ FOLLOWER_TTL_S = 60.0  # a follower that has not asked for this long is gone: no
 
 
 class WeightsUnavailable(RuntimeError):
-    """The published version went out by broadcast before this actor (re)joined the group; the pool hands
-    the prompt out again and the actor gets the next version from the object store."""
+    """This actor cannot get the weights of the version it was sent: it went out by broadcast before the actor
+    (re)joined the group, or its object-store copy was lost with the learner process that put it (a restarted
+    learner republishes under a newer version). The pool hands the prompt out again once a newer version is
+    published."""
 
 
 # ---------------------------------------------------------------------------------------------- transport
@@ -107,13 +108,15 @@ def lineage_staleness(current: int, made_with: int, restarts: list[Restart]) -> 
 class BroadcastGroup:
     """A process group of its own from the learner's rank 0 to the actors (rank 0 hosts its TCPStore)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float):
-        """Join the group; blocks until all `world_size` members have joined (or `timeout_s` passes)."""
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
+                 store: dist.TCPStore | None = None):
+        """Join the group; blocks until all `world_size` members have joined (or `timeout_s` passes). Rank 0
+        passes the store `host_store` opened; the others join its port."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"broadcast backend must be gloo or nccl, got {backend!r}")
         timeout = timedelta(seconds=timeout_s)
-        store = dist.PrefixStore(f"weights-{port}", dist.TCPStore(host, port, world_size, is_master=rank == 0,
-                                                                   timeout=timeout))
+        store = store or dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        store = dist.PrefixStore(f"weights-{port}", store)
         if backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.pg = dist.ProcessGroupNCCL(store, rank, world_size)
@@ -130,10 +133,11 @@ class BroadcastGroup:
         return buffer
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+def host_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's TCPStore on a port the OS picks as it binds (`.port`): no other process can take the port between
+    choosing and binding it, as one could with a port probed free and bound later. Members join that port."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def _describe(e: BaseException) -> str:
@@ -160,11 +164,11 @@ class WeightPublisher:
     def _form(self) -> None:
         """Form a new group with every actor (rank 0 hosted here); on failure, say why."""
         self.group, self.not_formed = None, ""
-        host, port = ray.util.get_node_ip_address(), _free_port()
-        world = ray.get(self.pool.num_actors.remote()) + 1
-        joined = self.pool.form_weight_group.remote(host, port, self.group_backend, self.timeout_s)
+        host, world = ray.util.get_node_ip_address(), ray.get(self.pool.num_actors.remote()) + 1
+        store = host_store(host, world, self.timeout_s)
+        joined = self.pool.form_weight_group.remote(host, store.port, self.group_backend, self.timeout_s)
         try:
-            group = BroadcastGroup(host, port, 0, world, self.group_backend, self.timeout_s)
+            group = BroadcastGroup(host, store.port, 0, world, self.group_backend, self.timeout_s, store)
         except Exception as e:  # noqa: BLE001 - an actor that cannot join: versions go by object store
             group, self.not_formed = None, f"group_not_formed: {_describe(e)}"
         refusal = ray.get(joined)
@@ -374,7 +378,11 @@ class WeightSubscriber:
         if version == self.version:
             return None
         if refs and refs[0] is not None:
-            return await refs[0]
+            try:
+                return await refs[0]
+            except ObjectLostError as e:  # its owner, the learner's rank 0, died: a restart republishes them
+                raise WeightsUnavailable(f"{self.name}: the weights of version {version} were lost with the "
+                                         f"process that published them ({type(e).__name__})") from None
         if self.group is None:
             raise WeightsUnavailable(f"{self.name} missed the broadcast of version {version} (it joined no group)")
         return await asyncio.wait_for(self._future(version), self.timeout_s)

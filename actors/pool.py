@@ -116,11 +116,11 @@ class RolloutPool:
             except Exception as e:  # a bug or bad weights in the worker: count it, never lose the prompt silently
                 cause = getattr(e, "cause", None) or e  # the worker's own exception inside Ray's RayTaskError
                 self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
-                if isinstance(cause, WeightsUnavailable):  # the next version comes by object store: retry then
+                if isinstance(cause, WeightsUnavailable):  # the prompt waits for the next version, never dropped
                     stats["weights_unavailable"] += 1
                     self.weights.on_weights_unavailable(sent_version)
                     self.source.release(item)
-                    await asyncio.sleep(0.5)
+                    await self._newer_than(sent_version)
                     continue
                 self.drops["worker_error"] += 1
                 self.source.ack(item)
@@ -142,6 +142,14 @@ class RolloutPool:
                 self.queue.append((result.batch, item))
             async with self.changed:
                 self.changed.notify_all()
+
+    async def _newer_than(self, version: int, timeout_s: float = 30.0) -> None:
+        """Wait until a version newer than `version` is published (or the pool stops); bounded, so a dispatch loop
+        whose actor lacks the weights of the current version looks again at least every `timeout_s`, rather
+        than failing rollout after rollout."""
+        deadline = time.monotonic() + timeout_s
+        while self.weights.version <= version and not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
 
     def request_video(self, path: str) -> None:
         """Have the next rollout also write its decoded frames to the MP4 `path` (a look at the current policy)."""
