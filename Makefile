@@ -1,10 +1,14 @@
 # The two commands of the README's Quick start; each does all its own set-up on a fresh machine.
-#   make train   the main job on the embedded default (the toy world): reward service + 2 actors + learner
-#   make test    the test suite (what .ci/run runs)
+#   make train       the main job on the embedded default (the toy world): reward service + 2 actors + learner
+#   make test        the whole test suite (what .ci/run runs), with the 25 slowest tests listed at the end
+#   make test-fast   the tier to run while working: no whole jobs, no second Ray cluster, no browser, no
+#                    torch.compile (pytest markers job, own_ray, browser, compile; see pyproject.toml)
 # Set-up, once per checkout: a virtualenv in $(VENV), PyTorch first ($(TORCH): on a CPU-only machine pip takes
-# the CPU build), then the project with its dev extra; for the tests also Debian's Chromium (the browser test
-# drives /usr/bin/chromium; installed with apt-get when run as root, else that one test is skipped, with the
-# reason). Pass arguments through ARGS, e.g.
+# the CPU build), then the project with its dev extra, then DeepSpeed's shared-memory communication op, which
+# DeepSpeed otherwise compiles inside the first process that joins a group. `make test` also needs Debian's
+# Chromium (the browser tests drive /usr/bin/chromium) and a C++ compiler (torch.compile's CPU backend): it
+# installs them with apt-get when run as root, and stops with what to install otherwise. Pass arguments
+# through ARGS, e.g.
 #   make train ARGS="learner.max_steps=200"      make test ARGS="-x tests/test_golden.py"
 
 VENV ?= .venv
@@ -12,8 +16,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 ARGS ?=
+FAST := not job and not own_ray and not browser and not compile
 
-.PHONY: setup chromium train test
+.PHONY: setup system-deps train test test-fast
 
 setup: $(VENV)/.installed
 
@@ -22,16 +27,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v WARNING || true
 	touch $@
 
-chromium:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
-	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null); } \
-	  || echo "no chromium (install Debian's chromium package): the browser test will be skipped"
+# Chromium and a C++ compiler, from Debian's packages when missing; a machine that cannot install them fails
+# here, by name, rather than skipping the tests that need them.
+system-deps:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	  command -v g++ >/dev/null || command -v c++ >/dev/null || missing="$$missing g++"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	        || { echo "could not install $$missing with apt-get"; exit 1; }; \
+	    else echo "make test needs: $$missing (Debian packages; install them, or run make test-fast)"; exit 1; fi; \
+	  fi
 
 train: setup
 	$(PY) launch.py train $(ARGS)
 
 # pytest exits 5 when it collects no test: not a failure here (a narrowed ARGS may select none)
-test: setup chromium
-	@$(PY) -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+test: setup system-deps
+	@$(PY) -m pytest --durations=25 $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+test-fast: setup
+	@$(PY) -m pytest -m "$(FAST)" $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc

@@ -1,12 +1,14 @@
 """Shared fixtures: the golden set (tests/golden by default, `--golden-dir` for another), one local Ray and
-one Serve HTTP proxy per session, the reward app the Ray tests score with, a tiny VideoReward release, a
-one-process gloo group, and headless Chromium for the page tests."""
+one Serve HTTP proxy per session, the reward apps the Ray tests score with (the motion scorer, and one behind a
+gate the test opens), a tiny VideoReward release, a one-process gloo group, headless Chromium for the page
+tests and a C++ compiler for the compiled path."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import deepspeed
@@ -14,13 +16,16 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
+from gated_reward import Gate
 from playwright.sync_api import sync_playwright
 from ray import serve
 from safetensors.torch import load_file
 
 from core.config import load_config
-from helpers import chromium, free_port
+from helpers import NO_CHROMIUM, chromium, free_port
+from job.cluster import PortInUseError, start_serve
 from reward_service.app import build_app
+from serve.app import build_app as build_stream_app
 from videoreward_release import Release, write_release
 
 TESTS = Path(__file__).resolve().parent
@@ -108,10 +113,16 @@ def ray_instance():
 
 @pytest.fixture(scope="session")
 def serve_instance(ray_instance):
-    """Ray Serve's HTTP proxy on a free localhost port; yields the base URL."""
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    yield f"http://127.0.0.1:{port}"
+    """Ray Serve's HTTP proxy on a free localhost port, started as the commands start it; yields the base URL.
+    Serve cannot bind port 0 and report it, so a port taken between probing and binding means another try."""
+    for attempt in range(5):
+        try:
+            url = start_serve("127.0.0.1", free_port(), request_timeout_s=60, section="test")
+            break
+        except PortInUseError:
+            if attempt == 4:
+                raise
+    yield url
     serve.shutdown()
 
 
@@ -126,19 +137,46 @@ def reward_app(serve_instance) -> str:
 
 
 @pytest.fixture(scope="session")
+def stream_app(serve_instance) -> str:
+    """The streaming app on configs/serve.yaml, deployed once for the serve and browser tests; its URL."""
+    cfg = load_config(REPO / "configs" / "serve.yaml", ["serve.num_cpus=0.25", "serve.app_name=stream_test"])
+    serve.run(build_stream_app(cfg), name="stream_test", route_prefix="/stream_test")
+    yield f"{serve_instance}/stream_test"
+    serve.delete("stream_test")
+
+
+@pytest.fixture(scope="session")
+def gated_reward(serve_instance, tmp_path_factory) -> tuple[str, Gate]:
+    """A reward app whose scores wait at a gate the test opens (tests/gated_reward.py): its name and the gate,
+    open. A test that closes it decides when every score in flight finishes, and opens it again when done."""
+    gate = Gate(tmp_path_factory.mktemp("gate"))
+    gate.open()
+    cfg = load_config(REPO / "configs" / "reward_service.yaml",
+                      ["reward.backend=gated", f"reward.gate={gate.folder}", "reward_service.app_name=gated_reward",
+                       "reward_service.num_cpus=0.1"])
+    serve.run(build_app(cfg), name="gated_reward", route_prefix="/gated_reward")
+    yield "gated_reward", gate
+    gate.open()
+    serve.delete("gated_reward")
+
+
+@pytest.fixture(scope="session")
 def videoreward_release(tmp_path_factory) -> Release:
     """A tiny random VideoReward release in the released folder layout (tests/videoreward_release.py)."""
     return write_release(tmp_path_factory.mktemp("VideoReward"))
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    """A one-process gloo group, as Ray Train gives each worker; the environment is restored afterwards."""
+def one_rank(tmp_path_factory):
+    """A one-process gloo group, as Ray Train gives each worker; the environment is restored afterwards. Its
+    store is a file, not a TCP port: nothing another process could take first."""
+    store = tmp_path_factory.mktemp("one_rank") / "store"
     with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
             env.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo")
+        # no MASTER_ADDR/PORT to read: rank and world size are given, so DeepSpeed must not look for MPI instead
+        deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=0, world_size=1,
+                                   auto_mpi_discovery=False)
         yield
         dist.destroy_process_group()
         # DeepSpeed keeps its clone of the world group across process groups; a later module's group would
@@ -148,7 +186,9 @@ def one_rank():
 
 @pytest.fixture
 def browser():
-    """Headless Chromium driven by Playwright."""
+    """Headless Chromium driven by Playwright; a machine without it fails here (`make test` installs it)."""
+    if chromium() is None:
+        pytest.fail(NO_CHROMIUM, pytrace=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -156,3 +196,13 @@ def browser():
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="session")
+def cxx_compiler() -> str:
+    """The C++ compiler torch.compile's CPU backend (inductor) builds with; a machine without one fails here
+    (`make test` installs g++)."""
+    found = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if found is None:
+        pytest.fail("torch.compile on CPU needs a C++ compiler (inductor's CPU backend): install g++", pytrace=False)
+    return found

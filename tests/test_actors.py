@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import ray
 import torch
 
@@ -18,8 +19,8 @@ from core.model.wan import CausalWanModel
 from core.records.prompts import WorkItem
 from core.records.sample import from_record_batch
 from core.stream.pipeline import build_generator
-from helpers import free_port
-from weight_sync import BroadcastGroup, pack
+from learner.samples import PoolSamples, SampleTimeoutError
+from weight_sync import BroadcastGroup, host_store, pack
 
 BASE = ["video.num_latent_frames=3", "actors.num_cpus=0.25", "reward_service.num_cpus=0.1"]
 
@@ -94,38 +95,45 @@ def test_samples_flow_with_versions_and_replay_exactly(reward_app, tmp_path):
         ray.get(pool.stop.remote())
 
 
-def test_backpressure_then_actor_death_loses_and_duplicates_nothing(reward_app, tmp_path):
+def test_backpressure_then_actor_death_loses_and_duplicates_nothing(gated_reward, tmp_path):
+    """The learner takes nothing: actors fill the queue, then wait (not pile up, not drop). Then an actor is killed
+    mid-rollout: the reward service's gate holds every score, so an actor the pool calls busy is inside a rollout
+    until the test opens the gate; its prompt is handed out again, none lost or duplicated."""
     n_prompts = 8
-    cfg, pool = make_pool("kill", write_prompts(tmp_path, n_prompts), reward_app,
-                          ["actors.queue_size=2", "actors.max_restarts=2"])
+    app, gate = gated_reward
+    gate.open()
+    cfg, pool = make_pool("kill", write_prompts(tmp_path, n_prompts), app, ["actors.queue_size=2", "actors.max_restarts=2"])
     try:
         def stalled(m: dict) -> bool:  # the queue is full and both actors wait for room
             return m["queue_depth"] == 2 and all(a["waiting"] for a in m["actors"].values())
 
-        # the learner takes nothing: actors fill the queue, then wait (not pile up, not drop); polled with a
-        # deadline for slow starts, and every poll checks the bound itself
         deadline = time.monotonic() + 120
-        while not stalled(m := ray.get(pool.metrics.remote())) and time.monotonic() < deadline:
-            assert m["queue_depth"] + m["in_flight"] <= 2 and not m["drops"], m
+        while not stalled(m := ray.get(pool.metrics.remote())):
+            assert time.monotonic() < deadline and m["queue_depth"] + m["in_flight"] <= 2 and not m["drops"], m
             time.sleep(0.2)
         made = sum(a["rollouts"] for a in m["actors"].values())
-        assert stalled(m) and m["in_flight"] == 0 and made == 2 and not m["drops"], m
+        assert m["in_flight"] == 0 and made == 2 and not m["drops"], m
 
+        gate.close()  # the next rollouts cannot finish: their scores wait at the gate
         ids = [s.sample_id for s in samples_of(ray.get(pool.get.remote(2, timeout_s=120)))]
-        deadline = time.monotonic() + 60
-        while not ray.get(pool.metrics.remote())["actors"]["kill-actor-0"]["busy"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        deadline = time.monotonic() + 120
+        while not ray.get(pool.metrics.remote())["actors"]["kill-actor-0"]["busy"]:
+            assert time.monotonic() < deadline, "actor 0 never started its next rollout"
+            time.sleep(0.05)
         ray.kill(ray.get_actor("kill-actor-0"), no_restart=False)  # dies mid-rollout; Ray restarts it
+        gate.open()
         deadline = time.monotonic() + 240
-        while len({i for i in ids if i.startswith("e0-")}) < n_prompts and time.monotonic() < deadline:
+        while len({i for i in ids if i.startswith("e0-")}) < n_prompts:
+            assert time.monotonic() < deadline, ids
             ids += [s.sample_id for s in samples_of(ray.get(pool.get.remote(1, timeout_s=30)))]
         epoch0 = [i for i in ids if i.startswith("e0-")]
         assert sorted(epoch0) == sorted(f"e0-i{i}" for i in range(n_prompts))  # every prompt once
         assert len(ids) == len(set(ids))
         m = ray.get(pool.metrics.remote())
         assert not m["drops"] and m["duplicates_suppressed"] == 0
-        assert sum(a["lost_rollouts"] for a in m["actors"].values()) >= 1  # the kill did hit a rollout
+        assert m["actors"]["kill-actor-0"]["lost_rollouts"] == 1  # the kill hit its rollout
     finally:
+        gate.open()
         ray.get(pool.stop.remote())
 
 
@@ -143,22 +151,26 @@ def test_scoring_timeouts_drop_samples_with_a_counted_reason(reward_app, tmp_pat
         ray.get(pool.stop.remote())
 
 
-def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(reward_app):
-    """`status`, a weight broadcast (the learner's rank 0 here) and `ready` are answered while a rollout computes
-    (seconds here: 21 latent frames to decode): the broadcast waits only for the staging copy. The next rollout
-    switches to the staged weights, and each sample replays exactly with its own weights."""
-    cfg = load_config(PLUMBING_CONFIG, BASE + ["video.num_latent_frames=21", f"actors.reward_app={reward_app}"])
+def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(gated_reward):
+    """`status` is answered while a rollout computes (seconds: 21 latent frames to decode, against milliseconds a
+    status call takes); a weight broadcast (the learner's rank 0 here) and `ready` while the rollout is still in
+    progress (its score held at the reward service's gate until the test opens it): the broadcast waits only for
+    the staging copy. The next rollout switches to the staged weights, and each sample replays exactly with its
+    own weights."""
+    app, gate = gated_reward
+    gate.close()
+    cfg = load_config(PLUMBING_CONFIG, BASE + ["video.num_latent_frames=21", f"actors.reward_app={app}"])
     worker = ray.remote(RolloutWorker).options(num_cpus=0.25, max_restarts=0).remote(cfg, "offloop-actor")
     try:
         ray.get(worker.ready.remote())
-        host, port = "127.0.0.1", free_port()
-        joined = worker.join_weight_group.remote(host, port, 1, 2, "gloo", 120.0)
-        group = BroadcastGroup(host, port, 0, 2, "gloo", 120.0)
+        store = host_store("127.0.0.1", 2, 120.0)  # the learner's side: a port bound as it is chosen
+        joined = worker.join_weight_group.remote("127.0.0.1", store.port, 1, 2, "gloo", 120.0)
+        group = BroadcastGroup("127.0.0.1", store.port, 0, 2, "gloo", 120.0, store)
         ray.get(joined)
         items = [WorkItem(0, i, i, f"a shape number {i} moves", seed=11 + i) for i in range(2)]
         first = worker.rollout.remote(items[0], 0, [None])
-        seen = None  # a status answered while the first rollout computes
-        while seen is None and not ray.wait([first], timeout=0)[0]:
+        seen, deadline = None, time.monotonic() + 240  # a status answered while the first rollout computes
+        while seen is None and time.monotonic() < deadline:
             status = ray.get(worker.status.remote())
             seen = status if status["computing"] else None
         assert seen == {"name": "offloop-actor", "weight_version": 0, "computing": items[0].sample_id, "rollouts": 0}
@@ -170,6 +182,7 @@ def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(rew
         second = worker.rollout.remote(items[1], 1, [None])  # the staged version; waits for the model, not the loop
         assert ray.get(worker.ready.remote()) == "offloop-actor"
         assert not ray.wait([first], timeout=0)[0]  # all of the above came back while the first rollout still ran
+        gate.open()
 
         made = [from_record_batch(r.batch)[0] for r in ray.get([first, second], timeout=300)]
         assert [s.weight_version for s in made] == [0, 1]
@@ -184,4 +197,50 @@ def test_rollouts_compute_off_the_event_loop_and_weights_switch_between_them(rew
                                       pad_context([sample.text_context], cfg.model.text_len))
             assert (x - sample.clean).abs().max() < 1e-5, sample.weight_version
     finally:
+        gate.open()
         ray.kill(worker, no_restart=True)
+
+
+def test_samples_of_versions_lost_with_a_restarted_learner_are_dropped_and_counted(gated_reward, tmp_path):
+    """A learner restarted from a checkpoint of version 1, after its lost workers published version 2: the pool
+    republishes the restored weights as version 3, and the version-2 samples still in flight are dropped as
+    `lost_weights`, counted, never delivered. The gate holds those samples in scoring until the restart."""
+    app, gate = gated_reward
+    gate.open()
+    cfg = load_config(PLUMBING_CONFIG, BASE + [f"actors.prompts={write_prompts(tmp_path, 8)}", f"actors.reward_app={app}",
+                                               "actors.queue_size=2"])
+    pool = RolloutPool.options(name="lost").remote(cfg, "lost")
+    try:
+        for version in (1, 2):  # before the first rollout: every rollout is made with version 2
+            ray.get(pool.publish.remote(version, [ray.put(random_weights(cfg, seed=version))]))
+        gate.close()  # and waits in scoring
+        ray.get(pool.start.remote())
+        deadline = time.monotonic() + 120
+        while ray.get(pool.metrics.remote())["in_flight"] < 2:
+            assert time.monotonic() < deadline, ray.get(pool.metrics.remote())
+            time.sleep(0.1)
+        line = ray.get(pool.learner_started.remote(1))
+        assert line == {"version": 3, "restarts": [(1, 3)], "publish": True}
+        ray.get(pool.publish.remote(3, [ray.put(random_weights(cfg, seed=1))]))
+        gate.open()
+        fresh = samples_of(ray.get(pool.get.remote(2, timeout_s=120)))
+        m = ray.get(pool.metrics.remote())
+        assert {s.weight_version for s in fresh} == {3} and m["drops"] == {"lost_weights": 2}, m["drops"]
+    finally:
+        gate.open()
+        ray.get(pool.stop.remote())
+
+
+def test_a_learner_that_gets_no_samples_says_why_within_its_bound(reward_app, tmp_path):
+    """`learner.sample_timeout_s` bounds the learner's wait for samples; past it, the error names the pool's state
+    and what to check (a pool never started makes none)."""
+    cfg = load_config(PLUMBING_CONFIG, BASE + [f"actors.prompts={write_prompts(tmp_path, 2)}",
+                                               f"actors.reward_app={reward_app}"])
+    pool = RolloutPool.options(name="idle").remote(cfg, "idle")
+    try:
+        with pytest.raises(SampleTimeoutError) as err:
+            PoolSamples(pool, timeout_s=1.0).next(step=7, n=2)
+        message = str(err.value)
+        assert "step 7: got 0 of 2 samples in learner.sample_timeout_s=1.0s" in message and "queue 0" in message
+    finally:
+        ray.get(pool.stop.remote())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from core.config import StreamConfig, WanArchConfig
@@ -285,9 +286,8 @@ def test_unrecognised_layouts(tmp_path):
 
 
 def _diffusers_model(dtype: torch.dtype):
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
+    model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
         text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, eps=1e-6).to(dtype)
     for p in model.parameters():  # norms and q/k norms too, so a swapped norm2/norm3 would show

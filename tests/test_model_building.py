@@ -28,7 +28,9 @@ TINY = WanArchConfig(dim=16, ffn_dim=32, num_heads=2, num_layers=2, freq_dim=16,
                      in_dim=4, out_dim=4)
 # about 147 M parameters: 294 MB in bf16, large next to the ~300 MB the child's imports take
 LARGE = WanArchConfig(dim=1024, ffn_dim=4096, num_heads=8, num_layers=8)
-MAX_PEAK_OVER_WEIGHTS = 1.5  # the old path held float32 random weights + the loaded dict + the cast: about 3x
+# The old path held float32 random weights + the loaded dict + the cast: about 3x. The bound sits between that and
+# the one copy the new path holds, with room for the allocator's slack either way (no timing, no tight window).
+MAX_PEAK_OVER_WEIGHTS = 2.0
 
 
 def _make(kind: str, cfg: WanArchConfig):
@@ -119,7 +121,7 @@ def test_building_from_a_checkpoint_peaks_at_one_copy_of_the_weights(stored, lar
     growth = m["peak"] - m["baseline"]
     print(f"{stored} file: peak RSS over baseline {growth / 1e6:.0f} MB for {m['weights'] / 1e6:.0f} MB of weights "
           f"({growth / m['weights']:.2f}x)")
-    assert 0.9 * m["weights"] <= growth <= MAX_PEAK_OVER_WEIGHTS * m["weights"]
+    assert 0.5 * m["weights"] <= growth <= MAX_PEAK_OVER_WEIGHTS * m["weights"]  # resident, and not the old 3x
 
 
 # ------------------------------------------------------------------------------------------- architectures

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from gated_reward import Gate
 from ray import serve
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -38,8 +39,17 @@ def moving_square(frames: int = 16, size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def services(serve_instance, tmp_path_factory):
-    """Three apps on one Serve instance: open, bearer-token protected, and with a tiny queue."""
+def tight_gate(tmp_path_factory) -> Gate:
+    """The gate of the `tight` app's scores (tests/gated_reward.py), open until a test closes it."""
+    gate = Gate(tmp_path_factory.mktemp("tight_gate"))
+    gate.open()
+    return gate
+
+
+@pytest.fixture(scope="module")
+def services(serve_instance, tmp_path_factory, tight_gate):
+    """Three apps on one Serve instance: open, bearer-token protected, and with a tiny queue (its scores held at a
+    gate the test opens)."""
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text("s3cret\n")
     apps = {
@@ -47,8 +57,7 @@ def services(serve_instance, tmp_path_factory):
         "secure": ("/secure", [f"reward_service.auth_token_file={token_file}"]),
         "tight": ("/tight", ["reward_service.max_ongoing_requests=1", "reward_service.max_queued_requests=1",
                              "reward_service.max_batch_size=1", "reward_service.retry_after_s=2",
-                             "reward_service.max_frames=600", "reward_service.max_body_mb=64",
-                             "reward_service.max_pixels=65536", "reward_service.max_duration_s=100"]),
+                             "reward.backend=gated", f"reward.gate={tight_gate.folder}"]),
     }
     for name, (prefix, overrides) in apps.items():
         overrides = SMALL_LIMITS + overrides + [f"reward_service.app_name={name}"]
@@ -201,24 +210,33 @@ def test_auth_on_every_route_but_health(services):
     assert RewardHTTPClient(base, token="s3cret").score_frames(frames, 8, "x")["backend"] == "motion"
 
 
-def test_overload_gets_503_with_retry_after_and_accepted_requests_succeed(services):
-    video = np.random.default_rng(0).integers(0, 256, (500, 128, 128, 3), dtype=np.uint8)
-    params = {"frames": 500, "height": 128, "width": 128, "fps": 50, "prompt": "noise"}
+def test_overload_gets_503_with_retry_after_and_accepted_requests_succeed(services, tight_gate):
+    """The tight app takes one request at a time and queues one more. With the first held in scoring (at the gate),
+    of two more requests one is queued and the other refused at once with 503 and Retry-After; once the gate
+    opens, the accepted ones are scored."""
+    video = moving_square()
+    params = {"frames": video.shape[0], "height": 64, "width": 64, "fps": 8, "prompt": "a red square"}
 
-    def post(_):
+    def post():
         return httpx.post(f"{services}/tight/v1/score", content=video.tobytes(), params=params,
                           headers={"Content-Type": "application/octet-stream"}, timeout=120)
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(post, range(16)))
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, codes
-    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
-    for r in responses:
-        if r.status_code == 503:
-            assert r.headers["retry-after"] == "2"
-        else:
-            assert np.isfinite(r.json()["Overall"])
+    tight_gate.close()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            entered = tight_gate.entered()
+            first = pool.submit(post)
+            tight_gate.wait_entered(entered + 1)  # scoring: the replica's one slot is taken until the gate opens
+            more = [pool.submit(post), pool.submit(post)]
+            done, waiting = concurrent.futures.wait(more, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+            assert len(done) == 1 and len(waiting) == 1, "neither request was refused while the slot was held"
+            refused = done.pop().result()
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+            tight_gate.open()
+            accepted = [first.result(timeout=120), waiting.pop().result(timeout=120)]
+    finally:
+        tight_gate.open()
+    assert [r.status_code for r in accepted] == [200, 200] and all(np.isfinite(r.json()["Overall"]) for r in accepted)
 
 
 def test_handle_client_scores_uint8_arrays_without_http(services):

@@ -33,11 +33,9 @@ def deploy(name: str, *overrides: str):
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
 
 
-@pytest.fixture(scope="module")
-def app_url(serve_instance):
-    deploy("stream_test")
-    yield f"{serve_instance}/stream_test"
-    serve.delete("stream_test")
+@pytest.fixture
+def app_url(stream_app):
+    return stream_app
 
 
 def ws_url(http_url: str) -> str:
@@ -363,7 +361,8 @@ def test_deleting_the_app_closes_open_streams_with_going_away(serve_instance):
     assert messages[-1]["type"] == "error" and messages[-1]["fatal"] and messages[-1]["close_code"] == 1001
 
 
-def test_a_compiled_replica_with_overlapped_decode_warms_at_start_and_streams(serve_instance):
+@pytest.mark.compile
+def test_a_compiled_replica_with_overlapped_decode_warms_at_start_and_streams(serve_instance, cxx_compiler):
     """The fast path end to end on CPU: compiled layers and decode overlapped with the next block's denoising."""
     deploy("stream_fast", "runtime.compile=true", "runtime.overlap_decode=true")
     url = f"{serve_instance}/stream_fast"

@@ -7,16 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ray import serve
 
-from core.config import REPO_ROOT, load_config
-from helpers import NO_CHROMIUM, chromium
-from serve.app import build_app
-
-APP = "browser_stream"
 TIMEOUT_MS = 90_000
 
-pytestmark = [pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)]
+pytestmark = pytest.mark.browser
 
 # The canvas as a small fingerprint: the sum of its pixels and a checksum over them.
 CANVAS_PIXELS = """() => {
@@ -41,16 +35,6 @@ def _frames(page) -> int:
     return int(page.get_attribute("#screen", "data-frames") or 0)
 
 
-@pytest.fixture
-def stream_app(serve_instance):
-    cfg = load_config(REPO_ROOT / "configs" / "serve.yaml", [f"serve.app_name={APP}"])
-    serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}")
-    try:
-        yield f"{serve_instance}/{APP}/"  # the trailing slash: the page's relative URLs resolve under the prefix
-    finally:
-        serve.delete(APP)
-
-
 def test_page_streams_switches_and_stops(browser, stream_app, tmp_path):
     page = browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -58,7 +42,7 @@ def test_page_streams_switches_and_stops(browser, stream_app, tmp_path):
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: console_errors.append(str(e)))
 
-    page.goto(stream_app)
+    page.goto(stream_app + "/")  # the trailing slash: the page's relative URLs resolve under the prefix
     # The preset selector is filled from /v1/info (relative to the route prefix).
     page.wait_for_function("document.querySelectorAll('#preset option').length > 0")
     assert "tiny" in page.eval_on_selector_all("#preset option", "os => os.map(o => o.value)")

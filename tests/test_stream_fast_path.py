@@ -5,8 +5,6 @@ them against the eager path on one."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -65,15 +63,14 @@ def test_a_tensor_rope_position_rotates_as_the_int_one():
 
 
 @pytest.fixture(scope="module")
-def compiled_and_eager():
-    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-        pytest.skip("torch.compile on CPU needs a C++ compiler (inductor's CPU backend); none is installed")
+def compiled_and_eager(cxx_compiler):
     eager, compiled = _pipe(), _pipe("runtime.compile=true")
     compiled.generator.load_state_dict(eager.generator.state_dict())
     assert warm_up(eager) == 0.0 and warm_up(compiled) > 0  # eager has nothing to warm
     return compiled, eager
 
 
+@pytest.mark.compile
 def test_the_compiled_stream_equals_eager_past_evictions_and_through_a_prompt_switch(compiled_and_eager):
     compiled, eager = compiled_and_eager
     assert compiled.block_step.mode == "compiled"
@@ -87,6 +84,7 @@ def test_the_compiled_stream_equals_eager_past_evictions_and_through_a_prompt_sw
         assert fast.cache.evictions == ref.cache.evictions == 8
 
 
+@pytest.mark.compile
 def test_the_compiled_path_projects_q_k_v_with_one_matmul_on_the_same_parameters(compiled_and_eager):
     compiled, eager = compiled_and_eager
     attn = compiled.generator.blocks[0].self_attn
@@ -113,6 +111,7 @@ def test_per_session_lora_is_refused_with_the_fast_path():
         build_app(cfg)
 
 
+@pytest.mark.compile
 def test_a_warmed_compiled_stream_never_recompiles(compiled_and_eager, monkeypatch):
     compiled, _ = compiled_and_eager
     before = compile_counters()

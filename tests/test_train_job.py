@@ -1,8 +1,13 @@
 """`launch.py train` end to end: real Serve reward service, 2 rollout actors, 2 DeepSpeed learner workers on
-Ray Train; then a resumed run from its checkpoint. The CLI runs as its own process and joins this session's Ray."""
+Ray Train; then a resumed run from its checkpoint. The CLI runs as its own process and joins this session's Ray.
+
+The chaos and signal tests decide their moments by the job's own state, never by the machine's speed: a process
+is frozen (SIGSTOP) before the test reads what it must not change, and the pool's counters (the test finds the
+job's pool by name on the shared Ray) say when a score has failed."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -15,9 +20,11 @@ from pathlib import Path
 import av
 import psutil
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
+import launch
 from core.config import REPO_ROOT, ConfigError
 from core.records.video_io import read_video_file
 from job.train import STREAM_CLOSE_S, _proxy_timeout_s, check_resources, required_resources
@@ -53,7 +60,9 @@ def train(address: str, out, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tmp_path):
+@pytest.mark.job
+@pytest.mark.timeout(1200)
+def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tmp_path, capsys):
     address = ray_instance.get_runtime_context().gcs_address
     run = train(address, tmp_path, "learner.max_steps=4")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -91,8 +100,10 @@ def test_train_job_runs_checkpoints_and_resumes(serve_instance, ray_instance, tm
                   "learner ready: Ray Train started 2 worker(s)"):
         assert phase in run.stdout, run.stdout[-3000:]
 
-    again = train(address, tmp_path, "learner.max_steps=4")  # at max_steps already: said, nothing started
-    assert again.returncode == 0 and "already holds a run at step 4" in again.stdout and "start-up" not in again.stdout
+    # at max_steps already: said, nothing started (in this process: it returns before joining Ray)
+    assert launch.main(["train", "--address", address, *JOB, f"learner.output_dir={tmp_path}", "learner.max_steps=4"]) == 0
+    again = capsys.readouterr().out
+    assert "already holds a run at step 4" in again and "start-up" not in again
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
     resumed = train(address, tmp_path, "learner.max_steps=6")
@@ -123,22 +134,22 @@ def test_train_refuses_impossible_requests_before_starting_anything(tmp_path):
                     {"CPU": 8.0, "GPU": 8.0}, serve_stream=True)
 
 
-def test_a_following_stream_is_cut_by_its_own_deadline_not_by_the_shared_proxy():
+def test_a_following_stream_is_cut_by_its_own_deadline_not_by_the_shared_proxy(capsys):
     """Serve's one HTTP proxy bounds every request, WebSockets too: with --serve it waits for the stream's own
     deadline (the app closes the stream with its reason), else it keeps the reward service's bound."""
     cfg = load_world_config()
     assert _proxy_timeout_s(cfg, serve_stream=False) == cfg.reward_service.request_timeout_s == 60
     assert _proxy_timeout_s(cfg, serve_stream=True) == cfg.serve.stream_timeout_s + STREAM_CLOSE_S
 
-    missing = subprocess.run([sys.executable, "launch.py", "train", "learner.teacher.kind=wan",
-                              "learner.teacher.checkpoint=/nonexistent/wan14b"],
-                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "learner.teacher.checkpoint: /nonexistent/wan14b" in missing.stderr
-    unknown = subprocess.run([sys.executable, "launch.py", "train", "learner.max_stepz=3"],
-                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "learner.max_stepz: unknown key" in unknown.stderr
+    # refused before Ray starts (so in this process)
+    assert launch.main(["train", "learner.teacher.kind=wan", "learner.teacher.checkpoint=/nonexistent/wan14b"]) == 2
+    assert "learner.teacher.checkpoint: /nonexistent/wan14b" in capsys.readouterr().err
+    assert launch.main(["train", "learner.max_stepz=3"]) == 2
+    assert "learner.max_stepz: unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.job
+@pytest.mark.timeout(900)
 def test_sigterm_checkpoints_exports_and_exits_0(serve_instance, ray_instance, tmp_path):
     """What `ray job stop`, Kubernetes and systemd send: the same clean stop as Ctrl-C."""
     address = ray_instance.get_runtime_context().gcs_address
@@ -174,43 +185,6 @@ def _learner_worker() -> psutil.Process | None:
     return None
 
 
-def test_a_learner_worker_lost_mid_checkpoint_restarts_from_the_last_complete_one(serve_instance, ray_instance,
-                                                                                  tmp_path):
-    """Chaos: the learner worker is killed while it writes a checkpoint. Ray Train restarts the group
-    (learner.max_failures 1), which resumes from the last complete checkpoint behind versions the lost worker
-    published: those are republished under a higher version, and the run finishes every step."""
-    address = ray_instance.get_runtime_context().gcs_address
-    out_dir = tmp_path / "run"
-    proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=8",
-                                       "learner.checkpoint_every=1", "learner.max_failures=1", "learner.keep_last=8")
-    saving = out_dir / "checkpoints" / ".tmp-step_00000003"  # iteration 3 published version 2 before saving
-    try:
-        deadline, worker = time.monotonic() + 300, None
-        while worker is None and proc.poll() is None and time.monotonic() < deadline:
-            worker = _learner_worker()
-            time.sleep(0.2)
-        while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert worker is not None and proc.poll() is None, stderr.read_text()[-3000:]
-        worker.send_signal(signal.SIGKILL)  # SIGTERM lets Ray's worker finish the save on its training thread
-        proc.wait(timeout=400)
-    finally:
-        proc.kill()
-    out, err = stdout.read_text(), stderr.read_text()
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["steps"].startswith("8 / 8") and summary["runs"][-1]["learner_restarts"] == 1
-    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
-    restarted = [r for r in rows if r["restarts"] == "1"]
-    # resumed from step 2, the last complete checkpoint, and did every later step
-    assert [int(r["step"]) for r in restarted] == list(range(3, 9)), [(r["step"], r["version"]) for r in rows]
-    before = [int(r["version"]) for r in rows if r["restarts"] == "0"]
-    # the restored weights came back under a version above every one published before the loss
-    assert int(restarted[0]["version"]) > max(before)
-    assert "the learner's worker group was restarted" in out
-    assert (out_dir / "checkpoints" / "step_00000008").is_dir() and (out_dir / "export" / "generator.safetensors").is_file()
-
-
 def _reward_replica(app: str, other_than: int | None = None) -> psutil.Process | None:
     """The live replica process of `app`; a killed one keeps its command line until it is reaped, so skip it."""
     for proc in psutil.process_iter(["cmdline", "status"]):
@@ -221,62 +195,122 @@ def _reward_replica(app: str, other_than: int | None = None) -> psutil.Process |
     return None
 
 
-def test_the_reward_replica_lost_mid_run_is_restarted_and_its_samples_counted(serve_instance, ray_instance, tmp_path):
-    """Chaos: SIGKILL to the reward service's replica mid-run. Serve starts another; rollouts whose scoring failed
-    meanwhile are counted drops (never a made-up reward; whether one was in flight at the kill is chance), and
-    the run finishes every step."""
+def _job_pool(known: set[str]) -> ray.actor.ActorHandle | None:
+    """The rollout pool of the job just started: the one named actor `rollout-*` on this Ray not in `known`
+    (the job's driver has a namespace of its own)."""
+    new = [a for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith("rollout-") and not a["name"].endswith(tuple(f"-actor-{i}" for i in range(8)))
+           and f"{a['namespace']}/{a['name']}" not in known]
+    return ray.get_actor(new[0]["name"], namespace=new[0]["namespace"]) if new else None
+
+
+def _pools() -> set[str]:
+    return {f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True)}
+
+
+def _wait(condition, proc: subprocess.Popen, stderr: Path, what: str, timeout_s: float = 300, poll_s: float = 0.2):
+    """Poll `condition()` until it is true; fail if the job exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert proc.poll() is None, f"the job exited while waiting for {what}: {stderr.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"
+        time.sleep(poll_s)
+    return value
+
+
+def _steps_logged(out_dir: Path) -> int:
+    metrics = out_dir / "metrics.csv"
+    return max(len(metrics.read_text().splitlines()) - 1, 0) if metrics.exists() else 0
+
+
+@pytest.mark.job
+@pytest.mark.timeout(1200)
+def test_chaos_a_lost_reward_replica_and_a_learner_worker_lost_mid_checkpoint(serve_instance, ray_instance, tmp_path):
+    """Chaos, in one run. (1) The reward service's replica stops answering (frozen) until a rollout's score has
+    failed and been counted by the pool; then it is killed, and Serve starts another. (2) The learner worker is
+    killed while it writes a checkpoint (frozen once the save of step 5 or later has begun, so the complete
+    checkpoints read then are the ones it leaves). Ray Train restarts the group (learner.max_failures 1), which
+    resumes from the last complete checkpoint; versions the lost worker published past it are republished under
+    a higher version. The run finishes every step, and every dropped sample is counted with its reason."""
     address = ray_instance.get_runtime_context().gcs_address
-    out_dir = tmp_path / "run"
+    out_dir, checkpoints, known = tmp_path / "run", tmp_path / "run" / "checkpoints", _pools()
     proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=10",
-                                       "learner.checkpoint_every=10", "actors.score_retries=0")
+                                       "learner.checkpoint_every=1", "learner.max_failures=1", "learner.keep_last=10",
+                                       "actors.score_retries=0", "actors.score_timeout_s=10")
     try:
-        metrics, deadline = out_dir / "metrics.csv", time.monotonic() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # header + 2 steps
-            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.2)
+        _wait(lambda: _steps_logged(out_dir) >= 2, proc, stderr, "second step")
+        pool = _job_pool(known)
         replica = _reward_replica("train_job_reward")
-        assert replica is not None
-        replica.kill()
-        restarted = None
-        while restarted is None and proc.poll() is None:  # Serve replaces the replica while the job runs
-            restarted = _reward_replica("train_job_reward", other_than=replica.pid)
-            time.sleep(0.2)
-        proc.wait(timeout=400)
+        assert pool is not None and replica is not None
+        replica.suspend()  # every score sent from now on waits, then times out
+        _wait(lambda: any(k.startswith("score_") for k in ray.get(pool.metrics.remote())["drops"]), proc, stderr,
+              "failed score counted by the pool")
+        with contextlib.suppress(psutil.NoSuchProcess):  # Serve's own health check may have replaced it first
+            replica.kill()
+        _wait(lambda: _reward_replica("train_job_reward", other_than=replica.pid), proc, stderr, "new replica")
+
+        def saving_at_5_or_later() -> bool:
+            return any(int(p.name.rsplit("_", 1)[1]) >= 5 for p in checkpoints.glob("*step_*"))
+        worker = _learner_worker()
+        _wait(saving_at_5_or_later, proc, stderr, "checkpoint of step 5", poll_s=0.002)
+        worker.suspend()  # wherever it is in the save, it writes nothing more
+        complete = checkpointing.latest_checkpoint(checkpoints)
+        resumed_at = checkpointing.read_cursor(complete)
+        before = [int(r["version"]) for r in csv.DictReader((out_dir / "metrics.csv").open())]
+        worker.kill()  # SIGKILL: SIGTERM would let Ray's worker finish the save on its training thread
+        proc.wait(timeout=600)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr.read_text()[-3000:]
-    assert restarted is not None and restarted.pid != replica.pid
+    out, err = stdout.read_text(), stderr.read_text()
+    assert proc.returncode == 0, err[-3000:]
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["steps"].startswith("10 / 10") and summary["samples_delivered"] >= 10
-    # a rollout whose score was in flight at the kill is a score_* drop; nothing else but staleness drops one
-    assert all(reason == "stale" or reason.startswith("score_") for reason in summary["drops"]), summary["drops"]
+    assert summary["steps"].startswith("10 / 10") and summary["runs"][-1]["learner_restarts"] == 1
+    # the failed scores are counted drops (never a made-up reward); nothing else but staleness and the lost
+    # versions' samples drops one
+    drops = summary["drops"]
+    assert drops.get("score_timeout", 0) + drops.get("score_unavailable", 0) >= 1, drops
+    assert all(r in ("stale", "lost_weights") or r.startswith("score_") for r in drops), drops
+    rows = list(csv.DictReader((out_dir / "metrics.csv").open()))
+    restarted = [r for r in rows if r["restarts"] == "1"]
+    # resumed from the last checkpoint complete at the kill, and did every later step
+    step = resumed_at["step"]
+    assert [int(r["step"]) for r in restarted] == list(range(step + 1, 11)), [(r["step"], r["version"]) for r in rows]
+    # versions published past that checkpoint were lost with the worker: the restored weights came back above them
+    if max(before) > resumed_at["version"]:
+        assert int(restarted[0]["version"]) > max(before)
+    assert "the learner's worker group was restarted" in out
+    assert (checkpoints / "step_00000010").is_dir() and (out_dir / "export" / "generator.safetensors").is_file()
 
 
-def test_a_second_sigterm_during_the_stop_checkpoint_abandons_and_the_last_complete_one_resumes(
+@pytest.mark.job
+@pytest.mark.timeout(900)
+def test_a_second_sigterm_during_the_stop_abandons_and_the_last_complete_checkpoint_resumes(
         serve_instance, ray_instance, tmp_path):
-    """SIGTERM, then another while the learner writes its stop checkpoint: the run is abandoned (exit 130, no
-    stack dump), a save cut short leaves only its `.tmp-` folder, and the next run resumes from the last complete
-    checkpoint."""
+    """SIGTERM, then another while the learner is still finishing the stop (it is frozen, so the stop cannot
+    complete in between): the run is abandoned (exit 130, no stack dump), and the next run resumes from the last
+    checkpoint complete when the learner was frozen; a save it cut short is never read."""
     address = ray_instance.get_runtime_context().gcs_address
     out_dir = tmp_path / "run"
     proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=1000",
                                        "learner.checkpoint_every=1")
     checkpoints = out_dir / "checkpoints"
+    worker = None
     try:
-        deadline = time.monotonic() + 300
-        while len(list(checkpoints.glob("step_*"))) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait(lambda: len(list(checkpoints.glob("step_*"))) >= 2, proc, stderr, "two checkpoints", poll_s=0.1)
+        worker = _learner_worker()
+        worker.suspend()
+        latest = checkpointing.latest_checkpoint(checkpoints)
         proc.send_signal(signal.SIGTERM)
-        while not list(checkpoints.glob(".tmp-step_*")) and proc.poll() is None:
-            time.sleep(0.002)
+        _wait(lambda: "SIGTERM: the learner checkpoints" in stderr.read_text(), proc, stderr, "the first SIGTERM's word")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
         proc.kill()
+        if worker is not None and worker.is_running():
+            worker.kill()
     err = stderr.read_text()
     assert proc.returncode == 130 and "abandoned" in err and "Traceback" not in err, err[-3000:]
-    latest = checkpointing.latest_checkpoint(checkpoints)
+    assert checkpointing.latest_checkpoint(checkpoints) == latest
     step = checkpointing.read_cursor(latest)["step"]
     resumed = train(address, out_dir, "learner.num_workers=1", f"learner.max_steps={step + 1}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
