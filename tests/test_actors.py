@@ -131,7 +131,7 @@ def test_backpressure_then_actor_death_loses_and_duplicates_nothing(gated_reward
         assert len(ids) == len(set(ids))
         m = ray.get(pool.metrics.remote())
         assert not m["drops"] and m["duplicates_suppressed"] == 0
-        assert m["actors"]["kill-actor-0"]["lost_rollouts"] == 1  # the kill hit its rollout
+        assert m["actors"]["kill-actor-0"]["lost_rollouts"] >= 1  # the kill hit its rollout (each try on the restarting actor counts)
     finally:
         gate.open()
         ray.get(pool.stop.remote())

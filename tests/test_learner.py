@@ -3,6 +3,8 @@ export, and two Ray Train workers (ZeRO-2) publishing weights that the rollout a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import ray
 import torch
@@ -12,12 +14,13 @@ from core.algo.distill import ReDMD, build_score_models
 from core.codecs.text_encoder import pad_context
 from core.config import PLUMBING_CONFIG, ConfigError, load_config
 from core.records.checkpoint import load_wan_state_dict
-from core.records.sample import from_record_batch, to_record_batch, write_parquet
+from core.records.sample import from_record_batch, read_parquet, to_record_batch, write_parquet
 from core.stream.pipeline import build_generator
 from helpers import recorded_samples
 from job.control import LearnerControl
 from learner import checkpointing
 from learner.loop import Learner
+from learner.samples import ParquetSamples
 from learner.trainer import build_trainer, negative_context, worker_config
 
 TINY = ["video.num_latent_frames=6"]
@@ -136,6 +139,109 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint(one_rank, samples_file, tmp
         checkpointing.load(tmp_path, {})
 
 
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def generator_params(learner) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in learner.models.generator_module.named_parameters()}
+
+
+def with_rewards(sample, **normalized: float):
+    """`sample` with some normalised rewards replaced; everything else as recorded."""
+    return dataclasses.replace(sample, rewards_normalized={**sample.rewards_normalized, **normalized})
+
+
+def one_generator_update(samples_file, out, batch, *extra):
+    """(the state before, the generator after) one generator update on `batch` by a freshly built, reseeded Learner."""
+    cfg = learner_config(samples_file, out, 1, *extra)
+    learner = Learner(cfg, torch.device("cpu"), negative_context(cfg))
+    torch.manual_seed(cfg.runtime.seed)
+    before = generator_params(learner) | {"critic": torch.cat([p.flatten() for p in learner.models.critic.parameters()]),
+                                          "learner rng": learner.rng.get_state(), "torch rng": torch.get_rng_state()}
+    learner.generator_update(batch)
+    return before, generator_params(learner)
+
+
+def test_the_generator_update_follows_the_rewards_on_the_reward_axis(one_rank, samples_file, tmp_path):
+    """Re-DMD weights each video's loss by exp(beta * its reward on learner.reward_axis). From identical starting
+    states, swapping two samples' rewards on that axis or reading another axis changes the update; changing an
+    axis the learner does not read changes nothing (which also shows the updates are deterministic)."""
+    a, b = read_parquet(samples_file)[:2]
+    batch = [with_rewards(a, MQ=1.0, VQ=0.5), with_rewards(b, MQ=-1.0, VQ=0.5)]
+    start, base = one_generator_update(samples_file, tmp_path / "base", batch, "learner.beta=2.0")
+    assert not same({k: start[k] for k in base}, base)  # the update moved the generator
+    runs = {  # name: (batch, axis read, whether the update differs from the base run's)
+        "VQ changed, MQ read": ([with_rewards(a, MQ=1.0, VQ=3.0), with_rewards(b, MQ=-1.0, VQ=-3.0)], "MQ", False),
+        "MQ swapped": ([with_rewards(a, MQ=-1.0, VQ=0.5), with_rewards(b, MQ=1.0, VQ=0.5)], "MQ", True),
+        "VQ read": (batch, "VQ", True),
+    }
+    for name, (samples, axis, differs) in runs.items():
+        before, after = one_generator_update(samples_file, tmp_path / name.replace(" ", "_"), samples,
+                                             "learner.beta=2.0", f"learner.reward_axis={axis}")
+        assert same(before, start), f"{name}: the run did not start from the base run's state"
+        assert (not same(after, base)) == differs, f"{name}: the update {'equals' if differs else 'differs from'} the base run's"
+
+
+class PublishRecorder:
+    """Takes the place of the WeightPublisher, which needs Ray: keeps a copy of what each publish hands it."""
+
+    def __init__(self):
+        self.got: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor], step: int = 0) -> float:
+        self.got.append((version, step, {k: v.clone() for k, v in weights.items()}))
+        return 0.0
+
+
+def test_the_ema_starts_at_ema_start_step_and_publish_weights_ema_publishes_it(one_rank, samples_file, tmp_path):
+    """No EMA before learner.ema_start_step, created from the weights at it, updated after. With
+    `publish_weights: ema` the actors get the raw weights until the EMA exists and the EMA's shadow from then
+    on; with `raw`, the raw weights even once it exists."""
+    cfg = learner_config(samples_file, tmp_path, 5, "learner.dfake_gen_update_ratio=1", "learner.ema_decay=0.5",
+                         "learner.publish_weights=ema")
+    assert cfg.learner.ema_start_step == 2
+    learner = Learner(cfg, torch.device("cpu"), negative_context(cfg))
+    learner.publisher = recorder = PublishRecorder()
+    shadow = None
+    for step in range(4):
+        learner.iteration()
+        raw = generator_params(learner)
+        version, made_at, published = recorder.got[-1]
+        assert (version, made_at, len(recorder.got)) == (step + 1, step + 1, step + 1)
+        if step < 2:
+            assert learner.ema is None and same(published, raw), f"step {step}"
+            continue
+        assert learner.ema is not None, f"step {step}"
+        if step == 2:  # created from this step's weights
+            assert same(learner.ema.shadow, raw) and same(published, raw)
+        else:  # 0.5 * shadow + 0.5 * weights
+            assert same(learner.ema.shadow, {k: 0.5 * shadow[k] + 0.5 * raw[k] for k in raw})
+            assert same(published, learner.ema.shadow) and not same(published, raw)
+        shadow = {k: v.clone() for k, v in learner.ema.shadow.items()}
+
+    learner.learner.publish_weights = "raw"
+    learner.iteration()
+    raw, (version, _, published) = generator_params(learner), recorder.got[-1]
+    assert version == 5 and same(published, raw) and not same(learner.ema.shadow, raw)
+
+
+def test_parquet_samples_give_each_rank_its_own_consecutive_slice(samples_file, tmp_path):
+    """Two ranks over one recorded file: in every step their samples are disjoint and together the next
+    consecutive slice of the file (wrapping around); a rank resumed at a step reads what it would have read."""
+    recorded = read_parquet(samples_file)
+    path = write_parquet(tmp_path / "ten.parquet",
+                         [dataclasses.replace(recorded[i % len(recorded)], sample_id=f"s{i}") for i in range(10)])
+    ids, n = [f"s{i}" for i in range(10)], 3
+    ranks = [ParquetSamples(str(path), rank, 2) for rank in (0, 1)]
+    for step in range(5):  # 30 samples: the file three times over
+        first, second = ([s.sample_id for s in r.next(step, n)] for r in ranks)
+        assert not set(first) & set(second), f"step {step}: both ranks read {set(first) & set(second)}"
+        assert first + second == [ids[(2 * n * step + i) % len(ids)] for i in range(2 * n)], f"step {step}"
+    resumed = ParquetSamples(str(path), 1, 2)  # a restarted rank 1 that has read nothing before step 3
+    assert [s.sample_id for s in resumed.next(3, n)] == [s.sample_id for s in ranks[1].next(3, n)]
+
+
 def test_learner_config_errors():
     with pytest.raises(ConfigError, match="learner.zero_stage"):
         load_config(PLUMBING_CONFIG, ["learner.zero_stage=1"])
@@ -153,6 +259,7 @@ def test_learner_config_errors():
 # ------------------------------------------------------------------------------------ Ray Train, two workers
 
 
+@pytest.mark.job
 def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_app, tmp_path):
     cfg = load_config(PLUMBING_CONFIG, [*TINY, "actors.num_actors=2", "actors.num_cpus=0.25", f"actors.reward_app={reward_app}",
                              "actors.queue_size=4", "learner.num_workers=2", "learner.cpus_per_worker=0.5",
@@ -185,6 +292,7 @@ def test_two_zero2_workers_train_and_actors_load_the_broadcast_weights(reward_ap
         ray.kill(pool)
 
 
+@pytest.mark.job
 def test_zero3_shards_and_trains_like_zero2(ray_instance, samples_file, tmp_path):
     """Two Ray Train workers on recorded samples: ZeRO-3 (sharded params, sharded frozen teacher) reaches the
     parameters ZeRO-2 reaches, and its checkpoint consolidates into the same export."""

@@ -45,6 +45,7 @@ from core.reward.videoreward import (
     smart_resize,
 )
 from videoreward_release import (
+    INFERENCE_CONFIG,
     MAX_FRAME_PIXELS,
     MIN_PIXELS,
     QWEN2_VL_CHAT_TEMPLATE,
@@ -287,16 +288,35 @@ def test_batch_equals_one_by_one(backend):
                        [[s.raw[k] for k in AXES] for s in together], atol=2e-5)
 
 
-def test_normalisation(backend):
-    assert RELEASE_NORMALIZATION.mean == {"VQ": 3.6757, "MQ": 1.1646, "TA": 2.8105}
+READ_MEAN = {k: INFERENCE_CONFIG[f"{k}_mean"] for k in AXES}  # what the fixture's model_config.json says
+READ_STD = {k: INFERENCE_CONFIG[f"{k}_std"] for k in AXES}
+
+
+def test_normalisation(backend, release, tmp_path):
+    """Scores are z-normalised with the release's own inference_config (the fixture's numbers, which no constant
+    of the backend has); without one, raw scores are returned as they are (the reference's behaviour)."""
+    assert RELEASE_NORMALIZATION.mean == {"VQ": 3.6757, "MQ": 1.1646, "TA": 2.8105}  # the real release's
     assert RELEASE_NORMALIZATION.std == {"VQ": 2.2476, "MQ": 1.3811, "TA": 2.5121}
-    assert backend.normalization == RELEASE_NORMALIZATION and backend.normalization_source == "inference_config"
+    assert READ_MEAN != RELEASE_NORMALIZATION.mean and READ_STD != RELEASE_NORMALIZATION.std
+    assert backend.normalization.mean == READ_MEAN and backend.normalization.std == READ_STD
+    assert backend.normalization_source == "inference_config"
     for s in backend.score_batch(_videos()[:2]):
         for k in AXES:
-            assert s.normalized[k] == pytest.approx((s.raw[k] - RELEASE_NORMALIZATION.mean[k]) / RELEASE_NORMALIZATION.std[k])
+            assert s.normalized[k] == pytest.approx((s.raw[k] - READ_MEAN[k]) / READ_STD[k])
+            assert s.normalized[k] != pytest.approx(s.raw[k])
         assert s.overall == pytest.approx(sum(s.normalized.values()))
         d = s.to_dict()
         assert d["Overall"] == pytest.approx(s.overall) and d["VQ"] == s.normalized["VQ"]
+
+    root = _copy_release(release, tmp_path / "no_inference_config")
+    config = json.loads((root / "model_config.json").read_text())
+    del config["inference_config"]
+    (root / "model_config.json").write_text(json.dumps(config))
+    raw = VideoRewardBackend(root, device="cpu", dtype="float32", min_pixels=MIN_PIXELS)
+    assert raw.normalization_source == "identity (no inference_config)"
+    assert raw.normalization.mean == dict.fromkeys(AXES, 0.0) and raw.normalization.std == dict.fromkeys(AXES, 1.0)
+    (s,) = raw.score_batch(_videos()[:1])
+    assert s.normalized == pytest.approx(s.raw)
 
 
 def test_info(backend, release):
@@ -305,7 +325,8 @@ def test_info(backend, release):
     assert info["backend"] == "videoreward"
     assert info["checkpoint"]["path"] == str(release.root)
     assert info["checkpoint"]["identity"] == f"checkpoint-{STEP}@{sha[:12]}"
-    assert info["normalization"]["mean"] == RELEASE_NORMALIZATION.mean
+    assert info["normalization"]["mean"] == READ_MEAN and info["normalization"]["std"] == READ_STD
+    assert info["normalization"]["source"] == "inference_config"
     assert info["sampling"]["fps"] == 2.0 and info["sampling"]["resize"]["max_pixels"] == MAX_FRAME_PIXELS
     assert info["sampling"]["resize"]["min_pixels"] == MIN_PIXELS
     assert info["prompt"]["template_sha256"] == TEMPLATE_SHA256

@@ -35,6 +35,10 @@ LORA_EXCLUDE = ["lm_head", "rm_head", "embed_tokens", "visual"]
 MIN_PIXELS = 28 * 28 * 2  # test-size frames; the release uses 128*28*28
 MAX_FRAME_PIXELS = 56 * 84
 STEP = 7
+# The release's inference_config, in numbers of this fixture's own: neither the real release's (the backend's
+# RELEASE_NORMALIZATION) nor the identity it falls back to without one, so a test can tell they were read.
+INFERENCE_CONFIG = {"VQ_mean": 0.8125, "VQ_std": 1.75, "MQ_mean": -0.4375, "MQ_std": 0.625,
+                    "TA_mean": 1.5625, "TA_std": 3.25}
 
 
 def make_tokenizer():
@@ -116,8 +120,7 @@ def model_config(base: str = "Qwen/Qwen2-VL-2B-Instruct", **data) -> dict:
                              "lora_dropout": 0.05, "lora_target_modules": None,
                              "lora_namespan_exclude": LORA_EXCLUDE, "lora_modules_to_save": None,
                              "lora_task_type": "CAUSAL_LM", "use_rslora": False, "num_lora_modules": -1},
-        "inference_config": {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
-                             "TA_mean": 2.8105, "TA_std": 2.5121},
+        "inference_config": dict(INFERENCE_CONFIG),
     }
 
 
