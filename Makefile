@@ -1,8 +1,9 @@
 # The two commands of the README's Quick start; each does all its own set-up on a fresh machine.
 #   make train       the main job on the embedded default (the toy world): reward service + 2 actors + learner
 #   make test        the whole test suite (what .ci/run runs), with the 25 slowest tests listed at the end
-#   make test-fast   the tier to run while working: no whole jobs, no second Ray cluster, no browser, no
-#                    torch.compile (pytest markers job, own_ray, browser, compile; see pyproject.toml)
+#   make test-fast   the tier to run while working: no whole jobs, no rollout actors, no second Ray cluster, no
+#                    browser, no torch.compile (pytest markers job, actors, own_ray, browser, compile; see
+#                    pyproject.toml)
 # Set-up, once per checkout: a virtualenv in $(VENV), PyTorch first ($(TORCH): on a CPU-only machine pip takes
 # the CPU build), then the project with its dev extra, then DeepSpeed's shared-memory communication op, which
 # DeepSpeed otherwise compiles inside the first process that joins a group. `make test` also needs Debian's
@@ -16,7 +17,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 ARGS ?=
-FAST := not job and not own_ray and not browser and not compile
+FAST := not job and not actors and not own_ray and not browser and not compile
 
 .PHONY: setup system-deps train test test-fast
 

@@ -24,6 +24,8 @@ from weight_sync import BroadcastGroup, host_store, pack
 
 BASE = ["video.num_latent_frames=3", "actors.num_cpus=0.25", "reward_service.num_cpus=0.1"]
 
+pytestmark = pytest.mark.actors
+
 
 def make_pool(name: str, prompts, reward_app: str, overrides: list[str]):
     cfg = load_config(PLUMBING_CONFIG, BASE + [f"actors.prompts={prompts}", f"actors.reward_app={reward_app}", *overrides])

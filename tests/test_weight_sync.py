@@ -147,6 +147,7 @@ def fresh_sample(pool, version: int, timeout_s: float = 240.0):
     raise AssertionError(f"no sample of version {version} arrived in {timeout_s} s")
 
 
+@pytest.mark.actors
 def test_broadcast_sync_and_fallback_after_an_actor_restarts(reward_app):
     cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=2", "actors.num_cpus=0.25",
                                         f"actors.reward_app={reward_app}", "actors.queue_size=2", "actors.max_staleness=0"])
