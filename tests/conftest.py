@@ -16,12 +16,12 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
-from gated_reward import Gate
 from playwright.sync_api import sync_playwright
 from ray import serve
 from safetensors.torch import load_file
 
 from core.config import load_config
+from gated_reward import Gate
 from helpers import NO_CHROMIUM, chromium, free_port
 from job.cluster import PortInUseError, start_serve
 from reward_service.app import build_app

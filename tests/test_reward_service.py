@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from gated_reward import Gate
 from ray import serve
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +22,7 @@ from core.config import REPO_ROOT, RewardBackendConfig, load_config
 from core.records.video_io import write_mp4
 from core.reward.base import AXES, Normalization, RewardScore, SamplingInfo, VideoInput
 from core.reward.registry import register_backend
+from gated_reward import Gate
 from reward_service.app import build_app
 from reward_service.client import RewardError, RewardHandleClient, RewardHTTPClient
 

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -196,15 +197,14 @@ def _reward_replica(app: str, other_than: int | None = None) -> psutil.Process |
 
 
 def _job_pool(known: set[str]) -> ray.actor.ActorHandle | None:
-    """The rollout pool of the job just started: the one named actor `rollout-*` on this Ray not in `known`
+    """The rollout pool of the job just started: the named actor `rollout-<time>` on this Ray not in `known`
     (the job's driver has a namespace of its own)."""
     new = [a for a in ray.util.list_named_actors(all_namespaces=True)
-           if a["name"].startswith("rollout-") and not a["name"].endswith(tuple(f"-actor-{i}" for i in range(8)))
-           and f"{a['namespace']}/{a['name']}" not in known]
+           if re.fullmatch(r"rollout-\d+", a["name"]) and f"{a['namespace']}/{a['name']}" not in known]
     return ray.get_actor(new[0]["name"], namespace=new[0]["namespace"]) if new else None
 
 
-def _pools() -> set[str]:
+def _named_actors() -> set[str]:
     return {f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True)}
 
 
@@ -233,7 +233,7 @@ def test_chaos_a_lost_reward_replica_and_a_learner_worker_lost_mid_checkpoint(se
     resumes from the last complete checkpoint; versions the lost worker published past it are republished under
     a higher version. The run finishes every step, and every dropped sample is counted with its reason."""
     address = ray_instance.get_runtime_context().gcs_address
-    out_dir, checkpoints, known = tmp_path / "run", tmp_path / "run" / "checkpoints", _pools()
+    out_dir, checkpoints, known = tmp_path / "run", tmp_path / "run" / "checkpoints", _named_actors()
     proc, stdout, stderr = start_train(address, out_dir, "learner.num_workers=1", "learner.max_steps=10",
                                        "learner.checkpoint_every=1", "learner.max_failures=1", "learner.keep_last=10",
                                        "actors.score_retries=0", "actors.score_timeout_s=10")
