@@ -474,4 +474,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:  # abandoned: a learner thread may still be inside a Ray call, and meeting the interpreter's
+        sys.stdout.flush()  # teardown there can crash the process (SIGSEGV) after the clean message; leave at once
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
