@@ -223,6 +223,7 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
     fit: dict = {}
     done = threading.Event()  # not Thread.join: a join interrupted by a signal can mark a live thread as stopped
     t0, stop_sent, pool_metrics, rewards, summary = time.monotonic(), False, {}, [], None
+    abandoned = False  # a second signal: leave now, without the clean stop's waits
     try:
         if not wait_for_resources:
             check_resources(cfg, ray.cluster_resources(), serve_stream)
@@ -306,6 +307,9 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
         if summary is None:
             error = fit.get("error") or getattr(fit.get("result"), "error", None)
             raise RuntimeError(f"the learner failed: {error}") from error
+    except KeyboardInterrupt:
+        abandoned = True
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -314,11 +318,15 @@ def run(cfg: Config, address: str | None = None, wait_for_resources: bool = Fals
         if stream_app is not None:  # before the pool: its follower would see the pool vanish
             serve.delete(stream_app)
         if pool is not None:
-            ray.get(pool.stop.remote())
+            if not abandoned:  # an abandoned run does not wait for the actors' in-flight work
+                ray.get(pool.stop.remote())
             ray.kill(pool)
-        if app is not None:
+        if app is not None:  # a Serve app outlives this driver on a joined cluster
             serve.delete(app)
-        if connected_here:  # a local Ray started here stops; a joined cluster only loses this driver
+        # a local Ray started here stops; a joined cluster only loses this driver. Not when abandoned: the learner
+        # thread is still inside a Ray call, and Ray ends the whole process (exit 1) when a call meets a shut-down
+        # worker; the caller exits right after
+        if connected_here and not abandoned:
             ray.shutdown()
     return _summary(cfg, out, summary, pool_metrics, metrics_log, time.monotonic() - t0, start_step,
                     stop.name if stop_sent else None, config_path)
