@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.model.attention import attention, block_causal_mask, dense_mask, flash_available, resolve_backend, teacher_forcing_mask
+from core.model.attention import (
+    attention,
+    block_causal_mask,
+    block_mask,
+    dense_mask,
+    flash_available,
+    flash_kernel,
+    resolve_backend,
+    teacher_forcing_mask,
+)
 
 
 def _qkv(dtype, lq=24, lk=24, seed=0):
@@ -54,6 +63,41 @@ def test_flash_is_optional_and_guarded():
             resolve_backend("flash", q, masked=False)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("xformers", q, masked=False)
+
+
+@pytest.mark.parametrize("capability, fa3, fa2, expected", [
+    ((9, 0), True, True, "flash-attn-3"),  # Hopper: FA3 first
+    ((9, 0), True, False, "flash-attn-3"),
+    ((9, 0), False, True, "flash-attn-2"),
+    ((9, 0), False, False, None),
+    ((8, 0), True, True, "flash-attn-2"),  # Ampere: FA3's kernels are Hopper-only
+    ((8, 0), True, False, None),
+    ((8, 0), False, True, "flash-attn-2"),
+    ((8, 9), True, True, "flash-attn-2"),  # Ada
+    ((8, 9), True, False, None),
+    ((10, 0), True, True, "flash-attn-2"),  # Blackwell
+    ((10, 0), True, False, None),
+    ((10, 0), False, False, None),
+    ((7, 5), False, True, None),  # Turing: below FA2's sm80
+])
+def test_flash_attn_3_runs_only_on_hopper(capability, fa3, fa2, expected):
+    assert flash_kernel(capability, fa3, fa2) == expected
+
+
+@pytest.mark.parametrize("make_mask, q_len, kv_len", [
+    (lambda: block_causal_mask(8), 24, 24),
+    (lambda: teacher_forcing_mask(12, 4), 24, 24),
+], ids=["block_causal", "teacher_forcing"])
+def test_masked_flex_builds_each_block_mask_once_and_matches_sdpa(make_mask, q_len, kv_len):
+    q, k, v = _qkv(torch.float32, q_len, kv_len)
+    ref = attention(q, k, v, mask_mod=make_mask(), backend="sdpa")
+    block_mask.cache_clear()
+    for _ in range(3):  # as a training forward: the mask rebuilt by its builder for every layer
+        out = attention(q, k, v, mask_mod=make_mask(), backend="flex")
+        assert (out - ref).abs().max() < 1e-5
+    assert block_mask.cache_info().misses == 1 and block_mask.cache_info().hits == 2
+    attention(*_qkv(torch.float32, 2 * q_len, 2 * kv_len), mask_mod=make_mask(), backend="flex")
+    assert block_mask.cache_info().misses == 2  # another length is another BlockMask
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and flash_available()), reason="needs CUDA and flash-attn")

@@ -1,4 +1,5 @@
-"""Attention kernels behind one call: flash-attn 3/2 when importable, PyTorch SDPA otherwise.
+"""Attention kernels behind one call: flash-attn 3 on Hopper, flash-attn 2 elsewhere when importable, PyTorch SDPA
+otherwise.
 
 Masked attention (block-causal and teacher-forcing training forwards) is given
 as a flex-attention style `mask_mod(b, h, q_idx, kv_idx) -> bool`: on CUDA it
@@ -24,7 +25,7 @@ try:  # flash-attn 2: optional extra `gpu`
 except ImportError:
     _flash2 = None
 
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 MaskMod = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS = ("auto", "flash", "sdpa", "flex", "math")
@@ -34,8 +35,31 @@ def flash_available() -> bool:
     return _flash3 is not None or _flash2 is not None
 
 
+def flash_kernel(capability: tuple[int, int], fa3: bool, fa2: bool) -> str | None:
+    """The flash-attn that runs on a GPU of this compute capability, given which packages import; None when neither
+    does. FA3's kernels are built for Hopper (sm90) alone, FA2's for Ampere (sm80) and newer."""
+    if fa3 and capability == (9, 0):
+        return "flash-attn-3"
+    if fa2 and capability >= (8, 0):
+        return "flash-attn-2"
+    return None
+
+
+def _device_flash_kernel(device: torch.device) -> str | None:
+    return flash_kernel(torch.cuda.get_device_capability(device), _flash3 is not None, _flash2 is not None)
+
+
+def _no_flash_error(device: torch.device) -> RuntimeError:
+    major, minor = torch.cuda.get_device_capability(device)
+    if _flash2 is None:
+        return RuntimeError(f"flash-attn 3 runs only on Hopper (sm90) GPUs and {device} is sm{major}{minor}: install "
+                            "flash-attn 2 (pip install flash-attn) for it, or use runtime.attention_backend=sdpa")
+    return RuntimeError(f"flash-attn 2 needs an Ampere or newer GPU (sm80+) and {device} is sm{major}{minor}: "
+                        "use runtime.attention_backend=sdpa")
+
+
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if _flash3 is not None:
+    if _device_flash_kernel(q.device) == "flash-attn-3":
         out = _flash3(q, k, v)
         return out[0] if isinstance(out, tuple) else out
     return _flash2(q, k, v)
@@ -60,10 +84,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@lru_cache(maxsize=32)
+def block_mask(mask_mod: MaskMod, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    """The flex-attention BlockMask of `mask_mod` for these lengths, built once: a training forward asks for the same
+    one in every layer. Keyed on the mask_mod object, which the mask builders below return once per argument set."""
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod: MaskMod) -> torch.Tensor:
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[1], k.shape[1], device=q.device)
+    mask = block_mask(mask_mod, q.shape[1], k.shape[1], q.device)
     kernel = _compiled_flex() if q.is_cuda else flex_attention
-    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -78,10 +109,12 @@ def resolve_backend(backend: str, q: torch.Tensor, masked: bool) -> str:
                                "(CUDA only), or use runtime.attention_backend=sdpa")
         if not (q.is_cuda and half):
             raise RuntimeError("flash-attn runs only on CUDA with float16/bfloat16 tensors")
+        if _device_flash_kernel(q.device) is None:
+            raise _no_flash_error(q.device)
     if backend == "auto":
         if masked:
             return "flex" if q.is_cuda else "sdpa"
-        return "flash" if flash_available() and q.is_cuda and half else "sdpa"
+        return "flash" if q.is_cuda and half and _device_flash_kernel(q.device) is not None else "sdpa"
     if masked and backend == "flash":
         return "flex"  # flash-attn has no arbitrary masks; flex keeps the mask sparse
     return backend
@@ -92,7 +125,7 @@ def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> 
     flash-attn-3, flash-attn-2, sdpa (PyTorch picks flash, cuDNN or memory-efficient inside), flex or math."""
     kind = resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), masked=False)
     if kind == "flash":
-        return "flash-attn-3" if _flash3 is not None else "flash-attn-2"
+        return _device_flash_kernel(device)
     return kind
 
 
@@ -115,16 +148,20 @@ def _attend_all(b, h, q_idx, kv_idx):
     return q_idx >= 0
 
 
+@lru_cache(maxsize=32)
 def block_causal_mask(tokens_per_block: int) -> MaskMod:
-    """Each token sees every token of its own frame block and of earlier blocks."""
+    """Each token sees every token of its own frame block and of earlier blocks. One function per argument, so the
+    BlockMask cache (`block_mask`) finds it again."""
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx // tokens_per_block <= q_idx // tokens_per_block
     return mask_mod
 
 
+@lru_cache(maxsize=32)
 def teacher_forcing_mask(num_tokens: int, tokens_per_block: int) -> MaskMod:
     """Sequence [clean | noisy], `num_tokens` each: clean is block-causal; a noisy block
-    sees the clean blocks before it and itself (CausVid / Self Forcing teacher forcing)."""
+    sees the clean blocks before it and itself (CausVid / Self Forcing teacher forcing). One function per argument
+    set, so the BlockMask cache (`block_mask`) finds it again."""
     def mask_mod(b, h, q_idx, kv_idx):
         q_noisy, kv_noisy = q_idx >= num_tokens, kv_idx >= num_tokens
         q_blk = (q_idx % num_tokens) // tokens_per_block

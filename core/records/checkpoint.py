@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.config import WanArchConfig
+from core.model.fp8 import requantise_float8
 
 StateDict = dict[str, torch.Tensor]
 Model = TypeVar("Model", bound=torch.nn.Module)
@@ -263,7 +264,8 @@ def mismatch_report(expected_shapes: dict[str, tuple[int, ...]], state_dict: Sta
 
 def load_into(model: Model, state_dict: StateDict) -> Model:
     """Strictly load `state_dict` into `model`; any mismatch raises first. A model on the meta device takes the
-    tensors themselves, in their dtype and on their device (no second copy); any other is cast to its dtypes."""
+    tensors themselves, in their dtype and on their device (no second copy); any other is cast to its dtypes, and its
+    float8 weights (runtime.fp8) are quantised again from the new ones."""
     expected = model.state_dict()
     report = mismatch_report({k: v.shape for k, v in expected.items()}, state_dict)
     if report:
@@ -275,7 +277,8 @@ def load_into(model: Model, state_dict: StateDict) -> Model:
     if any(t.is_meta for t in expected.values()):
         model.load_state_dict(state_dict, strict=True, assign=True)
     else:
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+        cast = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+        model.load_state_dict(requantise_float8(expected, cast), strict=True)
     return model
 
 
