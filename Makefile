@@ -19,7 +19,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 FAST := not job and not actors and not own_ray and not browser and not compile
 
-.PHONY: setup system-deps train test test-fast
+.PHONY: setup system-deps train test test-fast gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -52,3 +52,17 @@ test: setup system-deps
 
 test-fast: setup
 	@$(PY) -m pytest -m "$(FAST)" $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+# The wheels benchmarks/gpu_check.sh installs on a GPU machine without network (benchmarks/gpu_requirements.txt,
+# as CPython 3.12 manylinux x86-64 wheels, into .whl/), then the size of what such a machine is sent: the working
+# tree (tracked and untracked, not ignored) plus the wheels, against GPU_TREE_MIB.
+GPU_TREE_MIB ?= 64
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any
+gpu-wheels: setup
+	rm -rf .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d .whl -r benchmarks/gpu_requirements.txt
+	@tree=$$(git ls-files -z -co --exclude-standard | xargs -0 cat | wc -c); wheels=$$(cat .whl/*.whl | wc -c); \
+	  total=$$((tree + wheels)); \
+	  echo "working tree $$((tree / 1024)) KiB + wheels $$((wheels / 1024)) KiB = $$((total / 1048576)) MiB of $(GPU_TREE_MIB)"; \
+	  [ $$total -le $$(($(GPU_TREE_MIB) * 1048576)) ] || { echo "over $(GPU_TREE_MIB) MiB: carry less"; exit 1; }

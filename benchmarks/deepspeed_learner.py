@@ -1,7 +1,9 @@
-"""The cluster path's GPU checks (issue 17), in one run of a few minutes on one H100/H200.
+"""The DeepSpeed learner and the weight broadcast on a cluster GPU node, with the project installed (DeepSpeed).
 
-What it runs, with random weights at the shapes of --config (default: the paper's, configs/reward_forcing_1.3b.yaml:
-a 1.3B student and critic, the 14B teacher, 21 latent frames at 480x832):
+The bare one-GPU machine's check, without Ray or DeepSpeed, is `bash benchmarks/gpu_check.sh` (gpu_check.py).
+What this one runs, with random weights at the shapes of --config (default: the paper's, configs/reward_forcing_1.3b.yaml:
+a 1.3B student and critic, the 14B teacher, 21 latent frames at 480x832; at world size 1 that needs more memory than
+an 80 GB GPU has: an H200, or `learner.teacher.arch=null` for a teacher of the student's width):
 
 1. **Learner steps in bf16**: one `Learner.iteration` (a generator and a critic update through DeepSpeed, ZeRO
    stage of the config, world size 1, micro batches of the config's `learner.batch_size`) on a sample rolled out
@@ -19,8 +21,8 @@ a 1.3B student and critic, the 14B teacher, 21 latent frames at 480x832):
    broadcast (pack, unpack, load) against a plain device copy of the same bytes, and says so.
 
 How to run (repository root):
-    bash benchmarks/gpu_checks.sh                                                  # one H100/H200, < 8 min
-    python benchmarks/gpu_checks.py --config configs/plumbing.yaml --device cpu    # the same code on CPU, ~1 min
+    python benchmarks/deepspeed_learner.py                                               # one GPU node, minutes
+    python benchmarks/deepspeed_learner.py --config configs/plumbing.yaml --device cpu   # the same code on CPU, ~1 min
 Needs DeepSpeed (`pip install -e .`). Prints one table and writes --out (JSON).
 """
 
@@ -97,7 +99,7 @@ def make_sample(cfg: Config, device: torch.device) -> Sample:
     record = rollout.training_rollout(pad_context([rows], cfg.model.text_len), generator.init_cache(1, hw),
                                       gaussian_noise(shape, gen, dtype, device), blocks, generator=gen)
     return Sample.from_rollout(record, score=SCORE, text_context=rows, sample_id="gpu-check", prompt_id=0,
-                               prompt="random context", epoch=0, seed=0, weight_version=0, actor="gpu_checks")
+                               prompt="random context", epoch=0, seed=0, weight_version=0, actor="deepspeed_learner")
 
 
 def replay_parity(learner: Learner, sample: Sample) -> dict:
@@ -240,7 +242,7 @@ def main() -> int:
     parser.add_argument("--config", default="configs/reward_forcing_1.3b.yaml")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--repeats", type=int, default=3, help="timed broadcast rounds (median)")
-    parser.add_argument("--out", default="gpu_checks.json")
+    parser.add_argument("--out", default="deepspeed_learner.json")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -15,7 +15,7 @@ Compiled layers and CUDA graphs compute the same clips up to float reordering (b
 their frames with the eager path's), so they are not variants here.
 
     python benchmarks/stream_levers_quality.py                       # CPU: float32, bfloat16, no context re-run
-    python benchmarks/stream_levers_quality.py --device cuda         # also FP8 (benchmarks/gpu_stream.sh runs this)
+    python benchmarks/stream_levers_quality.py --device cuda         # also FP8
 
 Needs torch and this repository (no Ray).
 """

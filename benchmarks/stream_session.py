@@ -36,7 +36,7 @@ real width and a random 2-layer text encoder of the real output width (4096; tex
 loop). Its FPS is printed next to the published ones (one H100), whose method the papers do not state.
 
     python benchmarks/stream_session.py                                  # tiny, CPU: eager, compiled, eager+overlap
-    python benchmarks/stream_session.py --arch wan-1.3b --device cuda    # benchmarks/gpu_stream.sh runs this
+    python benchmarks/stream_session.py --arch wan-1.3b --device cuda    # benchmarks/gpu_check.sh runs this method
 
 Needs torch, transformers and diffusers plus this repository's `core` package; no Ray.
 """
