@@ -186,8 +186,9 @@ class MasterWeights:
         for m in self.masters:
             m.grad = torch.zeros_like(m)  # the fp32 gradient partition, kept like DeepSpeed's
         self.grad_clip = grad_clip
+        fused = self.masters[0].is_cuda  # one kernel, and no temporary the size of m or v (foreach makes one)
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay,
-                                           foreach=True)
+                                           fused=fused, foreach=not fused)
 
     @torch.no_grad()
     def step(self) -> float:

@@ -12,3 +12,12 @@
 Nothing here imports Ray or DeepSpeed (a test checks it), so the same code runs in rollout actors,
 the learner, serving replicas and on a bare GPU box.
 """
+
+import logging
+
+# torchao (the `fp8` extra), when installed, is imported by diffusers and peft as they load, whether or not FP8 is on.
+# Where its prebuilt CUDA kernels do not match the installed torch (a CPU build) it, and diffusers' check of its
+# tensor types, log warnings on every start. runtime.fp8 says itself what it needs (core/model/fp8.py).
+for _name in ("torchao", "diffusers.quantizers.torchao.torchao_quantizer", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+del _name

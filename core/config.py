@@ -118,6 +118,12 @@ class StreamConfig(ConfigSection):
     before RoPE and rotates them by window position on every call (Reward
     Forcing, unbounded). `sink_mode` "ema" fuses evicted frames into the sink
     with `compression_alpha`; "static" keeps the first frames as they were.
+    `ema_sink_accumulator`: where that average is kept for a 16-bit cache.
+    "float32" keeps it in a float32 copy of the sink and writes its cast into the
+    cache: in bf16 an update of (1 - 0.999) of the difference is mostly below
+    half a step and rounds away, so the sink would hardly move. "cache" averages
+    in the cache's own dtype, as the reference does (to reproduce its
+    checkpoints' behaviour). float32 and float64 caches average in place either way.
     """
 
     num_frame_per_block: int = 3
@@ -126,6 +132,7 @@ class StreamConfig(ConfigSection):
     rope: Literal["absolute", "window"] = "absolute"
     sink_mode: Literal["static", "ema"] = "static"
     compression_alpha: float = 0.999
+    ema_sink_accumulator: Literal["float32", "cache"] = "float32"
     max_cache_frames: int = 21
     context_rerun: bool = True  # streaming: False keeps a block's last denoising-step K/V (one forward fewer per block)
 

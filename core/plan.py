@@ -10,7 +10,21 @@ module dtype: 2 under bf16, 4 in fp32). DeepSpeed keeps an fp32 master partition
 (stage_1_and_2.py clones it), AdamW's m and v in fp32 (8P/N), the module's params (P*p, or P*p/N under
 stage 3) and their grads (P*p/N under stages 2 and 3), plus a reduce bucket of min(P, 5e8) elements (its
 default reduce_bucket_size; learner/engines.py sets none) and, under stage 3, up to min(P, 1e9) gathered
-parameters (stage3_max_live_parameters). The frozen teacher is P_t*p, or P_t*p/N when stage 3 shards it.
+parameters (stage3_max_live_parameters). Its step() then builds an fp32 copy of the grad partition for AdamW:
+4P/N under stages 1 and 2 (stage_1_and_2.py, DeepSpeedZeroOptimizer.step: the flattened partition `.to` fp32,
+set as `single_partition_of_fp32_groups[i].grad`), and under stage 3 one sub-group's at a time,
+4*min(P/N, 1e9) (stage3.py, DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group, freed by
+_release_sub_group; sub_group_size defaults to 1e9). Both precisions get it: in fp32 the flattening is the
+copy. (bf16_optimizer.py's BF16_Optimizer, whose fp32 grads are a whole 4P, serves only stage 1 with an fp32
+data_types.grad_accum_dtype, which engines.py never sets.) That copy lives only in step(), after the backward
+has freed the activations it is summed with here; so does AdamW's foreach temporary sqrt(v), another 4P/N that
+is not counted. The frozen teacher is P_t*p, or P_t*p/N when stage 3 shards it. Per GPU:
+
+    params + grads + 12P/N optimizer + 4P/N fp32 grads (stage 3: 4*min(P/N, 1e9)) + bucket   per engine
+    + teacher + max(generator step, critic step) + the negative prompt's context
+
+where the generator step is its replay's activations, the KV cache they pin (below) and the largest transient
+on top (the score models' forwards without grad, a layer's recompute), and the critic step its forward's.
 
 Activations (`forward_bytes`): what autograd keeps from a Wan forward with grad, counted op by op in
 core/model/wan.py, per layer for L query tokens, K key tokens, T = model.text_len text tokens, dim d, FFN
@@ -25,15 +39,21 @@ width f, h heads of hd, module dtype p and the norms' compute dtype c (4, or 8 i
     + (L+K)*hd*c       RoPE cos/sin tables (2L*hd*c when keys are rotated before caching, and bidirectional)
     + L*(8h + 9c)      logsumexps, RMSNorm rsqrt, LayerNorm mean/rstd
 
-plus, once per forward, the text embedding T*(text_dim + 3d)*p, the head L*d*(c + 2p) and a few latent-size
-tensors (per-frame modulation terms, frames x dim, are left out). With gradient checkpointing a layer keeps
+plus, once per forward, the text embedding T*(text_dim + 3d)*p, the head L*d*(2c + p) (it computes in c), the
+time MLP's weights upcast to c when p < c, (freq_dim*d + 7d^2)*c, and a few latent-size tensors (per-frame
+modulation terms, frames x dim, are left out). With gradient checkpointing a layer keeps
 only its input L*d*p and the text K/V computed outside it, T*d*(c + 3p); the backward then recomputes one
 layer at a time, so one layer's full set is added to the peak. The generator's replay
 (core.algo.rollout.replay_exit_steps) is one such forward per block with L = frames per block x tokens per
 frame and K = min(block end, window) frames; the critic's update is one forward over the whole clip (K = L).
-tests/test_plan.py measures these on configs/plumbing.yaml and states the ratio. A forward without grad (the
-teacher and critic inside the generator loss, the actors' rollout) holds one layer's working set at a time,
-estimated as L*(5d*p + 4d*c + 2f*p) plus its text embedding (the norms' float copies count in bf16).
+A checkpointed replay also keeps its KV cache (`kv_cache_bytes`) alive through the loss and the backward: each
+block's recompute holds the cache and views of the window it read (core/model/kv_cache.py CheckpointedCache),
+and a write over a pinned window first moves the layer to fresh buffers, so an evicting replay's older buffers
+(in `replay_bytes`) stay too. Without checkpointing the cache dies with the replay: the window reaches
+autograd only through a copy. tests/test_plan.py measures these on configs/plumbing.yaml and states the
+ratio. A forward without grad (the teacher and critic inside the generator loss, the actors' rollout) holds
+one layer's working set at a time, estimated as L*(5d*p + 4d*c + 2f*p) plus its text embedding (the norms'
+float copies count in bf16).
 """
 
 from __future__ import annotations
@@ -59,6 +79,7 @@ from core.runtime import resolve_dtype
 GB = 1e9
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
+SUB_GROUP_ELEMENTS = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (stage 3)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64)  # REFERENCE.md section 5
 # Resources of the instance types cluster.yaml names, for node types that declare no `resources:` (the Ray
 # autoscaler fills these in from the cloud's catalogue itself): vCPUs, GPUs, GB per GPU.
@@ -151,7 +172,8 @@ def forward_bytes(arch: WanArchConfig, queries: int, keys: int, rope_tokens: int
                   checkpointing: bool) -> ForwardBytes:
     """A Wan forward with grad over `queries` tokens attending to `keys` (its input latents not counted)."""
     c, d, t = _compute_bytes(p), arch.dim, arch.text_len
-    once = t * (arch.text_dim + 3 * d) * p + queries * d * (c + 2 * p)
+    upcast_time_weights = (arch.freq_dim * d + 7 * d * d) * c if c > p else 0  # kept for the backward
+    once = t * (arch.text_dim + 3 * d) * p + queries * d * (2 * c + p) + upcast_time_weights
     if not checkpointing:
         return ForwardBytes(once + arch.num_layers * layer_bytes(arch, queries, keys, rope_tokens, p), 0)
     kept = arch.num_layers * (queries * d * p + t * d * (c + 3 * p))
@@ -196,10 +218,44 @@ def critic_bytes(cfg: Config, p: int, checkpointing: bool) -> ForwardBytes:
 
 def kv_cache_bytes(cfg: Config, batch: int, p: int) -> int:
     """KVCache's buffers (core/model/kv_cache.py): per layer k and v [B, cache_frames * tokens, heads, head_dim],
-    and the cross-attention k and v [B, text_len, heads, head_dim]."""
-    m = cfg.model
-    tokens = cfg.stream.cache_frames * cfg.tokens_per_frame + m.text_len
-    return m.num_layers * 2 * batch * tokens * m.dim * p
+    the cross-attention k and v [B, text_len, heads, head_dim], and, for an EMA sink with a window in a 16-bit cache
+    (stream.ema_sink_accumulator: float32), the sink's float32 accumulators k and v [B, sink_size * tokens, heads,
+    head_dim]."""
+    m, s = cfg.model, cfg.stream
+    tokens = s.cache_frames * cfg.tokens_per_frame + m.text_len
+    sink = s.sink_size * cfg.tokens_per_frame if s.local_attn_size != -1 else 0
+    accumulators = 2 * sink * 4 if s.sink_mode == "ema" and s.ema_sink_accumulator == "float32" and p < 4 else 0
+    return m.num_layers * batch * m.dim * (2 * tokens * p + accumulators)
+
+
+def pinned_cache_bytes(cfg: Config, p: int, checkpointing: bool) -> int:
+    """The replay's KV cache buffers alive from the generator's loss to its backward: all of them when checkpointed
+    blocks hold the cache for their recompute, none otherwise (the module docstring)."""
+    return kv_cache_bytes(cfg, 1, p) if checkpointing else 0
+
+
+@dataclass
+class StepBytes:
+    """The generator's step on one sample: what lives from its loss to its backward, and the largest transient on
+    top (the score models' forwards without grad, a layer's recompute, an unpinned cache during the replay)."""
+
+    live: int
+    extra: int
+
+    @property
+    def peak(self) -> int:
+        return self.live + self.extra
+
+
+def generator_step_bytes(cfg: Config, p: int, checkpointing: bool) -> StepBytes:
+    """The replay's activations and the cache they pin, then the largest of: the teacher's and the critic's
+    forwards without grad over the clip (the Re-DMD loss), the backward's recompute, an unpinned cache."""
+    replay, pinned = replay_bytes(cfg, p, checkpointing), pinned_cache_bytes(cfg, p, checkpointing)
+    tokens = cfg.video.num_latent_frames * cfg.tokens_per_frame
+    teacher = cfg.learner.teacher
+    scores = [cfg.model] + ([teacher.arch or cfg.model] if teacher.kind == "wan" else [])
+    score_forward = max(nograd_forward_bytes(arch, tokens, p) for arch in scores)
+    return StepBytes(replay.retained + pinned, max(score_forward, replay.recompute, kv_cache_bytes(cfg, 1, p) - pinned))
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -308,12 +364,21 @@ def learner_bf16(cfg: Config) -> bool:
     return cfg.learner.precision == "bf16" or (cfg.learner.precision == "auto" and cfg.learner.use_gpu)
 
 
+def fp32_grad_bytes(params: int, stage: int, world: int) -> int:
+    """The fp32 copy of the grad partition DeepSpeed's step() hands AdamW: whole under stages 1 and 2, one
+    sub-group at a time under stage 3 (the module docstring cites the source)."""
+    partition = math.ceil(params / world)
+    return 4 * (min(partition, SUB_GROUP_ELEMENTS) if stage == 3 else partition)
+
+
 def _engine_items(name: str, params: int, p: int, stage: int, world: int) -> list[Item]:
     shard = f"1/{world} partition"
+    fp32_grads = f"one sub-group (<=1e9), 1/{world}" if stage == 3 else f"fp32 copy of the {shard}"
     return [Item(f"{name} params", params * p // (world if stage == 3 else 1),
                  f"{'bf16' if p == 2 else 'fp32'}{', ZeRO-3 ' + shard if stage == 3 else ', replicated'}"),
             Item(f"{name} grads", params * p // world, f"ZeRO-{stage}: {shard}"),
             Item(f"{name} optimizer", params * 12 // world, f"fp32 master + AdamW m, v; {shard}"),
+            Item(f"{name} fp32 grads", fp32_grad_bytes(params, stage, world), f"in step(): {fp32_grads}"),
             Item(f"{name} reduce bucket", min(params, REDUCE_BUCKET_ELEMENTS) * p, "DeepSpeed default 5e8 elements")]
 
 
@@ -330,19 +395,17 @@ def learner_role(cfg: Config, sizes: ModelSizes, checkpointing: bool | None = No
     if stage == 3:
         gathered = max(min(n, MAX_LIVE_PARAMETERS) for n in (sizes.generator, sizes.critic, sizes.teacher))
         items.append(Item("ZeRO-3 gathered params", gathered * p, "up to stage3_max_live_parameters (1e9)"))
-    cache = kv_cache_bytes(cfg, 1, p)
     replay, critic = replay_bytes(cfg, p, checkpointing), critic_bytes(cfg, p, checkpointing)
+    step, pinned = generator_step_bytes(cfg, p, checkpointing), pinned_cache_bytes(cfg, p, checkpointing)
     tokens = cfg.video.num_latent_frames * cfg.tokens_per_frame
-    teacher_arch = lc.teacher.arch or cfg.model
-    score_forward = max(nograd_forward_bytes(teacher_arch, tokens, p) if sizes.teacher else 0,
-                        nograd_forward_bytes(cfg.model, tokens, p))
-    generator_step = max(cache + replay.retained, replay.retained + score_forward, replay.peak)
     ckpt = "with" if checkpointing else "without"
-    if generator_step >= critic.peak:
-        items += [Item("replay activations", replay.retained, f"{cfg.video.num_latent_frames // cfg.stream.num_frame_per_block} "
-                       f"blocks, {ckpt} grad checkpointing"),
-                  Item("replay peak extra", generator_step - replay.retained,
-                       "max: KV cache, teacher fwd, recompute")]
+    if step.peak >= critic.peak:
+        blocks = cfg.video.num_latent_frames // cfg.stream.num_frame_per_block
+        items.append(Item("replay activations", replay.retained, f"{blocks} blocks, {ckpt} grad checkpointing"))
+        if pinned:
+            items.append(Item("replay KV cache (pinned)", pinned, "live until the backward (checkpointing)"))
+        items.append(Item("replay peak extra", step.extra, "max: teacher fwd, recompute" if pinned
+                          else "max: KV cache (replay only), teacher fwd"))
     else:
         items += [Item("critic activations", critic.retained, f"{tokens} tokens, {ckpt} grad checkpointing"),
                   Item("critic recompute", critic.recompute, "one layer, in the backward")]
@@ -483,7 +546,7 @@ def build_plan(cfg: Config, config_name: str, gpu_gb: float | None = None, clust
                 plan.problems.append(f"the roles ask for {plan.resources['all'][what]:g} {what.upper()[:-1]}s, the "
                                      f"cluster offers {cluster_info[what]:g}")
     plan.notes += [
-        "learners hold no text encoder: actors ship each prompt's context with the sample (issue 17)",
+        "learners hold no text encoder: actors ship each prompt's context with the sample",
         f"text context per sample is an upper bound: model.text_len ({cfg.model.text_len}) tokens; actors ship only the "
         "prompt's real length",
         "activations are estimates (core/plan.py); tests/test_plan.py checks them against measured bytes on "

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from core.algo.rollout import SelfForcedRollout, gaussian_noise
 from core.algo.scheduler import FlowMatchScheduler
 from core.config import StreamConfig, WanArchConfig
-from core.model.kv_cache import CheckpointedCache, KVCache, StreamLimitError
+from core.model.kv_cache import BlockView, CheckpointedCache, KVCache, StreamLimitError
 from core.model.wan import CausalWanModel
 
 ARCH = WanArchConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=16, text_len=8)
@@ -95,9 +97,9 @@ def test_global_cache_refuses_to_overflow():
     assert cache.frames == 6
 
 
-def _cache(stream: StreamConfig, tpf=2) -> KVCache:
-    return KVCache(stream, num_layers=1, batch=1, tokens_per_frame=tpf, num_heads=1, head_dim=1,
-                   dtype=torch.float64, device="cpu")
+def _cache(stream: StreamConfig, tpf=2, dtype=torch.float64, head_dim=1) -> KVCache:
+    return KVCache(stream, num_layers=1, batch=1, tokens_per_frame=tpf, num_heads=1, head_dim=head_dim,
+                   dtype=dtype, device="cpu")
 
 
 def _write_frames(cache: KVCache, values: list[float], start_frame: int):
@@ -128,6 +130,105 @@ def test_ema_sink_smaller_than_evicted_block_fuses_frame_by_frame():
     _write_frames(cache, [1, 2, 3], 1)  # window full: sink + 3 frames
     keys, _ = _write_frames(cache, [0, 0, 0], 4)  # evicts 1, 2, 3 into the single sink frame in order
     assert keys[0, 0, 0, 0].item() == pytest.approx(((8 * 0.5 + 1 * 0.5) * 0.5 + 2 * 0.5) * 0.5 + 3 * 0.5)
+
+
+def _ema_stream(accumulator: str = "float32") -> StreamConfig:
+    return StreamConfig(rope="window", local_attn_size=6, sink_size=3, sink_mode="ema", ema_sink_accumulator=accumulator)
+
+
+def _ema_video(cache: KVCache, seed: int, blocks: int, fixed_shape: bool, start_frame: int = 0):
+    """Stream `blocks` 3-frame blocks of random K/V into `cache`, each written twice (noisy, then clean, as a block's
+    calls do), by the plain `update` path or by the fixed-shape one (`open_block`, `evict`, `BlockView`). The sink
+    block's entries lie in [1, 1.9], the later ones in [2.5, 3.5], so the sink has somewhere to go. Returns the
+    sink's first K/V and their EMA over the evicted clean K/V, computed in float64 from the values the cache holds."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, 3 * cache.tokens_per_frame, *cache.layers[0].k.shape[2:])
+    dtype, alpha = cache.layers[0].k.dtype, cache.stream.compression_alpha
+    if fixed_shape:
+        cache.cross_kv = [(torch.empty(0), torch.empty(0))] * len(cache.layers)  # a block view needs the prompt's
+    clean = []
+    for b in range(blocks):
+        start = start_frame + 3 * b
+        noisy_k, noisy_v = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+        k, v = (((1.0 if b == 0 else 2.5) + 0.9 * torch.rand(shape, generator=g)).to(dtype) for _ in range(2))
+        if fixed_shape:
+            slots = cache.open_block(start, 3)
+            if slots.evict:
+                cache.evict(slots.evict)
+            layer = BlockView(cache, slots).layer(0)
+        else:
+            layer = cache.layer(0)
+        layer.update(noisy_k, noisy_v, start)
+        layer.update(k, v, start)
+        clean.append((k.double(), v.double()))
+    ema = clean[0]
+    for evicted in clean[1:-1]:  # block b evicts block b - 1 into the sink, frame j into sink frame j
+        ema = [alpha * s + (1 - alpha) * e for s, e in zip(ema, evicted)]
+    return clean[0], ema
+
+
+def _sink_error(cache: KVCache, ema: list[torch.Tensor]) -> float:
+    """Largest relative difference between the cache's sink slots (K and V) and `ema`."""
+    c, n = cache.layers[0], cache.sink_tokens
+    return max(((got[:, :n].double() - want).abs() / want.abs()).max().item() for got, want in zip((c.k, c.v), ema))
+
+
+SINK_TOLERANCE = 2.0 ** -8 + 1e-5  # bf16's relative rounding (8 significant bits) of a float32 average of 300 terms
+
+
+def test_bf16_ema_sink_moves_with_a_float32_accumulator_and_stays_put_in_the_cache_dtype():
+    """At alpha 0.999 an eviction moves the sink by 0.1% of the way to the evicted frame, less than half a bf16 step:
+    averaged in the bf16 cache (the reference, `ema_sink_accumulator: cache`) the sink never moves; averaged in
+    float32 it follows the float64 EMA to within the bf16 rounding of its slots."""
+    errors = {}
+    for accumulator in ("float32", "cache"):
+        cache = _cache(_ema_stream(accumulator), dtype=torch.bfloat16, head_dim=4)
+        first, ema = _ema_video(cache, seed=0, blocks=300, fixed_shape=False)  # 298 evictions
+        errors[accumulator] = _sink_error(cache, ema)
+        if accumulator == "cache":  # not one bf16 step in 298 evictions
+            assert _sink_error(cache, first) == 0
+    assert errors["float32"] <= SINK_TOLERANCE, errors
+    assert errors["cache"] > 0.05, errors  # the float64 EMA went 26% of the way to the evicted frames
+
+
+def test_fixed_shape_eviction_fuses_the_sink_as_the_plain_path_across_reset_and_restart():
+    """The block step's `open_block` / `evict` (what a CUDA graph captures) keep the same float32 sink as per-layer
+    writes, in the same buffers throughout; a new video (`reset`) or a prompt switch (`restart_at`) starts the
+    average again from its own first frames."""
+    caches = {fixed: _cache(_ema_stream(), dtype=torch.bfloat16, head_dim=4) for fixed in (False, True)}
+    for fixed, cache in caches.items():
+        buffers = [t.data_ptr() for t in (cache.layers[0].sink_k, cache.layers[0].sink_v)]
+        _ema_video(cache, seed=1, blocks=8, fixed_shape=fixed)
+        cache.reset()
+        _, ema = _ema_video(cache, seed=2, blocks=40, fixed_shape=fixed)
+        assert _sink_error(cache, ema) <= SINK_TOLERANCE
+        frame = cache.frames
+        cache.restart_at(frame)
+        _, ema = _ema_video(cache, seed=3, blocks=40, fixed_shape=fixed, start_frame=frame)
+        assert _sink_error(cache, ema) <= SINK_TOLERANCE and cache.evictions == 76
+        assert buffers == [t.data_ptr() for t in (cache.layers[0].sink_k, cache.layers[0].sink_v)]
+    plain, fixed = caches[False].layers[0], caches[True].layers[0]
+    assert all(torch.equal(a, b) for a, b in zip((plain.k, plain.v, plain.sink_k, plain.sink_v),
+                                                  (fixed.k, fixed.v, fixed.sink_k, fixed.sink_v)))
+
+
+@pytest.mark.parametrize("dtype, sink_mode, accumulator, kept", [
+    (torch.bfloat16, "ema", "float32", True),
+    (torch.float16, "ema", "float32", True),
+    (torch.bfloat16, "ema", "cache", False),
+    (torch.bfloat16, "static", "float32", False),
+    (torch.float32, "ema", "float32", False),  # the cache itself is the accumulator
+    (torch.float64, "ema", "float32", False),
+])
+def test_a_float32_sink_accumulator_exists_only_for_an_ema_sink_in_a_16_bit_cache(dtype, sink_mode, accumulator, kept):
+    stream = StreamConfig(rope="window", local_attn_size=6, sink_size=3, sink_mode=sink_mode,
+                          ema_sink_accumulator=accumulator)
+    cache = KVCache(stream, num_layers=2, batch=2, tokens_per_frame=5, num_heads=2, head_dim=4, dtype=dtype, device="cpu")
+    layers, batch, dim = 2, 2, 8
+    window = layers * 2 * batch * 6 * 5 * dim * dtype.itemsize  # k and v of 6 frames x 5 tokens
+    accumulators = layers * 2 * batch * 3 * 5 * dim * 4  # float32 k and v of the 3 sink frames
+    assert cache.nbytes() == window + kept * accumulators
+    assert all((c.sink_k is not None) == (c.sink_v is not None) == kept for c in cache.layers)
 
 
 def test_checkpointed_window_survives_eviction_and_rewind():
@@ -240,6 +341,38 @@ def test_dtype_cast_keeps_rope_table_exact():
     out = model(torch.randn(1, 16, 3, 4, 4, dtype=torch.bfloat16), torch.full((1, 3), 1000.0),
                 torch.randn(1, 5, ARCH.text_dim, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_bf16_model_computes_time_embedding_and_modulation_in_float32():
+    """As Wan does: e and e0 are float32 whatever the weights' dtype, equal to a float32 run of the same (bf16)
+    weights, and a block's modulation, modulated norms and gated adds use them in float32. The time projection is
+    scaled so that |e0| reaches ~8, where rounding e0 and the modulation to bf16 (as before) nearly doubles a block's
+    error."""
+    model = make(StreamConfig(), torch.float32)
+    with torch.no_grad():
+        model.time_projection[1].weight.mul_(50)
+    bf16 = model.to(torch.bfloat16)
+    f32 = copy.deepcopy(bf16).to(torch.float32)  # the same bf16-rounded weights
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, ARCH.in_dim, 3, 8, 8, generator=g)
+    t = torch.tensor([[1000.0, 937.5, 250.0]])
+    ctx = torch.randn(1, 5, ARCH.text_dim, generator=g)
+    runs = []
+    with torch.no_grad():
+        for m, dtype in ((bf16, torch.bfloat16), (f32, torch.float32)):
+            tokens, grid, e, e0 = m._embed(x.to(dtype), t)
+            block = m.blocks[0]
+            out = block(tokens, e0, block.cross_attn.context_kv(m.embed_context(ctx.to(dtype))), grid=grid,
+                        rope=m.rope, backend=m.attention_backend)
+            runs.append((e, e0, tokens, out))
+    (e, e0, tokens, out), (e_f32, e0_f32, tokens_f32, out_f32) = runs
+    assert e.dtype == e0.dtype == torch.float32 and e0_f32.abs().max() > 5
+    torch.testing.assert_close(e, e_f32, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e0, e0_f32, rtol=1e-6, atol=1e-6)
+    # measured against what the block adds (its output's own rounding of x + update would hide the update's error):
+    # 0.0051 here; 0.0090 with e, e0 and the modulation in bf16 (as before), 0.0073 with only the modulation in bf16
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - out_f32).norm() / (out_f32 - tokens_f32).norm() < 0.0065
 
 
 def test_replay_gradient_equals_self_forcing_in_rollout_gradient():

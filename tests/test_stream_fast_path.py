@@ -1,6 +1,6 @@
 """The streaming fast path: a fixed-shape block step (eager, compiled), overlapped decode, and their guards.
 
-CUDA graphs and FP8 need a GPU; here they are checked to refuse a CPU clearly, and benchmarks/gpu_stream.sh runs
+CUDA graphs and FP8 need a GPU; here they are checked to refuse a CPU clearly, and benchmarks/gpu_check.sh runs
 them against the eager path on one."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def _streamed(session: StreamSession, blocks: int) -> torch.Tensor:
     [],  # the plumbing config: window 12, EMA sink 3, window RoPE
     ["stream.rope=absolute", "stream.sink_mode=static"],  # Self Forcing style: the position is a gathered tensor
     ["stream.context_rerun=false"],  # the last denoising step's K/V stay in the cache
+    ["runtime.dtype=bfloat16"],  # the EMA sink averaged in its float32 accumulator
 ])
 def test_the_block_step_makes_the_offline_rollout_bit_for_bit_past_evictions(stream):
     pipe = _pipe(*stream)

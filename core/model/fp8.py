@@ -2,7 +2,7 @@
 
 Activations and weights are quantized to float8 e4m3 with one scale per row, dynamically per call; the matmul runs on
 the FP8 tensor cores of CUDA devices of compute capability 8.9 and up (Ada, Hopper). Embeddings, the head and every
-norm stay in the model's dtype. What it costs in quality is measured on the toy world (BENCHMARKS.md).
+norm stay unquantised (the time embedding and the head compute in float32). What it costs in quality is measured on the toy world (BENCHMARKS.md).
 
 New weights (a rollout actor's weight updates) are quantised again on load (`requantise_float8`): torchao's float8
 weight holds data and a scale computed from the old weights, so neither may be kept.

@@ -11,7 +11,10 @@ they are fused into the sink position-wise, `sink <- a*sink + (1-a)*evicted`
 (Reward Forcing). When more frames are evicted than the sink holds, evicted
 frame j is fused into sink frame j mod sink_size in order (the reference
 replaces the sink in that case; with the standard 3-frame blocks and 3-frame
-sink both agree).
+sink both agree). A 16-bit cache keeps that average in a float32 copy of the sink
+and writes its cast into the sink slots (`stream.ema_sink_accumulator`): in bf16
+a 0.1% update mostly rounds away and the sink would hardly move. The copy starts
+from what the sink slots hold at the first eviction after they were written.
 
 Gradient checkpointing recomputes a block in the backward pass, when the replay has
 long moved the cache on. A checkpointed forward therefore goes through
@@ -48,6 +51,9 @@ class LayerCache:
     global_end: int = 0
     local_end: int = 0
     pinned: int = 0  # leading tokens of k/v that a checkpointed block holds views of
+    sink_k: torch.Tensor | None = None  # float32 EMA of the sink slots [B, sink_tokens, heads, head_dim]
+    sink_v: torch.Tensor | None = None
+    sink_stale: bool = True  # the sink slots were written since sink_k/sink_v last copied them
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,12 @@ class KVCache:
         shape = (batch, self.capacity, num_heads, head_dim)
         self.layers = [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
                                   torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        if (stream.sink_mode == "ema" and stream.ema_sink_accumulator == "float32" and dtype.itemsize < 4
+                and self.sink_tokens):
+            sink_shape = (batch, self.sink_tokens, num_heads, head_dim)
+            for c in self.layers:
+                c.sink_k = torch.zeros(sink_shape, dtype=torch.float32, device=device)
+                c.sink_v = torch.zeros(sink_shape, dtype=torch.float32, device=device)
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.evictions = 0
 
@@ -89,7 +101,7 @@ class KVCache:
         return self.layers[0].global_end // self.tokens_per_frame
 
     def nbytes(self) -> int:
-        tensors = [t for c in self.layers for t in (c.k, c.v)]
+        tensors = [t for c in self.layers for t in (c.k, c.v, c.sink_k, c.sink_v) if t is not None]
         tensors += [t for kv in self.cross_kv if kv is not None for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -97,6 +109,7 @@ class KVCache:
         """Start a new video; keep the cross-attention K/V only if the prompt stays."""
         for c in self.layers:
             c.global_end = c.local_end = 0
+            c.sink_stale = True
         if not keep_prompt:
             self.cross_kv = [None] * len(self.layers)
         self.evictions = 0
@@ -106,6 +119,7 @@ class KVCache:
         how a prompt switch rebuilds the cache from recent clean latents."""
         for c in self.layers:
             c.global_end, c.local_end = frame * self.tokens_per_frame, 0
+            c.sink_stale = True
         self.cross_kv = [None] * len(self.layers)
 
     def layer(self, index: int) -> LayerView:
@@ -127,6 +141,7 @@ class KVCache:
         c = self.layers[layer]
         slots, current_end = self._slots(c, start_frame, k.shape[1])
         if slots.evict:
+            self._load_sink(c)
             self._evict(c, slots.evict)
             if layer == 0:
                 self.evictions += 1
@@ -134,6 +149,7 @@ class KVCache:
             self._unpin(c)
         c.k[:, slots.start:slots.end] = k.detach()
         c.v[:, slots.start:slots.end] = v.detach()
+        c.sink_stale |= slots.start < self.sink_tokens
         c.global_end, c.local_end = current_end, slots.end
         return slots.start
 
@@ -157,8 +173,9 @@ class KVCache:
 
     def open_block(self, start_frame: int, frames: int) -> BlockSlots:
         """Advance every layer's pointers for a new block of `frames` latent frames at `start_frame`, as its first
-        write would, without touching a tensor: the eviction (`evict`) and the writes (`BlockView`) then run as
-        fixed-shape work, the same for every block once the window is full."""
+        write would, touching no slot of the window: the eviction (`evict`) and the writes (`BlockView`) then run as
+        fixed-shape work, the same for every block once the window is full. Where the block evicts, the float32 EMA
+        of the sink starts here if it must: whether it must is Python state, which a captured `evict` cannot read."""
         new = frames * self.tokens_per_frame
         slots, current_end = self._slots(self.layers[0], start_frame, new)
         if current_end <= self.layers[0].global_end:
@@ -166,6 +183,9 @@ class KVCache:
         for c in self.layers:
             if c.pinned:
                 self._unpin(c)
+            if slots.evict:
+                self._load_sink(c)
+            c.sink_stale |= slots.start < self.sink_tokens
             c.global_end, c.local_end = current_end, slots.end
         self.evictions += bool(slots.evict)
         return slots
@@ -186,6 +206,13 @@ class KVCache:
         """Copy-on-write: the pinned views keep the old buffers; the cache goes on in copies."""
         c.k, c.v, c.pinned = c.k.clone(), c.v.clone(), 0
 
+    def _load_sink(self, c: LayerCache) -> None:
+        """Start the float32 EMA of the sink from what the sink slots hold now, if they were written since."""
+        if c.sink_k is not None and c.sink_stale:
+            c.sink_k.copy_(c.k[:, :self.sink_tokens])
+            c.sink_v.copy_(c.v[:, :self.sink_tokens])
+            c.sink_stale = False
+
     def _evict(self, c: LayerCache, n_evict: int) -> None:
         if c.pinned:
             self._unpin(c)
@@ -199,13 +226,19 @@ class KVCache:
             self._fuse_into_sink(c, evicted_k, evicted_v)
 
     def _fuse_into_sink(self, c: LayerCache, evicted_k: torch.Tensor, evicted_v: torch.Tensor) -> None:
+        """The EMA, in place: in the float32 accumulators when the cache has them (then cast into the sink slots),
+        else in the cache itself."""
         alpha, tpf = self.stream.compression_alpha, self.tokens_per_frame
         sink_frames = self.stream.sink_size
+        sink_k, sink_v = (c.k, c.v) if c.sink_k is None else (c.sink_k, c.sink_v)
         for j in range(evicted_k.shape[1] // tpf):
             dst = slice((j % sink_frames) * tpf, (j % sink_frames + 1) * tpf)
             src = slice(j * tpf, (j + 1) * tpf)
-            c.k[:, dst] = alpha * c.k[:, dst] + (1 - alpha) * evicted_k[:, src]
-            c.v[:, dst] = alpha * c.v[:, dst] + (1 - alpha) * evicted_v[:, src]
+            sink_k[:, dst] = alpha * sink_k[:, dst] + (1 - alpha) * evicted_k[:, src].to(sink_k.dtype)
+            sink_v[:, dst] = alpha * sink_v[:, dst] + (1 - alpha) * evicted_v[:, src].to(sink_v.dtype)
+        if c.sink_k is not None:
+            c.k[:, :self.sink_tokens] = c.sink_k
+            c.v[:, :self.sink_tokens] = c.sink_v
 
 
 class CheckpointedCache:

@@ -24,7 +24,7 @@ ROPE_POSITIONS = 1024  # length of the RoPE table per axis, as in Wan
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Norms and RoPE run in float32, or float64 when the model runs in float64."""
+    """Norms, RoPE, the time embedding and the modulation run in float32, or float64 when the model runs in float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -82,6 +82,17 @@ def apply_rope(x: torch.Tensor, tables: torch.Tensor, grid: tuple[int, int, int]
     re, im = pairs[..., 0], pairs[..., 1]
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
     return out.type_as(x)
+
+
+class FloatLinear(nn.Linear):
+    """A Linear computed in float32 (float64 in a float64 model) whatever its weights' dtype: Wan computes the time
+    embedding, its projection and the head in float32 under bf16. The weights are upcast inside this module's own
+    forward, where ZeRO-3 has gathered them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(self.weight)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
 
 class RMSNorm(nn.Module):
@@ -207,32 +218,36 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor],
                 **attn_kwargs) -> torch.Tensor:
-        """x [B, L, dim]; e [B, F, 6, dim] per-frame modulation (L = F * tokens_per_frame)."""
-        frames = e.shape[1]
+        """x [B, L, dim]; e [B, F, 6, dim] per-frame modulation (L = F * tokens_per_frame), float32 (float64).
+
+        As in Wan, the modulation, the modulated norms and the gated residual adds are computed in e's dtype; their
+        results return to x's dtype (a bf16 model's linears and residual stream stay bf16)."""
+        frames, dtype = e.shape[1], x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
 
         def per_frame(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(1, (frames, -1))
 
-        h = (per_frame(self.norm1(x)) * (1 + scale_msa) + shift_msa).flatten(1, 2)
-        x = x + (per_frame(self.self_attn(h, **attn_kwargs)) * gate_msa).flatten(1, 2)
+        h = (per_frame(self.norm1(x)) * (1 + scale_msa) + shift_msa).flatten(1, 2).to(dtype)
+        x = (x + (per_frame(self.self_attn(h, **attn_kwargs)) * gate_msa).flatten(1, 2)).to(dtype)
         x = x + self.cross_attn(self.norm3(x), context_kv, attn_kwargs["backend"])
-        h = (per_frame(self.norm2(x)) * (1 + scale_ffn) + shift_ffn).flatten(1, 2)
-        return x + (per_frame(self.ffn(h)) * gate_ffn).flatten(1, 2)
+        h = (per_frame(self.norm2(x)) * (1 + scale_ffn) + shift_ffn).flatten(1, 2).to(dtype)
+        return (x + (per_frame(self.ffn(h)) * gate_ffn).flatten(1, 2)).to(dtype)
 
 
 class Head(nn.Module):
     def __init__(self, cfg: WanArchConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.head = FloatLinear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """e [B, F, dim]: the time embedding before projection (not e0)."""
+        """e [B, F, dim]: the time embedding before projection (not e0). Modulation and output layer run in e's
+        dtype, as in Wan; the output returns to x's dtype."""
         frames = e.shape[1]
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
-        return self.head((self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2))
+        return self.head((self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)).to(x.dtype)
 
 
 class _WanBase(nn.Module):
@@ -244,8 +259,8 @@ class _WanBase(nn.Module):
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=tuple(cfg.patch_size), stride=tuple(cfg.patch_size))
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.time_embedding = nn.Sequential(FloatLinear(cfg.freq_dim, dim), nn.SiLU(), FloatLinear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), FloatLinear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.register_buffer("rope", rope_tables(cfg.head_dim), persistent=False)
@@ -323,7 +338,9 @@ class _WanBase(nn.Module):
         return self.text_embedding(torch.stack(rows))
 
     def _embed(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor, torch.Tensor]:
-        """Patchify x [B, C, F, H, W]; time embeddings for t [B] or [B, F] -> (tokens, grid, e [B,F,dim], e0 [B,F,6,dim])."""
+        """Patchify x [B, C, F, H, W]; time embeddings for t [B] or [B, F] -> (tokens, grid, e [B,F,dim], e0 [B,F,6,dim]).
+
+        e and e0 are float32 (float64 in a float64 model) whatever the weights' dtype, as Wan computes them."""
         if x.dim() != 5 or x.shape[1] != self.cfg.in_dim:
             raise ValueError(f"expected latents [B, {self.cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
         pt, ph, pw = self.cfg.patch_size
@@ -338,8 +355,7 @@ class _WanBase(nn.Module):
             t = t.expand(b, f)
         if t.shape[1] != f:
             raise ValueError(f"timestep of shape {tuple(t.shape)} matches neither [B] nor [B, F={f}]")
-        freq = sinusoidal_embedding(self.cfg.freq_dim, t).to(self.time_embedding[0].weight.dtype)
-        e = self.time_embedding(freq)
+        e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
         return tokens, grid, e.unflatten(0, (b, f)), e0.unflatten(0, (b, f))
 
