@@ -87,6 +87,8 @@ most-used keys (key=value after the options):
   learner.num_workers=1         learner.batch_size=1   learner.beta=2.0   (Re-DMD reward weight; 0 is DMD)
   actors.num_actors=2           actors.max_staleness=0
   evaluation.around_train=true  (toy world: the exact held-out measures before and after)
+  paths.root=/mnt/shared/reward-forcing   the folder relative weight, prompt and output paths resolve against
+                                (default: the repository; README "Weights")
 
 outputs, in learner.output_dir:
   checkpoints/step_N/   export/reward_forcing.pt, export/generator.safetensors   metrics.csv, metrics.parquet,
@@ -99,7 +101,8 @@ the end of the current iteration, exports and exits 0; a second one abandons the
 
 SERVE_HELP = """\
 most-used keys: serve.port=8000 serve.host=127.0.0.1 serve.max_sessions=1 serve.presets / serve.default_preset
-  checkpoint.generator=PATH (or --config with your own weights)
+  checkpoint.generator=PATH (or --config with your own weights; a real-size model needs it, or =random for seeded
+  random weights)   paths.root=DIR (where relative weight paths resolve; default: the repository)
 routes: GET / (web page), WebSocket /v1/stream, POST /v1/generate, GET /v1/info, /v1/metrics, /healthz, /docs.
 Ctrl-C or SIGTERM: open streams get a close frame, Serve and Ray shut down, exit 0.
 """
@@ -159,6 +162,7 @@ def _output_paths(out: str, prompts: list[str], from_file: bool) -> list[Path]:
 
 
 def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
+    cfg.check_generator_weights()
     prompts = _read_prompts(args)
     fpb = cfg.stream.num_frame_per_block
     video_frames = args.frames if args.frames is not None else video_frames_for(cfg.video.num_latent_frames, cfg)
@@ -194,7 +198,7 @@ def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
-    cfg.check_paths()
+    cfg.check_paths("generator", "reward", "train", *(["serve"] if args.serve else []))
     if args.fresh and (aside := set_aside(cfg.learner.output_dir)) is not None:
         print(f"--fresh: moved the earlier run to {aside}")
     if (done := finished_run(cfg)) is not None:
@@ -231,7 +235,8 @@ def _serve_until_stopped(what: str, app_name: str) -> None:
 
 def cmd_serve(cfg: WorldConfig, args: argparse.Namespace) -> None:
     svc = cfg.serve
-    cfg.check_paths()
+    cfg.check_generator_weights()
+    cfg.check_paths("generator", "serve")
     follow = CheckpointVersions(args.follow) if args.follow else None
     app = build_stream_app(cfg, follow)
     start_ray(args.address)
@@ -321,7 +326,7 @@ def _evaluate(cfg: WorldConfig, generator=None, prompts: int = 24, seeds: tuple[
 
 
 def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
-    cfg.check_paths()
+    cfg.check_paths("generator")
     if args.exact_sampler:
         scores = evaluate_student(cfg, ExactSampler(cfg), args.prompts, tuple(range(args.seeds)), args.first_scene,
                                   args.long_frames, args.long_prompts, args.figure)
@@ -345,6 +350,7 @@ def cmd_evaluate(cfg: WorldConfig, args: argparse.Namespace) -> None:
 
 def cmd_reward_server(cfg: WorldConfig, args: argparse.Namespace) -> None:
     svc = cfg.reward_service
+    cfg.check_paths("reward")
     app = build_reward_app(cfg)
     start_ray(args.address)
     url = start_serve(svc.host, svc.port, svc.request_timeout_s, section="reward_service")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -43,6 +45,50 @@ class ConfigSection(BaseModel):
     """A config section: unknown keys and loose types are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    """Marks a key naming a local file or folder (or, in a list, dicts with a `path`; in a mapping, the values):
+    it is resolved against paths.root when the config is loaded and, unless it is an `output`, checked by
+    `Config.check_paths` for the commands that use its `role` (PATH_ROLES). `what` says what the file is and
+    where it comes from, for the message naming it missing; `literals` are values that are not paths."""
+
+    role: str
+    what: str
+    output: bool = False
+    literals: tuple[str, ...] = ()
+
+
+# the roles a command uses: generator (generate, serve, evaluate, rollouts), serve, reward, train
+PATH_ROLES = ("generator", "serve", "reward", "train")
+RANDOM_WEIGHTS = "random"  # checkpoint.generator: seeded random weights, asked for outright
+# from this model.dim on, serving a generator with no weights is refused unless checkpoint.generator is
+# RANDOM_WEIGHTS: Wan's released widths are 1536 (1.3B) and 5120 (14B), the plumbing and toy-world models 64 and 128
+REAL_SIZE_DIM = 1024
+
+
+class PathsConfig(ConfigSection):
+    """Where the config's relative paths point.
+
+    `root`: an absolute folder that every relative weight, data and output path of the config (the keys marked
+    LocalPath) is resolved against when the config is loaded; absolute paths stay as they are. Unset, it is the
+    repository root, where the toy world's shipped assets/ and prompts/ are. Put weights, prompt files and run
+    outputs outside the repository and name their folder here, in the config or as `paths.root=/mnt/shared/x`
+    on the command line: `ray job submit --working-dir .` uploads the repository without checkpoints/, data/ and
+    runs/ (.rayignore) and unpacks it in a folder of its own on each node, where a path relative to the
+    repository would find nothing. A config key rather than an environment variable, so the config alone says
+    where the files are: the resolved paths travel with it to every actor and worker, and a run's config.yaml
+    records them."""
+
+    root: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_absolute():
+            raise ValueError(f"paths.root must be an absolute folder, got {value!r}")
+        return value
 
 
 class WanArchConfig(ConfigSection):
@@ -214,8 +260,10 @@ class TextEncoderConfig(ConfigSection):
     not change them. Prompts are padded to model.text_len tokens.
     """
 
-    checkpoint: str | None = None
-    tokenizer: str | None = None
+    checkpoint: Annotated[str | None, LocalPath(
+        "generator", "umT5-XXL encoder: models_t5_umt5-xxl-enc-bf16.pth of Wan-AI/Wan2.1-T2V-1.3B")] = None
+    tokenizer: Annotated[str | None, LocalPath(
+        "generator", "umT5 tokenizer folder: google/umt5-xxl/ of Wan-AI/Wan2.1-T2V-1.3B")] = None
     tiny_layers: int = 2
     tiny_heads: int = 2
     tiny_ffn_dim: int = 64
@@ -235,7 +283,7 @@ class VAEConfig(ConfigSection):
     """
 
     kind: Literal["wan", "patch"] = "wan"
-    checkpoint: str | None = None
+    checkpoint: Annotated[str | None, LocalPath("generator", "Wan VAE: Wan2.1_VAE.pth of Wan-AI/Wan2.1-T2V-1.3B")] = None
     base_dim: int = 96
 
 
@@ -256,7 +304,7 @@ class MotionRewardConfig(RewardBackendConfig):
 
 
 class _LocalModelConfig(RewardBackendConfig):
-    checkpoint: str  # a local model folder: nothing is downloaded at run time
+    checkpoint: Annotated[str, LocalPath("reward", "the reward model's local folder")]  # nothing is downloaded
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
     @model_validator(mode="before")
@@ -274,6 +322,8 @@ class VideoRewardConfig(_LocalModelConfig):
     (model_config.json + checkpoint-*/), on `device`."""
 
     backend: Literal["videoreward"] = "videoreward"
+    checkpoint: Annotated[str, LocalPath(
+        "reward", "VideoReward: the folder of KlingTeam/VideoReward (model_config.json + checkpoint-*/)")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -333,7 +383,7 @@ class RewardServiceConfig(ConfigSection):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     auth_token_env: str | None = None
-    auth_token_file: str | None = None
+    auth_token_file: Annotated[str | None, LocalPath("reward", "the reward service's bearer token file")] = None
     max_body_mb: float = 64.0
     max_frames: int = 1024
     max_pixels: int = 1920 * 1080
@@ -367,7 +417,9 @@ class ActorsConfig(ConfigSection):
     max_restarts: int = 3
     queue_size: int = 8
     max_staleness: int = 0
-    prompts: str = "prompts/tiny.txt"
+    prompts: Annotated[str, LocalPath(
+        "train", "training prompts, one per line (or Parquet, column prompt): Self Forcing's "
+                 "vidprom_filtered_extended.txt of gdhe17/Self-Forcing")] = "prompts/tiny.txt"
     prompt_seed: int = 0
     reward_app: str = "reward"
     score_timeout_s: float = 60.0
@@ -383,10 +435,20 @@ class ActorsConfig(ConfigSection):
 
 
 class CheckpointConfig(ConfigSection):
-    """Local weight paths; nothing is downloaded at run time."""
+    """The generator's weights, from a local path (nothing is downloaded at run time): a Wan2.1 or diffusers folder,
+    a .safetensors file, or a Self-Forcing / Reward-Forcing .pt. None, or "random" said outright, is seeded random
+    weights; `launch.py serve` and `generate` refuse None for a real-size model (model.dim >= REAL_SIZE_DIM),
+    where random weights would pass for a broken checkpoint."""
 
-    generator: str | None = None
+    generator: Annotated[str | None, LocalPath(
+        "generator", "the generator's weights: rewardforcing.pt of JaydenLu666/Reward-Forcing-T2V-1.3B to serve, "
+                     "ode_init.pt of gdhe17/Self-Forcing to start training", literals=(RANDOM_WEIGHTS,))] = None
     use_ema: bool = False
+
+    @property
+    def generator_path(self) -> str | None:
+        """The file to load; None for seeded random weights."""
+        return None if self.generator == RANDOM_WEIGHTS else self.generator
 
 
 WAN_NEGATIVE_PROMPT = (
@@ -407,7 +469,8 @@ class TeacherConfig(ConfigSection):
 
     kind: str = "wan"
     arch: WanArchConfig | None = None
-    checkpoint: str | None = None
+    checkpoint: Annotated[str | None, LocalPath(
+        "train", "the teacher (real score), a Wan folder: Wan-AI/Wan2.1-T2V-14B for the paper's run")] = None
 
     @model_validator(mode="after")
     def _check(self) -> "TeacherConfig":
@@ -455,14 +518,17 @@ class LearnerConfig(ConfigSection):
     min_timestep: int = 20
     max_timestep: int = 980
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    critic_checkpoint: str | None = None
+    critic_checkpoint: Annotated[str | None, LocalPath(
+        "train", "the critic's (fake score's) starting weights, a Wan folder: Wan-AI/Wan2.1-T2V-1.3B for the "
+                 "paper's run")] = None
     publish_weights: Literal["raw", "ema"] = "raw"
     publish_backend: Literal["object_store", "broadcast"] = "object_store"  # broadcast: NCCL/gloo group (weight_sync.py)
     broadcast_timeout_s: float = 600.0
     sample_timeout_s: float = 600.0
-    samples_parquet: str | None = None
+    samples_parquet: Annotated[str | None, LocalPath("train", "recorded rollout samples to train on")] = None
     deterministic: bool = False
-    output_dir: str = "runs/default"  # checkpoints/, export/, metrics.csv|parquet, tensorboard/, videos/
+    # checkpoints/, export/, metrics.csv|parquet, tensorboard/, videos/; on storage every learner node shares
+    output_dir: Annotated[str, LocalPath("train", "the run's folder", output=True)] = "runs/default"
     video_every: int = 10  # write one rollout's video every N steps (0: never)
     checkpoint_every: int = 50
     keep_last: int = 3
@@ -523,9 +589,11 @@ class ServeConfig(ConfigSection):
     stream_timeout_s: float = 3600.0
     drain_check_s: float = 1.0
     auth_token_env: str | None = None
-    auth_token_file: str | None = None
-    lora: list[dict[str, Any]] = Field(default_factory=list)  # [{path, weight?, alpha?}]
-    lora_adapters: dict[str, str] = Field(default_factory=dict)  # name -> local path
+    auth_token_file: Annotated[str | None, LocalPath("serve", "the streaming service's bearer token file")] = None
+    lora: Annotated[list[dict[str, Any]], LocalPath("serve", "a LoRA adapter merged at startup")] = Field(
+        default_factory=list)  # [{path, weight?, alpha?}]
+    lora_adapters: Annotated[dict[str, str], LocalPath("serve", "a LoRA adapter sessions may ask for")] = Field(
+        default_factory=dict)  # name -> local path
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -568,6 +636,7 @@ class ServeConfig(ConfigSection):
 
 
 class Config(ConfigSection):
+    paths: PathsConfig = Field(default_factory=PathsConfig)
     model: WanArchConfig = Field(default_factory=WanArchConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
@@ -607,7 +676,16 @@ class Config(ConfigSection):
             if differ:
                 raise ValueError("learner.teacher.arch must share the student's latent, text and patch sizes: "
                                  + ", ".join(differ))
+        for _, section, name, marker in _local_paths(self):
+            value = getattr(section, name)
+            if (resolved := _resolve(value, self.root_dir, marker)) != value:
+                setattr(section, name, resolved)
         return self
+
+    @property
+    def root_dir(self) -> Path:
+        """paths.root, or the repository root when it is unset."""
+        return Path(self.paths.root).expanduser() if self.paths.root else REPO_ROOT
 
     def _check_patch_codec(self) -> None:
         st, sh, sw = self.video.vae_stride
@@ -624,27 +702,72 @@ class Config(ConfigSection):
         if self.vae.checkpoint:
             raise ValueError(f"vae.kind 'patch' has no weights: unset vae.checkpoint (got {self.vae.checkpoint!r})")
 
-    def check_paths(self) -> None:
-        """Fail before anything is built when a configured weight path does not exist."""
-        paths = {"checkpoint.generator": self.checkpoint.generator, "text_encoder.checkpoint": self.text_encoder.checkpoint,
-                 "text_encoder.tokenizer": self.text_encoder.tokenizer, "vae.checkpoint": self.vae.checkpoint,
-                 "reward.checkpoint": getattr(self.reward, "checkpoint", None),
-                 "learner.teacher.checkpoint": self.learner.teacher.checkpoint,
-                 "learner.critic_checkpoint": self.learner.critic_checkpoint,
-                 "learner.samples_parquet": self.learner.samples_parquet,
-                 "serve.auth_token_file": self.serve.auth_token_file,
-                 **{f"serve.lora[{i}].path": spec.get("path") for i, spec in enumerate(self.serve.lora)},
-                 **{f"serve.lora_adapters.{k}": v for k, v in self.serve.lora_adapters.items()},
-                 "reward_service.auth_token_file": self.reward_service.auth_token_file}
-        missing = [f"  {key}: {path}" for key, path in paths.items() if path and not Path(path).exists()]
+    def check_paths(self, *roles: str) -> None:
+        """Fail before anything starts when files of `roles` (PATH_ROLES; every role when none is given) do not
+        exist: one message naming each, with its key, the path it resolved to and what it is."""
+        if unknown := set(roles) - set(PATH_ROLES):
+            raise ValueError(f"unknown path roles {sorted(unknown)}; choose from {PATH_ROLES}")
+        missing = [f"  {item}: {path}\n      {marker.what}"
+                   for key, section, name, marker in _local_paths(self)
+                   if not marker.output and (not roles or marker.role in roles)
+                   for item, path in _path_items(key, getattr(section, name), marker) if not Path(path).exists()]
         if missing:
-            raise ConfigError("configured weight paths do not exist (nothing is downloaded at run time; "
-                              "fetch the files first or fix the paths):\n" + "\n".join(missing))
+            raise ConfigError(
+                f"{len(missing)} of the files this command needs {'are' if len(missing) > 1 else 'is'} missing. "
+                "Nothing is downloaded at run time: fetch them first (README, \"Weights\", lists each file and "
+                f"where it comes from). Relative paths resolve against paths.root ({self.root_dir}): set "
+                "paths.root=DIR to the folder that holds them, or fix the keys:\n" + "\n".join(missing))
+
+    def check_generator_weights(self) -> None:
+        """Refuse to stream from a real-size generator with no weights: seeded random weights make noise that looks
+        like a broken checkpoint, so they must be asked for outright."""
+        if self.checkpoint.generator is None and self.model.dim >= REAL_SIZE_DIM:
+            raise ConfigError(
+                f"checkpoint.generator is not set, so this model (model.dim {self.model.dim}, a real size) would run "
+                "on seeded random weights: set checkpoint.generator=PATH (e.g. checkpoints/Reward-Forcing-T2V-1.3B/"
+                f"rewardforcing.pt; README, \"Weights\"), or checkpoint.generator={RANDOM_WEIGHTS} to run random "
+                "weights on purpose (e.g. to measure speed)")
 
     @property
     def tokens_per_frame(self) -> int:
         lh, lw = self.video.latent_hw
         return (lh // self.model.patch_size[1]) * (lw // self.model.patch_size[2])
+
+
+def _local_paths(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str, LocalPath]]:
+    """(key, section, field name, marker) of every LocalPath key in `section` and the sections below it."""
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            yield from _local_paths(value, f"{prefix}{name}.")
+        elif marker := next((m for m in info.metadata if isinstance(m, LocalPath)), None):
+            yield f"{prefix}{name}", section, name, marker
+
+
+def _path_items(key: str, value: Any, marker: LocalPath) -> Iterator[tuple[str, str]]:
+    """(key, path) of each path a LocalPath key holds: its string, its list's `path`s or its mapping's values."""
+    if isinstance(value, str):
+        if value and value not in marker.literals:
+            yield key, value
+    elif isinstance(value, list):
+        yield from ((f"{key}[{i}].path", spec["path"]) for i, spec in enumerate(value)
+                    if isinstance(spec, dict) and isinstance(spec.get("path"), str) and spec["path"])
+    elif isinstance(value, dict):
+        yield from ((f"{key}.{name}", path) for name, path in value.items() if isinstance(path, str) and path)
+
+
+def _resolve(value: Any, root: Path, marker: LocalPath) -> Any:
+    """`value` of a LocalPath key with its relative paths made absolute under `root`."""
+    def under(path: str) -> str:
+        return str(root / Path(path).expanduser()) if path and path not in marker.literals else path
+    if isinstance(value, str):
+        return under(value)
+    if isinstance(value, list):
+        return [spec | {"path": under(spec["path"])} if isinstance(spec, dict) and isinstance(spec.get("path"), str)
+                else spec for spec in value]
+    if isinstance(value, dict):
+        return {name: under(path) if isinstance(path, str) else path for name, path in value.items()}
+    return value
 
 
 def load_bearer_token(section: str, env: str | None, file: str | None) -> str | None:

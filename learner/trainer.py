@@ -38,11 +38,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.get(control.finish.remote(result | {"export": {k: str(v) for k, v in (result["export"] or {}).items()}}))
 
 
-# local paths a learner worker opens; Ray Train runs workers in their own working directories
-WORKER_PATHS = ("learner.output_dir", "learner.teacher.checkpoint", "learner.critic_checkpoint", "learner.samples_parquet",
-                "checkpoint.generator")
-
-
 def negative_context(cfg: Config, pool: ray.actor.ActorHandle | None = None) -> torch.Tensor:
     """The negative prompt's valid context rows [tokens, text_dim] in the rollout dtype, encoded once for every
     learner worker: by a rollout actor (its text encoder is loaded already, and its samples' contexts come from
@@ -51,19 +46,6 @@ def negative_context(cfg: Config, pool: ray.actor.ActorHandle | None = None) -> 
         return ray.get(pool.encode.remote([cfg.learner.negative_prompt]))[0]
     encoder = TextEncoder.from_config(cfg, "cpu", resolve_dtype(cfg.runtime.dtype))
     return encoder.encode_valid([cfg.learner.negative_prompt])[0]
-
-
-def worker_config(cfg: Config) -> Config:
-    """`cfg` as the workers get it: the WORKER_PATHS made absolute (relative to this process)."""
-    data = cfg.model_dump()
-    for key in WORKER_PATHS:
-        *parents, leaf = key.split(".")
-        node = data
-        for name in parents:
-            node = node[name]
-        if node.get(leaf):
-            node[leaf] = str(Path(node[leaf]).resolve())
-    return type(cfg).model_validate(data)
 
 
 def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
@@ -77,7 +59,8 @@ def build_trainer(cfg: Config, pool: ray.actor.ActorHandle | None = None,
     resources = {"CPU": learner.cpus_per_worker} | ({"GPU": 1} if learner.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": worker_config(cfg), "pool": pool, "control": control,
+        # the config's paths are absolute (resolved when it was loaded): workers run in their own working directories
+        train_loop_config={"config": cfg, "pool": pool, "control": control,
                            "negative_context": negative_context(cfg, pool)},
         scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu,
                                      resources_per_worker=resources),

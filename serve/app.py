@@ -764,5 +764,10 @@ def build_app(cfg: Config, follow: Source | None = None) -> serve.Application:
 
 
 def app_builder(args: dict) -> serve.Application:
-    """Entry point for `serve run` / `serve deploy`: args {config: path, overrides: [...]}."""
-    return build_app(load_config(args.get("config", "configs/serve.yaml"), list(args.get("overrides", []))))
+    """Entry point for `serve run` / `serve deploy`: args {config: path, overrides: [...]}. Like `launch.py serve`, it
+    refuses a real-size generator with no weights and names every missing file before a replica is deployed,
+    rather than each replica failing on the first one."""
+    cfg = load_config(args.get("config", "configs/serve.yaml"), list(args.get("overrides", [])))
+    cfg.check_generator_weights()
+    cfg.check_paths("generator", "serve")
+    return build_app(cfg)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import pytest
+import ray
+import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -26,8 +30,8 @@ def test_the_core_schema_leaves_the_toy_worlds_sections_to_it():
 def test_reward_section_is_the_named_backends_own():
     cfg = load_config(PLUMBING_CONFIG, ["reward.backend=videoreward", "reward.checkpoint=ckpt", "reward.device=cpu"])
     assert isinstance(cfg.reward, VideoRewardConfig) and cfg.reward.dtype == "bfloat16"
-    assert cfg.model_dump()["reward"] == {"backend": "videoreward", "checkpoint": "ckpt", "dtype": "bfloat16",
-                                          "device": "cpu"}
+    assert cfg.model_dump()["reward"] == {"backend": "videoreward", "checkpoint": str(REPO / "ckpt"),
+                                          "dtype": "bfloat16", "device": "cpu"}  # under paths.root
     assert load_config(PLUMBING_CONFIG).model_dump()["reward"] == {"backend": "motion"}
     for overrides, words in ((["reward.backend=videoreward"], "needs reward.checkpoint"),
                              (["reward.device=cpu"], "reward: device: unknown key"),
@@ -64,6 +68,7 @@ def test_overrides_are_typed():
     ("stream.local_attn_size=5", "stream", "must hold the sink plus one block"),
     ("stream.rope=absolute", "stream", "set stream.rope=window"),
     ("stream.compression_alpha=1.5", "stream", "[0, 1]"),
+    ("stream.ema_sink_accumulator=bfloat16", "stream.ema_sink_accumulator", "'float32' or 'cache'"),
     ("video.height=33", "video", "multiple of the VAE stride"),
     ("video.num_latent_frames=20", "video.num_latent_frames (20)", "multiple of stream.num_frame_per_block"),
     ("model.num_heads=3", "model", "divisible"),
@@ -94,15 +99,28 @@ def test_missing_weight_paths_are_listed_by_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         cfg.check_paths()
     msg = str(err.value)
-    assert "text_encoder.checkpoint: checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth" in msg
+    assert f"text_encoder.checkpoint: {REPO / 'checkpoints/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth'}" in msg
     assert "text_encoder.tokenizer:" in msg and "vae.checkpoint" not in msg  # tmp_path exists
     load_world_config().check_paths()  # the embedded default's weights are in the repository
     load_config(PLUMBING_CONFIG).check_paths()  # plumbing needs no files
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    deepspeed_version = version("deepspeed")
     config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     validate_config(config)  # Ray's own cluster schema (ray-schema.json) and its node-type checks
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p5")
-    assert any(".[gpu]" in c for c in config["setup_commands"])
-    assert "~/reward-forcing/checkpoints" in config["file_mounts"]
+    setup = config["setup_commands"]
+    # pinned to what the tests run; a client must match the cluster's Ray
+    torch_version = torch.__version__.split("+")[0]
+    assert any(f'"torch=={torch_version}"' in c for c in setup)
+    assert any(f'"deepspeed=={deepspeed_version}"' in c and f'"ray[serve,train]=={ray.__version__}"' in c for c in setup)
+    # flash-attn builds against the installed torch (its build imports torch), after it
+    flash = next(i for i, c in enumerate(setup) if "flash-attn" in c)
+    assert "--no-build-isolation" in setup[flash] and flash > next(i for i, c in enumerate(setup) if '"torch==' in c)
+    # weights stay out of the rsync (they live on the shared mount); the token comes from the user's own file
+    assert "~/reward-forcing/checkpoints" not in config["file_mounts"] and "**/checkpoints" in config["rsync_exclude"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert not any("0.0.0.0" in c for c in starts)  # the dashboard stays on 127.0.0.1: `ray dashboard` tunnels it

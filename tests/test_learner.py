@@ -21,7 +21,7 @@ from job.control import LearnerControl
 from learner import checkpointing
 from learner.loop import Learner
 from learner.samples import ParquetSamples
-from learner.trainer import build_trainer, negative_context, worker_config
+from learner.trainer import build_trainer, negative_context
 
 TINY = ["video.num_latent_frames=6"]
 
@@ -309,14 +309,3 @@ def test_zero3_shards_and_trains_like_zero2(ray_instance, samples_file, tmp_path
     assert any(not torch.allclose(initial[k], v) for k, v in exported[2].items())
     worst = max((exported[2][k] - exported[3][k]).abs().max().item() for k in exported[2])
     assert worst < 1e-6, f"ZeRO-3 differs from ZeRO-2 by {worst:.2e}"
-
-
-def test_workers_get_absolute_weight_paths(tmp_path, monkeypatch):
-    """Ray Train runs learner workers in their own working directories: relative paths are resolved first."""
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(PLUMBING_CONFIG, ["learner.teacher.checkpoint=weights/teacher", "checkpoint.generator=ode_init.pt",
-                             "learner.output_dir=runs/x"])
-    worker = worker_config(cfg)
-    assert type(worker) is type(cfg) and worker.learner.teacher.checkpoint == str(tmp_path / "weights" / "teacher")
-    assert worker.checkpoint.generator == str(tmp_path / "ode_init.pt")
-    assert worker.learner.output_dir == str(tmp_path / "runs" / "x") and worker.learner.critic_checkpoint is None

@@ -27,11 +27,11 @@ def build_generator(cfg: Config, device: torch.device | str, dtype: torch.dtype 
                     build: WanBuild | None = None, read: Reader | None = None) -> CausalWanModel:
     """The causal generator (frozen, in runtime.dtype unless `dtype` is given), made real by `build` (default: built
     straight into that dtype on `device`) with the weights `read` reads (default: the local checkpoint in
-    checkpoint.generator, or seeded random weights, the same in every process, when there is none)."""
+    checkpoint.generator, or seeded random weights, the same in every process, when it is unset or "random")."""
     build = build or materialise(device, dtype or resolve_dtype(cfg.runtime.dtype), cfg.runtime.seed)
     ckpt = cfg.checkpoint
-    if read is None and ckpt.generator:
-        read = reader(ckpt.generator, "generator", ckpt.use_ema)
+    if read is None and ckpt.generator_path:
+        read = reader(ckpt.generator_path, "generator", ckpt.use_ema)
     model = build(lambda: CausalWanModel(cfg.model, cfg.stream), read)
     model.attention_backend = cfg.runtime.attention_backend
     if cfg.runtime.fp8:
@@ -64,7 +64,7 @@ class VideoPipeline:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "VideoPipeline":
-        cfg.check_paths()
+        cfg.check_paths("generator")
         device, dtype = resolve_device(cfg.runtime.device), resolve_dtype(cfg.runtime.dtype)
         return cls(cfg, build_generator(cfg, device), TextEncoder.from_config(cfg, device, dtype),
                    build_codec(cfg, device, dtype), device)
