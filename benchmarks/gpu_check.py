@@ -420,16 +420,16 @@ def markdown(report: dict) -> str:
             for r in section["rows"]:
                 note = r.get("failed") or r.get("skipped")
                 lines.append(f"| {r['shape']} | {r['backend']} | " + (f"{note} | | | |" if note else
-                             f"{r['ms']:.2f} | {r['tflops']:.1f} | {r['kernel']} | {r.get('project_reports', '')} |"))
+                             f"{r['ms']:.3g} | {r['tflops']:.3g} | {r['kernel']} | {r.get('project_reports', '')} |"))
         elif name == "train":
             for i, it in enumerate(section["iterations"]):
                 lines.append(f"- iteration {i + 1}: rollout {it['rollout_s']:.2f} s, generator step "
                              f"{it['generator_step_s']:.2f} s, critic step {it['critic_step_s']:.2f} s, peak "
-                             f"{_fmt(it['peak_bytes'] and it['peak_bytes'] / GB, '.2f')} GB")
+                             + (f"{it['peak_bytes'] / GB:.2f} GB" if it["peak_bytes"] else "not measured on a CPU"))
             plan = section["plan"]
-            lines.append(f"- plan: {plan['total_bytes'] / GB:.2f} GB in all; measured / plan "
-                         f"{_fmt(section['measured_over_plan'], '.2f')}")
-            lines += [f"  - {k}: {v / GB:.2f} GB" for k, v in plan["items"].items()]
+            lines.append(f"- plan: {plan['total_bytes'] / GB:.3g} GB in all; measured peak / plan "
+                         f"{_fmt(section['measured_over_plan'], '.2f')} (the plan adds up every phase's items)")
+            lines += [f"  - {k}: {v / GB:.3g} GB" for k, v in plan["items"].items()]
         elif name == "precision":
             lines.append(f"- one block's flow, bf16 vs float32: relative error {section['block_flow_rel_error']:.2e}")
             for run_name, r in section.get("rollout", {}).items():
