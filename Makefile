@@ -1,6 +1,7 @@
 # The two commands of the README's Quick start; each does all its own set-up on a fresh machine.
 #   make train       the main job on the embedded default (the toy world): reward service + 2 actors + learner
 #   make test        the whole test suite (what .ci/run runs), with the 25 slowest tests listed at the end
+#   make docs        docs/configuration.md regenerated from the config schema (after changing core/config.py)
 #   make test-fast   the tier to run while working: no whole jobs, no rollout actors, no second Ray cluster, no
 #                    browser, no torch.compile (pytest markers job, actors, own_ray, browser, compile; see
 #                    pyproject.toml)
@@ -19,7 +20,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 FAST := not job and not actors and not own_ray and not browser and not compile
 
-.PHONY: setup system-deps train test test-fast gpu-wheels
+.PHONY: setup system-deps train test test-fast docs gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -52,6 +53,11 @@ test: setup system-deps
 
 test-fast: setup
 	@$(PY) -m pytest -m "$(FAST)" $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+# docs/configuration.md, the reference of every config key, written from the pydantic schema (core/config.py,
+# toyworld/config.py) by docs/gen_config_reference.py; tests/test_docs.py fails until it is rerun after a schema change.
+docs: setup
+	$(PY) docs/gen_config_reference.py
 
 # The wheels benchmarks/gpu_check.sh installs on a GPU machine without network (benchmarks/gpu_requirements.txt,
 # as CPython 3.12 manylinux x86-64 wheels, into .whl/), then the size of what such a machine is sent: the working

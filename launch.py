@@ -374,7 +374,8 @@ def cmd_plan(cfg: WorldConfig, args: argparse.Namespace) -> int:
     return 3 if plan.problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built without running anything (tests/test_docs.py checks documented commands)."""
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -451,11 +452,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", default=None, help="a Ray cluster launcher file (e.g. cluster.yaml) to check the "
                                                    "roles' CPU and GPU requests against")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's `key=value` overrides, with those its options stand for (--checkpoint)."""
     overrides = list(args.overrides)
     if getattr(args, "checkpoint", None):
         overrides.append(f"checkpoint.generator={json.dumps(args.checkpoint)}")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = config_overrides(args)
     commands = {"train": cmd_train, "serve": cmd_serve, "generate": cmd_generate, "reward-server": cmd_reward_server,
                 "score": cmd_score, "pretrain-teacher": cmd_pretrain_teacher, "ode-init": cmd_ode_init,
                 "evaluate": cmd_evaluate, "plan": cmd_plan}

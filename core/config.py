@@ -94,19 +94,20 @@ class PathsConfig(ConfigSection):
 class WanArchConfig(ConfigSection):
     """Wan2.1 DiT architecture. Defaults are Wan2.1-T2V-1.3B."""
 
-    dim: int = 1536
-    ffn_dim: int = 8960
-    num_heads: int = 12
-    num_layers: int = 30
-    freq_dim: int = 256
-    text_dim: int = 4096
-    text_len: int = 512
-    in_dim: int = 16
-    out_dim: int = 16
+    dim: int = 1536  # hidden width of the DiT (head_dim = dim / num_heads)
+    ffn_dim: int = 8960  # hidden width of each block's feed-forward layer
+    num_heads: int = 12  # attention heads per layer; head_dim (dim / num_heads) must be even, for RoPE
+    num_layers: int = 30  # transformer blocks
+    freq_dim: int = 256  # width of the sinusoidal timestep embedding
+    text_dim: int = 4096  # width of the text encoder's embeddings (umT5-XXL: 4096); the text encoder must output it
+    text_len: int = 512  # prompt tokens: contexts are zero-padded to this length (unmasked), longer prompts cut with a warning
+    in_dim: int = 16  # latent channels in (Wan's VAE: 16; vae.kind patch needs `3*s*s <= in_dim`)
+    out_dim: int = 16  # latent channels of the predicted flow
+    # [t, h, w] latent cells per token (patch embedding and unpatchify)
     patch_size: list[int] = Field(default_factory=lambda: [1, 2, 2])
-    eps: float = 1e-6
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
+    eps: float = 1e-6  # epsilon of the LayerNorms and of the q/k RMSNorms
+    qk_norm: bool = True  # RMSNorm on queries and keys (over the full dim, before the head split) in self- and cross-attention
+    cross_attn_norm: bool = True  # affine LayerNorm (norm3) before cross-attention; false: none
 
     @model_validator(mode="after")
     def _check(self) -> "WanArchConfig":
@@ -130,11 +131,14 @@ WAN_14B = WanArchConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 class VideoConfig(ConfigSection):
     """Pixel size and length of generated videos; the latent grid is derived from these."""
 
-    height: int = 480
-    width: int = 832
+    height: int = 480  # frame height in pixels, a multiple of vae_stride[1]; the latent height is height / vae_stride[1]
+    width: int = 832  # frame width in pixels, a multiple of vae_stride[2]; the latent width is width / vae_stride[2]
+    # latent frames of a training rollout and of `launch.py generate` by default, a multiple of stream.num_frame_per_block
+    # (Wan's VAE decodes n to 1 + 4(n - 1) frames: 21 -> 81)
     num_latent_frames: int = 21
+    # [t, h, w] video pixels per latent cell of the codec: [4, 8, 8] for Wan's VAE, [1, s, s] for vae.kind patch
     vae_stride: list[int] = Field(default_factory=lambda: [4, 8, 8])
-    fps: int = 16
+    fps: int = 16  # frame rate of written MP4s and streams, and the rate passed to the reward with each rollout
 
     @model_validator(mode="after")
     def _check(self) -> "VideoConfig":
@@ -172,6 +176,7 @@ class StreamConfig(ConfigSection):
     checkpoints' behaviour). float32 and float64 caches average in place either way.
     """
 
+    # latent frames per block, denoised together (bidirectional within a block, causal across blocks)
     num_frame_per_block: int = 3
     local_attn_size: int = -1
     sink_size: int = 0
@@ -216,10 +221,15 @@ class StreamConfig(ConfigSection):
 class SchedulerConfig(ConfigSection):
     """Flow-matching schedule and the few-step denoising list (REFERENCE.md section 3)."""
 
+    # sigma shift of the flow-matching table, `shift*s / (1 + (shift - 1)*s)`; also shifts the DMD / critic timesteps
     shift: float = 5.0
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # entries of the flow-matching timestep table; timestep num_train_timesteps is pure noise
+    # the few-step sampler's timesteps, strictly decreasing in (0, num_train_timesteps]: one generator call each per block
     denoising_step_list: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
+    # map step s to the shifted table's entry [num_train_timesteps - s] ([1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625]);
+    # false: use the steps as timesteps
     warp_denoising_step: bool = True
+    # timestep at which a finished block runs again to write its K/V to the cache: 0 on its clean prediction, > 0 re-noised to it
     context_noise: int = 0
 
     @model_validator(mode="after")
@@ -239,9 +249,15 @@ class RuntimeConfig(ConfigSection):
     `overlap_decode` denoises the next block while this one decodes (a switch then applies one block later), `fp8`
     runs the transformer blocks' linear layers in float8 through torchao (optional extra `fp8`, CUDA sm89+)."""
 
+    # where actors, streaming replicas and commands run the models: auto = CUDA when visible, else CPU (learner: use_gpu)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # dtype of generator, text encoder and VAE outside the learner, and of published weights (training: learner.precision)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    # attention kernel: auto = flash-attn for 16-bit CUDA calls when installed, else PyTorch SDPA, and flex_attention for masked
+    # calls on CUDA; flash, sdpa or flex ask for one (flash's masked calls use flex); math is the explicit reference kernel
     attention_backend: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
+    # seed of random weights (no checkpoint), the learner's noise and timestep draws and toy-world recipes (rollouts:
+    # actors.prompt_seed)
     seed: int = 0
     compile: bool = False
     cuda_graphs: bool = False
@@ -264,11 +280,11 @@ class TextEncoderConfig(ConfigSection):
         "generator", "umT5-XXL encoder: models_t5_umt5-xxl-enc-bf16.pth of Wan-AI/Wan2.1-T2V-1.3B")] = None
     tokenizer: Annotated[str | None, LocalPath(
         "generator", "umT5 tokenizer folder: google/umt5-xxl/ of Wan-AI/Wan2.1-T2V-1.3B")] = None
-    tiny_layers: int = 2
-    tiny_heads: int = 2
-    tiny_ffn_dim: int = 64
+    tiny_layers: int = 2  # layers of the random UMT5 built when checkpoint is null
+    tiny_heads: int = 2  # attention heads of the random UMT5 (must divide model.text_dim)
+    tiny_ffn_dim: int = 64  # feed-forward width of the random UMT5
     tiny_seed: int = 0
-    cache_size: int = 1024
+    cache_size: int = 1024  # prompts whose embeddings an LRU cache keeps (0: no cache)
 
 
 class VAEConfig(ConfigSection):
@@ -305,7 +321,7 @@ class MotionRewardConfig(RewardBackendConfig):
 
 class _LocalModelConfig(RewardBackendConfig):
     checkpoint: Annotated[str, LocalPath("reward", "the reward model's local folder")]  # nothing is downloaded
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype the reward model runs in (vlm_judge: vLLM's dtype)
 
     @model_validator(mode="before")
     @classmethod
@@ -368,28 +384,33 @@ def reward_section(data: Any) -> RewardBackendConfig:
 class RewardServiceConfig(ConfigSection):
     """The Ray Serve reward deployment: HTTP, batching, back-pressure, limits and auth."""
 
+    # address Serve's HTTP proxy binds (one proxy per Ray cluster: a training job's streaming app shares it)
     host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "reward"
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_ongoing_requests: int = 16
+    port: int = 8000  # HTTP port of Serve's proxy
+    app_name: str = "reward"  # Serve application name for `launch.py reward-server` (a training job names it actors.reward_app)
+    max_batch_size: int = 8  # most videos scored together in one backend batch (@serve.batch)
+    batch_wait_timeout_s: float = 0.02  # seconds a batch waits for more requests before it is scored
+    max_ongoing_requests: int = 16  # requests one replica handles at once; more wait in the queue
+    # requests that may wait for a replica at each caller (proxy or handle); past that, new ones get 503 with Retry-After
     max_queued_requests: int = 32
-    retry_after_s: float = 1.0
+    retry_after_s: float = 1.0  # Retry-After seconds of an overload 503
+    # seconds Serve's HTTP proxy allows one request (`train --serve` raises it to cover serve.stream_timeout_s)
     request_timeout_s: float = 60.0
-    min_replicas: int = 1
-    max_replicas: int = 1
+    min_replicas: int = 1  # replicas at start; with max_replicas higher, Serve autoscales between the two
+    max_replicas: int = 1  # most replicas autoscaling may run (on target_ongoing_requests)
+    # ongoing requests per replica autoscaling aims for (only when max_replicas > min_replicas)
     target_ongoing_requests: float = 4.0
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float = 1.0  # Ray CPUs per replica
+    num_gpus: float = 0.0  # Ray GPUs per replica (a fraction shares a GPU)
+    # environment variable holding the bearer token (read where the app is built, before auth_token_file); both null: no auth
     auth_token_env: str | None = None
     auth_token_file: Annotated[str | None, LocalPath("reward", "the reward service's bearer token file")] = None
-    max_body_mb: float = 64.0
-    max_frames: int = 1024
-    max_pixels: int = 1920 * 1080
-    max_duration_s: float = 120.0
-    client_timeout_s: float = 60.0
-    client_retries: int = 3
+    max_body_mb: float = 64.0  # largest request body in MiB (413 above)
+    max_frames: int = 1024  # most frames of a scored video (413 above)
+    max_pixels: int = 1920 * 1080  # most pixels per frame, height x width (413 above)
+    max_duration_s: float = 120.0  # longest video in seconds, frames / fps (413 above)
+    client_timeout_s: float = 60.0  # seconds per HTTP request of `launch.py score`
+    client_retries: int = 3  # retries of `launch.py score` after a transport error or a 429, 502, 503 or 504
 
     @model_validator(mode="after")
     def _check(self) -> "RewardServiceConfig":
@@ -411,18 +432,20 @@ class ActorsConfig(ConfigSection):
     on-policy). `prompts` is a text file (one per line) or a Parquet file (column `prompt`).
     """
 
-    num_actors: int = 2
+    num_actors: int = 2  # rollout actors, each with a generator replica, text encoder and VAE
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    max_restarts: int = 3
+    max_restarts: int = 3  # Ray restarts of a dead actor (its rollout is handed out again); one dying past them is retired
     queue_size: int = 8
     max_staleness: int = 0
     prompts: Annotated[str, LocalPath(
         "train", "training prompts, one per line (or Parquet, column prompt): Self Forcing's "
                  "vidprom_filtered_extended.txt of gdhe17/Self-Forcing")] = "prompts/tiny.txt"
-    prompt_seed: int = 0
+    prompt_seed: int = 0  # seed of the prompt order (a new permutation each epoch) and of each rollout's noise seed
+    # the Serve app actors score through by handle; a training job deploys the reward service under this name (route `/<name>`)
     reward_app: str = "reward"
-    score_timeout_s: float = 60.0
+    score_timeout_s: float = 60.0  # seconds one scoring attempt may take
+    # retries of a scoring call after overload, a timeout or a lost replica; then the sample is dropped and counted
     score_retries: int = 2
 
     @model_validator(mode="after")
@@ -443,6 +466,7 @@ class CheckpointConfig(ConfigSection):
     generator: Annotated[str | None, LocalPath(
         "generator", "the generator's weights: rewardforcing.pt of JaydenLu666/Reward-Forcing-T2V-1.3B to serve, "
                      "ode_init.pt of gdhe17/Self-Forcing to start training", literals=(RANDOM_WEIGHTS,))] = None
+    # load a Self-Forcing .pt's `generator_ema` entry instead of `generator` (an error for a file holding one state dict)
     use_ema: bool = False
 
     @property
@@ -493,45 +517,51 @@ class LearnerConfig(ConfigSection):
     `critic_checkpoint`, or from the teacher's weights when it is a Wan of the student's architecture.
     """
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: Literal[2, 3] = 2
+    num_workers: int = 1  # Ray Train workers: data-parallel DeepSpeed ranks, each training on batch_size samples
+    use_gpu: bool = False  # one GPU per learner worker (NCCL); false trains on CPUs (gloo)
+    cpus_per_worker: float = 1.0  # Ray CPUs per learner worker (also its torch threads)
+    zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO stage of generator and critic; 3 also shards the parameters, and a Wan teacher
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each DiT block's activations in the backward pass: less memory, more compute
     batch_size: int = 1
     max_steps: int = 600
-    generator_lr: float = 2e-6
-    critic_lr: float = 4e-7
-    betas: list[float] = Field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
+    generator_lr: float = 2e-6  # AdamW learning rate of the generator
+    critic_lr: float = 4e-7  # AdamW learning rate of the critic (fake score)
+    betas: list[float] = Field(default_factory=lambda: [0.0, 0.999])  # AdamW (beta1, beta2) of generator and critic
+    weight_decay: float = 0.01  # AdamW weight decay of generator and critic
+    grad_clip: float = 10.0  # gradient-norm clip of generator and critic (DeepSpeed gradient_clipping)
     dfake_gen_update_ratio: int = 5
-    ema_decay: float = 0.99
-    ema_start_step: int = 200
+    ema_decay: float = 0.99  # decay of the generator's float32 EMA, updated after each generator update
+    ema_start_step: int = 200  # iteration from which the EMA is kept: it starts from the first generator update at or after it
+    # teacher CFG scale of the DMD real score, cond + scale * (cond - uncond); 0 runs the teacher once, unguided
     guidance_scale: float = 3.0
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    beta: float = 2.0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT  # the teacher's unconditional prompt for CFG (Wan's standard negative prompt)
+    beta: float = 2.0  # Re-DMD weight exp(beta * reward) per video; 0 is plain DMD
+    # normalised reward axis that weights the generator loss (and is logged as `reward`)
     reward_axis: Literal["VQ", "MQ", "TA"] = "MQ"
-    reward_weight_clip: float | None = None
-    reward_weight_normalize: bool = False
+    reward_weight_clip: float | None = None  # clamp each reward weight to [1/clip, clip]; null: no clamp
+    reward_weight_normalize: bool = False  # divide the reward weights by their mean over the worker's batch
+    # lowest DMD / critic training timestep (the shifted draws are clamped to [min_timestep, max_timestep])
     min_timestep: int = 20
-    max_timestep: int = 980
+    max_timestep: int = 980  # highest DMD / critic training timestep
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     critic_checkpoint: Annotated[str | None, LocalPath(
         "train", "the critic's (fake score's) starting weights, a Wan folder: Wan-AI/Wan2.1-T2V-1.3B for the "
                  "paper's run")] = None
+    # what actors get after each generator update: the raw weights, or ema (the EMA once it exists, raw before)
     publish_weights: Literal["raw", "ema"] = "raw"
     publish_backend: Literal["object_store", "broadcast"] = "object_store"  # broadcast: NCCL/gloo group (weight_sync.py)
+    # seconds each wait of the broadcast group may take (publish_backend broadcast); past it the version goes by object store
     broadcast_timeout_s: float = 600.0
-    sample_timeout_s: float = 600.0
+    sample_timeout_s: float = 600.0  # seconds an iteration waits for its samples from the actor pool before the learner fails
     samples_parquet: Annotated[str | None, LocalPath("train", "recorded rollout samples to train on")] = None
-    deterministic: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) on every learner worker
     # checkpoints/, export/, metrics.csv|parquet, tensorboard/, videos/; on storage every learner node shares
     output_dir: Annotated[str, LocalPath("train", "the run's folder", output=True)] = "runs/default"
     video_every: int = 10  # write one rollout's video every N steps (0: never)
-    checkpoint_every: int = 50
-    keep_last: int = 3
+    checkpoint_every: int = 50  # save a checkpoint every N iterations (and at the end)
+    keep_last: int = 3  # checkpoints kept under output_dir/checkpoints; older ones are deleted
+    # continue from the latest checkpoint in output_dir (weights, optimizers, EMA, RNG, prompt cursor); false starts at step 0
     resume: bool = True
     max_failures: int = 0  # worker-group restarts Ray Train may do; each resumes from the last checkpoint
 
@@ -569,25 +599,26 @@ class ServeConfig(ConfigSection):
     being deleted, to close them with 1001 before the replica is stopped.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "stream"
-    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # address Serve's HTTP proxy binds for `launch.py serve` (`train --serve` uses reward_service's)
+    port: int = 8000  # HTTP port of Serve's proxy for `launch.py serve` (`train --serve` uses reward_service's)
+    app_name: str = "stream"  # Serve application name
+    route_prefix: str = "/"  # URL path the app is mounted at
     max_sessions: int = 1
-    min_replicas: int = 1
-    max_replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    retry_after_s: float = 2.0
+    min_replicas: int = 1  # replicas at start; with max_replicas higher, Serve autoscales on sessions (max_sessions each)
+    max_replicas: int = 1  # most replicas autoscaling may run
+    num_cpus: float = 1.0  # Ray CPUs per replica
+    num_gpus: float = 0.0  # Ray GPUs per replica (0: the generator runs on the CPU)
+    retry_after_s: float = 2.0  # Retry-After seconds of a 503 (rounded to whole seconds, at least 1)
     presets: dict[str, list[int]] = Field(default_factory=lambda: {"480p": [480, 832], "480p-portrait": [832, 480]})
-    default_preset: str = "480p"
+    default_preset: str = "480p"  # the preset of a request that names none (a key of presets)
     max_session_frames: int = 0
-    max_generate_frames: int = 481
-    jpeg_quality: int = 85
+    max_generate_frames: int = 481  # most video frames one POST /v1/generate may ask for (413 above)
+    jpeg_quality: int = 85  # JPEG quality (1-100) of the frames a WebSocket stream sends
     start_timeout_s: float = 60.0
     generate_timeout_s: float = 300.0
     stream_timeout_s: float = 3600.0
     drain_check_s: float = 1.0
+    # environment variable holding the bearer token (read where the app is built, before auth_token_file); both null: no auth
     auth_token_env: str | None = None
     auth_token_file: Annotated[str | None, LocalPath("serve", "the streaming service's bearer token file")] = None
     lora: Annotated[list[dict[str, Any]], LocalPath("serve", "a LoRA adapter merged at startup")] = Field(

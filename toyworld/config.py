@@ -28,8 +28,8 @@ class _RecipeConfig(ConfigSection):
     batch_size: int = 8
     lr: float
     warmup_steps: int
-    weight_decay: float
-    grad_clip: float = 1.0
+    weight_decay: float  # AdamW weight decay
+    grad_clip: float = 1.0  # gradients are clipped to this total norm before each step
     num_clips: int
     seed: int
     output: str
