@@ -88,7 +88,7 @@ most-used keys (key=value after the options):
   actors.num_actors=2           actors.max_staleness=0
   evaluation.around_train=true  (toy world: the exact held-out measures before and after)
   paths.root=/mnt/shared/reward-forcing   the folder relative weight, prompt and output paths resolve against
-                                (default: the repository; README "Weights")
+                                (default: the repository; docs/weights.md)
 
 outputs, in learner.output_dir:
   checkpoints/step_N/   export/reward_forcing.pt, export/generator.safetensors   metrics.csv, metrics.parquet,

@@ -72,7 +72,7 @@ from core.stream.session import StreamSession, warm_up  # noqa: E402
 
 ARCHS = {
     "tiny": [],
-    # Wan2.1-T2V-1.3B (REFERENCE.md section 1) at 832x480, with the stream window of
+    # Wan2.1-T2V-1.3B (docs/reference.md) at 832x480, with the stream window of
     # configs/reward_forcing_1.3b_stream.yaml; random VAE of Wan's width, random small text encoder
     "wan-1.3b": ["model.dim=1536", "model.ffn_dim=8960", "model.num_heads=12", "model.num_layers=30",
                  "model.freq_dim=256", "model.text_dim=4096", "model.text_len=512",
@@ -95,7 +95,7 @@ CONFIGS = {
 }
 DEFAULT_CONFIGS = {"cpu": "eager,compiled,eager+overlap",
                    "cuda": "eager,compiled,graphs,graphs+overlap,graphs+fp8,graphs+overlap+fp8"}
-# (method, FPS on one H100 as published, note); REFERENCE.md section 9
+# (method, FPS on one H100 as published, note); docs/reference.md
 PUBLISHED = [("Reward Forcing", 23.1, ""), ("LongLive", 20.7, "24.8 with FP8"), ("Self Forcing", 17.0, "")]
 PROMPT = "a red fox"  # short: the tiny config reads 16 bytes
 SWITCH_PROMPT = "a city at night"

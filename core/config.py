@@ -159,7 +159,7 @@ class VideoConfig(ConfigSection):
 
 
 class StreamConfig(ConfigSection):
-    """Block-wise causal generation and its KV cache (REFERENCE.md section 2).
+    """Block-wise causal generation and its KV cache (docs/reference.md).
 
     `local_attn_size` and `sink_size` count latent frames; -1 means no window
     (the cache then holds `max_cache_frames` frames and generation stops there).
@@ -219,7 +219,7 @@ class StreamConfig(ConfigSection):
 
 
 class SchedulerConfig(ConfigSection):
-    """Flow-matching schedule and the few-step denoising list (REFERENCE.md section 3)."""
+    """Flow-matching schedule and the few-step denoising list (docs/reference.md)."""
 
     # sigma shift of the flow-matching table, `shift*s / (1 + (shift - 1)*s)`; also shifts the DMD / critic timesteps
     shift: float = 5.0
@@ -243,7 +243,7 @@ class SchedulerConfig(ConfigSection):
 
 
 class RuntimeConfig(ConfigSection):
-    """Where and how the models run. The streaming fast path (core/stream/block_step.py, README "Streaming speed"):
+    """Where and how the models run. The streaming fast path (core/stream/block_step.py, docs/streaming.md):
     `compile` puts the DiT's transformer blocks through torch.compile, `cuda_graphs` replays each stream block from a
     captured CUDA graph (CUDA only; a pipeline then serves at most serve.max_sessions streams, warmed at start),
     `overlap_decode` denoises the next block while this one decodes (a switch then applies one block later), `fp8`
@@ -266,7 +266,7 @@ class RuntimeConfig(ConfigSection):
 
 
 class TextEncoderConfig(ConfigSection):
-    """umT5 text encoder (REFERENCE.md section 5).
+    """umT5 text encoder (docs/reference.md).
 
     `checkpoint`: Wan's `models_t5_umt5-xxl-enc-bf16.pth` or a Hugging Face UMT5 folder;
     `tokenizer`: a local tokenizer folder (google/umt5-xxl's files). With no checkpoint, a small
@@ -290,7 +290,7 @@ class TextEncoderConfig(ConfigSection):
 class VAEConfig(ConfigSection):
     """The video codec between pixels and the DiT's latents.
 
-    `kind` "wan": the Wan2.1 VAE (REFERENCE.md section 5); `checkpoint` is `Wan2.1_VAE.pth` or a
+    `kind` "wan": the Wan2.1 VAE (docs/reference.md); `checkpoint` is `Wan2.1_VAE.pth` or a
     diffusers AutoencoderKLWan folder; None builds a randomly initialised VAE of width `base_dim`
     (the embedded default; Wan's real VAE has base_dim 96).
     `kind` "patch": the exact pixel-space codec of core/codecs/patch.py (no weights): one latent frame
@@ -308,7 +308,7 @@ class RewardBackendConfig(ConfigSection):
     class of its own (a subclass of this one) with its keys. Built-in: `motion` (deterministic scores from
     pixels, the embedded default), `videoreward` (VideoReward / VideoAlign) and `vlm_judge` (a VLM through
     vLLM). A new backend is one module with its section class and its scorer, registered with
-    `core.reward.registry.register_backend` (REFERENCE.md section 7; README, Reward service)."""
+    `core.reward.registry.register_backend` (docs/reference.md; docs/reward-service.md)."""
 
     backend: str
 
@@ -508,7 +508,7 @@ class TeacherConfig(ConfigSection):
 
 
 class LearnerConfig(ConfigSection):
-    """The DeepSpeed learner on Ray Train (REFERENCE.md section 4; DESIGN.md dataflow).
+    """The DeepSpeed learner on Ray Train (docs/reference.md; docs/architecture.md).
 
     One iteration = one critic update on `batch_size` samples per worker; every
     `dfake_gen_update_ratio`-th iteration (starting with the first) is also a generator update
@@ -745,7 +745,7 @@ class Config(ConfigSection):
         if missing:
             raise ConfigError(
                 f"{len(missing)} of the files this command needs {'are' if len(missing) > 1 else 'is'} missing. "
-                "Nothing is downloaded at run time: fetch them first (README, \"Weights\", lists each file and "
+                "Nothing is downloaded at run time: fetch them first (docs/weights.md lists each file and "
                 f"where it comes from). Relative paths resolve against paths.root ({self.root_dir}): set "
                 "paths.root=DIR to the folder that holds them, or fix the keys:\n" + "\n".join(missing))
 
@@ -756,7 +756,7 @@ class Config(ConfigSection):
             raise ConfigError(
                 f"checkpoint.generator is not set, so this model (model.dim {self.model.dim}, a real size) would run "
                 "on seeded random weights: set checkpoint.generator=PATH (e.g. checkpoints/Reward-Forcing-T2V-1.3B/"
-                f"rewardforcing.pt; README, \"Weights\"), or checkpoint.generator={RANDOM_WEIGHTS} to run random "
+                f"rewardforcing.pt; docs/weights.md), or checkpoint.generator={RANDOM_WEIGHTS} to run random "
                 "weights on purpose (e.g. to measure speed)")
 
     @property

@@ -80,7 +80,7 @@ GB = 1e9
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 SUB_GROUP_ELEMENTS = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (stage 3)
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64)  # REFERENCE.md section 5
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64)  # docs/reference.md
 # Resources of the instance types cluster.yaml names, for node types that declare no `resources:` (the Ray
 # autoscaler fills these in from the cloud's catalogue itself): vCPUs, GPUs, GB per GPU.
 INSTANCE_RESOURCES = {"p5.48xlarge": (192, 8, 80.0), "p4de.24xlarge": (96, 8, 80.0), "p4d.24xlarge": (96, 8, 40.0),

@@ -32,7 +32,7 @@ from helpers import assert_close, assert_close_ulp
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
-# Which KV-cache convention each reference repository implements (REFERENCE.md section 2).
+# Which KV-cache convention each reference repository implements (docs/reference.md).
 CACHE_CONVENTIONS = {
     "guandeh17/Self-Forcing": dict(rope="absolute", sink_mode="static"),
     "JaydenLyh/Reward-Forcing": dict(rope="window", sink_mode="ema"),

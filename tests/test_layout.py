@@ -107,7 +107,7 @@ def test_the_import_graph_is_acyclic_and_follows_the_package_map():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
     wrong = sorted(f"{a} imports {b}" for a, edges in graph.items() for b in edges
                    if b.split(".")[0] != a.split(".")[0] and b.split(".")[0] not in ALLOWED[a.split(".")[0]])
-    assert not wrong, "imports the package map does not allow (README, Architecture):\n" + "\n".join(wrong)
+    assert not wrong, "imports the package map does not allow (docs/architecture.md):\n" + "\n".join(wrong)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
 
 

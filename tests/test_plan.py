@@ -84,7 +84,7 @@ def _storages(*tensors: torch.Tensor) -> set[int]:
 
 def test_meta_build_of_the_paper_config_counts_the_real_models():
     sizes = model_sizes(load_config(PAPER))
-    assert sizes.generator == sizes.critic == 1_418_996_800  # Wan2.1-T2V-1.3B (REFERENCE.md section 1)
+    assert sizes.generator == sizes.critic == 1_418_996_800  # Wan2.1-T2V-1.3B (docs/reference.md)
     assert 1.4e10 < sizes.teacher < 1.45e10  # Wan2.1-T2V-14B
     assert 5.6e9 < sizes.text_encoder < 5.8e9  # umT5-XXL encoder
     assert 2.1e9 < sizes.reward < 2.3e9  # Qwen2-VL-2B + rm_head

@@ -11,7 +11,7 @@ predictions with grad. No Ray; `launch.py ode-init` drives it.
 `ode_init.pairs` also offers the pairs of the student's own few-step sampler run with the teacher as its
 denoiser (the teacher's x0 at each state, not the ODE's end), and `ode_init.on_policy` DAgger steps: the
 teacher's x0 at the states the student's own rollout reaches. On the toy world, where the exact teacher
-makes them cheap, that is what makes a student whose shapes move as prompted (README, Toy world).
+makes them cheap, that is what makes a student whose shapes move as prompted (docs/toy-world.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The learner holds three models: the causal generator (trainable), the critic / f
 (bidirectional, trainable) and the teacher / real score (bidirectional, frozen). A rollout
 sample (core.records.sample) carries each block's exit-step input; `ReDMD.replay` recomputes the
 exit-step predictions with grad, which is Self Forcing's generator output and gradient
-(DESIGN.md). The generator loss compares critic and teacher (CFG with the negative prompt)
+(docs/architecture.md). The generator loss compares critic and teacher (CFG with the negative prompt)
 at a random noise level and weights each video by exp(beta * reward); the critic learns
 the flow of the detached samples. Optimisers, sharding and orchestration live elsewhere.
 """

@@ -1,4 +1,4 @@
-"""Distribution-matching losses (REFERENCE.md section 4): DMD, Re-DMD and the critic's flow loss.
+"""Distribution-matching losses (docs/reference.md): DMD, Re-DMD and the critic's flow loss.
 
 DMD pushes the generator's clean sample x along the difference between the critic's
 ("fake") and the teacher's ("real", with CFG) x0 predictions at a random noise level,

@@ -10,7 +10,7 @@ rollout and shared by all blocks; each block is denoised up to step e and its
 exit-step input, timestep and prediction are recorded. The rollout runs without
 grad anywhere; `replay_exit_steps` recomputes only the exit steps with grad, with
 the cache of the clean context written without grad, which reproduces Self
-Forcing's gradient exactly (DESIGN.md, "why the learner replays").
+Forcing's gradient exactly (docs/architecture.md, why the learner replays).
 
 Latents here are [B, F, C, H, W]; the model takes [B, C, F, H, W].
 """

@@ -1,4 +1,4 @@
-"""Flow-matching schedule (REFERENCE.md section 3).
+"""Flow-matching schedule (docs/reference.md).
 
 x_t = (1 - sigma) x0 + sigma eps; the model predicts the flow v = eps - x0.
 The tables are float32 like the reference's, and timesteps map to sigmas by

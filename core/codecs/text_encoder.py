@@ -1,4 +1,4 @@
-"""umT5 prompt encoder (REFERENCE.md section 5) on `transformers.UMT5EncoderModel`.
+"""umT5 prompt encoder (docs/reference.md) on `transformers.UMT5EncoderModel`.
 
 Wan's `models_t5_umt5-xxl-enc-bf16.pth` maps one-to-one onto the Hugging Face encoder, so one
 model class serves Wan files, Hugging Face folders and the tiny random encoder of the embedded

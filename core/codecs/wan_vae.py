@@ -1,4 +1,4 @@
-"""Wan2.1 VAE (REFERENCE.md section 5): diffusers' AutoencoderKLWan plus what this project needs on top.
+"""Wan2.1 VAE (docs/reference.md): diffusers' AutoencoderKLWan plus what this project needs on top.
 
 * Loads the original `Wan2.1_VAE.pth` (Wan key names, converted here, no hub access) or a local
   diffusers AutoencoderKLWan folder; loads are strict and a mismatch lists the keys.

@@ -1,6 +1,6 @@
 """KV cache of the causal generator: fixed-size buffers, a local window, sink frames and the EMA sink.
 
-Semantics follow the reference (REFERENCE.md section 2): per layer a buffer
+Semantics follow the reference (docs/reference.md): per layer a buffer
 [B, cache_tokens, heads, head_dim] with `global_end` (absolute tokens generated)
 and `local_end` (fill pointer). Only the first call of a new block advances the
 pointers and may evict; the later denoising calls and the clean t=0 re-run of

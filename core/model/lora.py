@@ -1,7 +1,7 @@
 """Runtime LoRA adapters for the Wan DiT (`WanModel`, `CausalWanModel`).
 
 An adapter is a set of low-rank updates `W += scale * B @ A` on the model's `nn.Linear` layers,
-keyed by their original Wan names (`blocks.0.self_attn.q`, `blocks.3.ffn.0`, ...; REFERENCE.md
+keyed by their original Wan names (`blocks.0.self_attn.q`, `blocks.3.ffn.0`, ...; docs/reference.md
 sections 1 and 6). Two on-disk formats are read, from local paths only:
 
 * PEFT: a folder with `adapter_config.json` (`r`, `lora_alpha`, optional `use_rslora`) and

@@ -1,7 +1,7 @@
 """Wan2.1 DiT: the bidirectional `WanModel` (teacher, critic) and the causal
 `CausalWanModel` (streaming generator), sharing every block.
 
-State-dict keys are the original Wan ones (REFERENCE.md section 1), so Wan2.1,
+State-dict keys are the original Wan ones (docs/reference.md), so Wan2.1,
 Self-Forcing and Reward-Forcing checkpoints load without renaming. Tensors enter
 as [B, C, F, H, W] latents; tokens per frame follow from H, W and the patch.
 """

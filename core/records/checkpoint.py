@@ -1,4 +1,4 @@
-"""Load and save Wan2.1 transformer weights in every layout this project meets (REFERENCE.md section 6).
+"""Load and save Wan2.1 transformer weights in every layout this project meets (docs/reference.md).
 
 Everything is normalised to the original Wan2.1 keys with no prefix (`blocks.0.self_attn.q.weight`),
 the keys of `core.model.wan`, so the same weights load into `WanModel` and `CausalWanModel` whatever
