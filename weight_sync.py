@@ -18,15 +18,22 @@ Transports, one control call per version, never one per parameter:
   actors' dtype; each actor pulls it before its next rollout;
 - broadcast (`learner.publish_backend: broadcast`; NCCL on GPUs, gloo on CPUs): rank 0 and the actors form a
   process group of their own (its own TCPStore, beside Ray Train's group); a version is one packed buffer
-  broadcast once, which actors stage and switch to between rollouts.
+  broadcast once, which actors stage and switch to between rollouts. Rank 0 then asks the pool whether every
+  member has it: in a tree or a ring most members get it from another one, whose loss rank 0 need not see.
 
 Group states (`WeightRelay.state`):
 
     object_store  no group: publishing is configured as object store, or no group has formed yet
-    formed        every actor joined the current group: versions go by broadcast
+    formed        the actors that answered joined the current group: versions go by broadcast
     broken        an actor restarted or died, a member failed a broadcast, or a join failed: the next
                   version goes by object store (a fallback, with its reason) and the publisher re-forms
-                  the group for the one after
+                  the group for the one after, with the actors that answer at once: one lost, restarting
+                  or hung is left out (logged by name), so no publish waits for it again; once it answers
+                  a rollout that misses a broadcast breaks the group, and it joins the next one
+
+Every wait is bounded by the group's timeout (`learner.broadcast_timeout_s`): a member lost mid-broadcast costs
+that version a fallback, never the learner's process (NCCL's own defaults: a 10-minute timeout, then its watchdog
+ends the process).
 
 Versions only grow. A learner whose worker group Ray Train restarted resumes from its last checkpoint, behind
 versions the lost workers already published: it republishes the restored weights under a new version above
@@ -40,19 +47,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
-from ray.exceptions import ActorUnavailableError, ObjectLostError
+from ray.exceptions import ObjectLostError
 
 log = logging.getLogger(__name__)
 
 Layout = list[tuple[str, list[int]]]
 FOLLOWER_TTL_S = 60.0  # a follower that has not asked for this long is gone: no more object-store copies for it
+ANSWER_S = 5.0  # an actor that does not answer a call in this long is left out of the group being re-formed
 
 
 class WeightsUnavailable(RuntimeError):
@@ -105,8 +117,24 @@ def lineage_staleness(current: int, made_with: int, restarts: list[Restart]) -> 
                                      if made_with <= restored and renumbered <= current)
 
 
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` for the block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 class BroadcastGroup:
-    """A process group of its own from the learner's rank 0 to the actors (rank 0 hosts its TCPStore)."""
+    """A process group of its own from the learner's rank 0 to the actors (rank 0 hosts its TCPStore). A lost
+    member costs a broadcast, never a process: gloo and NCCL alike get `timeout_s`, and a broadcast is complete
+    only once the CPU has seen it complete."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
                  store: dist.TCPStore | None = None):
@@ -119,17 +147,29 @@ class BroadcastGroup:
         store = dist.PrefixStore(f"weights-{port}", store)
         if backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
-            self.pg = dist.ProcessGroupNCCL(store, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            # Read as the group is made. 2: on a failed or timed-out collective NCCL's watchdog aborts this group's
+            # communicator and the broadcast raises; its default (3) ends the whole process.
+            with _environ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"):
+                self.pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
         else:
             self.device = torch.device("cpu")
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
-        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.rank, self.world_size, self.backend, self.timeout_s = rank, world_size, backend, timeout_s
 
     def broadcast(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Rank 0 sends `buffer`; every other rank receives into it (in place)."""
+        """Rank 0 sends `buffer`; every other rank receives into it (in place). Returns once it completed; raises
+        when it failed or did not complete within the group's timeout (a member lost)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.pg.broadcast([buffer], opts).wait()
+        work = self.pg.broadcast([buffer], opts)
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():  # polled on the CPU: NCCL's wait() only makes the current stream wait
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weight broadcast not completed in {self.timeout_s:g} s: a member is lost")
+            time.sleep(0.002)
+        work.wait()  # completed: raises its failure, if any
         return buffer
 
 
@@ -141,8 +181,30 @@ def host_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
 
 
 def _describe(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e  # the remote exception inside Ray's RayTaskError
-    return f"{type(cause).__name__}: {cause}"[:300]
+    """One line: the remote exception inside Ray's RayTaskError, or `e`."""
+    cause = getattr(e, "cause", None) or e
+    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+
+
+def _listed(failures: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in failures.items())
+
+
+async def _failures(calls: dict[str, Any], timeout_s: float) -> dict[str, str]:
+    """Why each of `calls` (name: a Ray call in flight) failed or gave no answer within `timeout_s`; {} when all
+    answered."""
+    if not calls:
+        return {}
+    tasks = {name: asyncio.ensure_future(call) for name, call in calls.items()}
+    await asyncio.wait(tasks.values(), timeout=timeout_s)
+    failed = {}
+    for name, task in tasks.items():
+        if not task.done():
+            task.cancel()
+            failed[name] = f"no answer in {timeout_s:g} s"
+        elif task.exception() is not None:
+            failed[name] = _describe(task.exception())
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------- learner side
@@ -159,23 +221,27 @@ class WeightPublisher:
         self.not_formed = ""  # why the last attempt to form a group failed
         self.syncs: Counter[str] = Counter()  # versions sent per transport
         if broadcast:
-            self._form()
+            self._form(timeout_s)  # the first group waits (bounded) for actors still starting
 
-    def _form(self) -> None:
-        """Form a new group with every actor (rank 0 hosted here); on failure, say why."""
+    def _form(self, answer_s: float) -> None:
+        """Form a new group (rank 0 hosted here) with the actors that answer within `answer_s`; on failure, say why."""
         self.group, self.not_formed = None, ""
-        host, world = ray.util.get_node_ip_address(), ray.get(self.pool.num_actors.remote()) + 1
-        store = host_store(host, world, self.timeout_s)
-        joined = self.pool.form_weight_group.remote(host, store.port, self.group_backend, self.timeout_s)
-        try:
-            group = BroadcastGroup(host, store.port, 0, world, self.group_backend, self.timeout_s, store)
-        except Exception as e:  # noqa: BLE001 - an actor that cannot join: versions go by object store
-            group, self.not_formed = None, f"group_not_formed: {_describe(e)}"
-        refusal = ray.get(joined)
-        if refusal is not None:
-            self.not_formed = refusal
-        elif group is not None:
-            self.group = group
+        members = ray.get(self.pool.weight_group_members.remote(answer_s))
+        if not members:
+            self.not_formed = "group_not_formed: no actor answered"
+        else:
+            host, world = ray.util.get_node_ip_address(), len(members) + 1
+            store = host_store(host, world, self.timeout_s)
+            joined = self.pool.form_weight_group.remote(host, store.port, self.group_backend, self.timeout_s, members)
+            try:
+                group = BroadcastGroup(host, store.port, 0, world, self.group_backend, self.timeout_s, store)
+            except Exception as e:  # noqa: BLE001 - an actor that cannot join: versions go by object store
+                group, self.not_formed = None, f"group_not_formed: {_describe(e)}"
+            refusal = ray.get(joined)  # bounded: the pool waits for the joins at most the timeout and ANSWER_S
+            if refusal is not None:
+                self.not_formed = refusal
+            elif group is not None:
+                self.group = group
         if self.not_formed:
             log.warning("weight broadcast group not formed (%s); versions go by object store", self.not_formed)
 
@@ -190,20 +256,22 @@ class WeightPublisher:
             if reason is None:
                 try:
                     self.group.broadcast(buffer)
-                except Exception as e:  # noqa: BLE001 - a member vanished mid-sync (timeout): resend by object store
+                except Exception as e:  # noqa: BLE001 - a member lost (or timed out): resend by object store
                     reason = f"broadcast_failed: {_describe(e)}"
-                else:
-                    self.syncs["broadcast"] += 1
-                    if ray.get(self.pool.wants_weight_copy.remote()):  # a streaming replica follows the versions
-                        ray.get(self.pool.offer_weights.remote(version, [self._put(weights)]))
-                        self.syncs["follower_copy"] += 1
-                    return time.perf_counter() - start
+                else:  # rank 0's part is done, not the members' (in a tree or ring, some get it from another member)
+                    reason = ray.get(self.pool.end_broadcast.remote())  # bounded, as the members' waits are
+            if reason is None:
+                self.syncs["broadcast"] += 1
+                if ray.get(self.pool.wants_weight_copy.remote()):  # a streaming replica follows the versions
+                    ray.get(self.pool.offer_weights.remote(version, [self._put(weights)]))
+                    self.syncs["follower_copy"] += 1
+                return time.perf_counter() - start
         elif self.broadcast:
             reason = self.not_formed or "group_not_formed"
         ray.get(self.pool.publish.remote(version, [self._put(weights)], reason, step))
         self.syncs["object_store"] += 1
-        if self.broadcast:  # the group is stale or missing: re-form it for the next version
-            self._form()
+        if self.broadcast:  # the group is stale or missing: re-form it for the next version, waiting for no one lost
+            self._form(min(self.timeout_s, ANSWER_S))
         return time.perf_counter() - start
 
     def _put(self, weights: dict[str, torch.Tensor]) -> ray.ObjectRef:
@@ -221,6 +289,9 @@ class WeightRelay:
         self.ref = None  # object-store ref of the current version; None when it went (or goes) by broadcast
         self.state = "object_store"
         self.epoch = 0  # groups formed so far: a rollout lost before the current one formed says nothing of it
+        self.members: dict[str, Any] = {}  # the current group's actors by name, in rank order (ranks 1, 2, ...)
+        self.left_out: dict[str, str] = {}  # actors that did not answer when the group was last formed, and why
+        self.timeout_s = 0.0  # the current group's timeout
         self.fallbacks: Counter[str] = Counter()  # object-store publishes that should have been broadcasts, by reason
         self.broken_by = ""
         self.receiving: asyncio.Task | None = None
@@ -263,48 +334,64 @@ class WeightRelay:
             self.state, self.broken_by = "broken", why
             log.warning("weight broadcast group broken: %s", why)
 
-    async def form(self, workers: list, dead: bool, host: str, port: int, backend: str, timeout_s: float) -> str | None:
-        """Have actor i join the group hosted by the learner's rank 0 as rank i + 1; None when formed, else why not."""
-        if dead:
-            self.state, self.broken_by = "broken", "dead_actor"
-            return "dead_actor: an actor died past its restarts; it cannot join a group"
-        world = len(workers) + 1
-        deadline = time.monotonic() + timeout_s
+    async def answering(self, actors: dict[str, Any], timeout_s: float) -> list[str]:
+        """The names of `actors` that answer a call within `timeout_s`: the next group's members. One lost,
+        restarting or hung is left out, so that forming waits for no one who cannot join."""
+        self.left_out = await _failures({name: actor.ready.remote() for name, actor in actors.items()}, timeout_s)
+        if self.left_out:
+            log.warning("weight broadcast group forms without %s", _listed(self.left_out))
+        return [name for name in actors if name not in self.left_out]
 
-        async def join(i: int, worker) -> None:
-            while True:
-                try:
-                    return await worker.join_weight_group.remote(host, port, i + 1, world, backend, timeout_s)
-                except ActorUnavailableError:  # still restarting
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
-
-        try:
-            await asyncio.gather(*(join(i, w) for i, w in enumerate(workers)))
-        except Exception as e:  # noqa: BLE001 - publication falls back to the object store
-            self.state, self.broken_by = "broken", f"group_not_formed: {_describe(e)}"
+    async def form(self, members: dict[str, Any], host: str, port: int, backend: str, timeout_s: float) -> str | None:
+        """Have the i-th of `members` join the group hosted by the learner's rank 0 as rank i + 1; None when formed,
+        else why not."""
+        world = len(members) + 1
+        joins = {name: actor.join_weight_group.remote(host, port, i + 1, world, backend, timeout_s)
+                 for i, (name, actor) in enumerate(members.items())}
+        failed = await _failures(joins, timeout_s + ANSWER_S)
+        if failed:  # publication falls back to the object store
+            self.state, self.broken_by, self.members = "broken", f"group_not_formed: {_listed(failed)}", {}
             return self.broken_by
-        self.state, self.broken_by = "formed", ""
+        self.state, self.broken_by, self.members, self.timeout_s = "formed", "", dict(members), timeout_s
         self.epoch += 1
         return None
 
-    def begin_broadcast(self, version: int, layout: Layout, workers: list, step: int = 0) -> str | None:
-        """The one control call of a broadcast sync: if the group is formed, have every actor receive `version`
+    def begin_broadcast(self, version: int, layout: Layout, step: int = 0) -> str | None:
+        """The one control call of a broadcast sync: if the group is formed, have every member receive `version`
         (the learner then broadcasts it) and return None; else return why not (the learner then publishes by
         object store)."""
         self._check_newer(version)
         if self.state != "formed":
             return self.broken_by or "group_not_formed"
         self._published(version, step, None)
-        self.receiving = asyncio.get_running_loop().create_task(self._receive(version, layout, workers))
+        self.receiving = asyncio.get_running_loop().create_task(
+            self._receive(version, layout, dict(self.members), self.epoch))
         return None
 
-    async def _receive(self, version: int, layout: Layout, workers: list) -> None:
-        try:
-            await asyncio.gather(*(w.receive_weights.remote(version, layout) for w in workers))
-        except Exception as e:  # noqa: BLE001 - the next version goes by object store and re-forms the group
-            self._break(f"broadcast_failed: version {version}: {_describe(e)}")
+    async def _receive(self, version: int, layout: Layout, members: dict[str, Any], epoch: int) -> str | None:
+        """The members' side of the broadcast of `version`: None when all have it, else why not, naming the members
+        that failed it. A failure breaks the group (the version goes by object store and re-forms it) unless it
+        has been re-formed since."""
+        calls = {name: actor.receive_weights.remote(version, layout) for name, actor in members.items()}
+        failed = await _failures(calls, self.timeout_s + ANSWER_S)
+        if not failed:
+            return None
+        why = f"broadcast_failed: version {version}: {_listed(failed)}"
+        if epoch == self.epoch:
+            self._break(why)
+        else:
+            log.warning("an earlier weight broadcast group failed: %s", why)
+        return why
+
+    async def end_broadcast(self) -> str | None:
+        """Once rank 0's side of the current broadcast completed: None when every member has the version too, else
+        why not (the learner then publishes it by object store)."""
+        return await self.receiving
+
+    def refs_for(self, name: str) -> list:
+        """What a rollout on actor `name` is sent: [the object-store ref] of the current version, [None] for a
+        broadcast version to a member, [] to an actor outside the group (a broadcast it must not wait for)."""
+        return [self.ref] if self.ref is not None or name in self.members else []
 
     def wants_copy(self) -> bool:
         """Whether a follower asked within FOLLOWER_TTL_S: then a broadcast version also goes to the object store."""
@@ -328,20 +415,22 @@ class WeightRelay:
                 return None
             await asyncio.sleep(min(0.1, deadline - self.follower_asked))
 
-    def on_actor_lost(self, sent_epoch: int) -> None:
-        """A rollout died with its actor: a restarted actor is in no group formed before it restarted."""
-        if sent_epoch == self.epoch:
-            self._break("actor_restarted")
+    def on_actor_lost(self, name: str, sent_epoch: int) -> None:
+        """A rollout died with actor `name`: a restarted actor is in no group formed before it restarted. One
+        outside the current group does not break it."""
+        if sent_epoch == self.epoch and name in self.members:
+            self._break(f"actor_restarted: {name}")
 
-    def on_weights_unavailable(self, sent_version: int) -> None:
-        """An actor had no broadcast of `sent_version` (it joined no group): unless a newer version has gone out
-        since, the group is missing a member."""
-        if sent_version == self.version:
-            self._break("actor_missed_broadcast")
+    def on_weights_unavailable(self, name: str, sent_version: int) -> None:
+        """Actor `name` had no broadcast of `sent_version` (it is in no group that sent it): unless a newer version
+        has gone out since, the group is missing an actor that answers, and the next one takes it in."""
+        if sent_version == self.version and self.ref is None:  # not since sent again by object store
+            self._break(f"actor_missed_broadcast: {name}")
 
     def metrics(self) -> dict:
         return {"version": self.version, "state": self.state, "broken_by": self.broken_by or None,
-                "groups_formed": self.epoch, "fallbacks": dict(self.fallbacks), "restarts": list(self.restarts)}
+                "groups_formed": self.epoch, "members": list(self.members), "left_out": dict(self.left_out),
+                "fallbacks": dict(self.fallbacks), "restarts": list(self.restarts)}
 
 
 # ---------------------------------------------------------------------------------------------- actor side
@@ -365,16 +454,26 @@ class WeightSubscriber:
         return self.staged.setdefault(version, asyncio.get_running_loop().create_future())
 
     async def receive(self, version: int, layout: Layout) -> None:
-        """Take part in the broadcast of `version` and stage it; the model switches at the next rollout."""
+        """Take part in the broadcast of `version` and stage it; the model switches at the next rollout. The
+        broadcast runs off the event loop (a lost member holds it up to the group's timeout); when it fails, a
+        rollout waiting for `version` fails at once with WeightsUnavailable (its prompt is handed out again)."""
         if self.group is None:
             raise WeightsUnavailable(f"{self.name} is not in the weight broadcast group")
         buffer = torch.empty(numel(layout), dtype=self.dtype, device=self.group.device)
-        self.group.broadcast(buffer)
+        try:
+            await asyncio.to_thread(self.group.broadcast, buffer)
+        except Exception as e:
+            staged = self._future(version)
+            if not staged.done():
+                staged.set_exception(WeightsUnavailable(f"{self.name}: the broadcast of version {version} failed "
+                                                        f"({_describe(e)})"))
+                staged.exception()  # retrieved here too: asyncio logs nothing when no rollout awaits it
+            raise
         self._future(version).set_result(unpack(buffer, layout))
 
     async def weights_of(self, version: int, refs: list) -> dict[str, torch.Tensor] | None:
         """The state dict of `version` when the model holds another one (None: nothing to load): from the
-        object store when `refs[0]` is a ref, else the staged broadcast."""
+        object store when `refs[0]` is a ref, else the staged broadcast (none when `refs` is empty)."""
         if version == self.version:
             return None
         if refs and refs[0] is not None:
@@ -383,8 +482,9 @@ class WeightSubscriber:
             except ObjectLostError as e:  # its owner, the learner's rank 0, died: a restart republishes them
                 raise WeightsUnavailable(f"{self.name}: the weights of version {version} were lost with the "
                                          f"process that published them ({type(e).__name__})") from None
-        if self.group is None:
-            raise WeightsUnavailable(f"{self.name} missed the broadcast of version {version} (it joined no group)")
+        if not refs or self.group is None:
+            raise WeightsUnavailable(f"{self.name} missed the broadcast of version {version} (it is in no group "
+                                     "that sent it)")
         return await asyncio.wait_for(self._future(version), self.timeout_s)
 
     def loaded(self, version: int) -> None:

@@ -96,15 +96,16 @@ class RolloutPool:
             self.in_flight[i] = item
             video = self.video_requests.popleft() if self.video_requests else None
             sent_version, sent_epoch = self.weights.version, self.weights.epoch
+            refs = self.weights.refs_for(self.names[i])
             try:
-                result = await self.workers[i].rollout.remote(item, sent_version, [self.weights.ref], video)
+                result = await self.workers[i].rollout.remote(item, sent_version, refs, video)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 # The rollout died with its actor: hand the prompt out again. An actor that keeps
                 # dying past its restarts is retired so its loop stops taking prompts.
                 stats["lost_rollouts"] += 1
                 if not isinstance(e, ActorUnavailableError):  # "restarting" is not another death: wait it out
                     stats["lost_in_a_row"] += 1
-                self.weights.on_actor_lost(sent_epoch)
+                self.weights.on_actor_lost(self.names[i], sent_epoch)
                 self.source.release(item)
                 if video:
                     self.video_requests.appendleft(video)
@@ -118,9 +119,9 @@ class RolloutPool:
                 self.errors[self.names[i]] = f"{type(cause).__name__}: {cause}"[:500]
                 if isinstance(cause, WeightsUnavailable):  # the prompt waits for the next version, never dropped
                     stats["weights_unavailable"] += 1
-                    self.weights.on_weights_unavailable(sent_version)
+                    self.weights.on_weights_unavailable(self.names[i], sent_version)
                     self.source.release(item)
-                    await self._newer_than(sent_version)
+                    await self._newer_than(sent_version, refs)
                     continue
                 self.drops["worker_error"] += 1
                 self.source.ack(item)
@@ -143,20 +144,20 @@ class RolloutPool:
             async with self.changed:
                 self.changed.notify_all()
 
-    async def _newer_than(self, version: int, timeout_s: float = 30.0) -> None:
-        """Wait until a version newer than `version` is published (or the pool stops); bounded, so a dispatch loop
-        whose actor lacks the weights of the current version looks again at least every `timeout_s`, rather
-        than failing rollout after rollout."""
+    async def _newer_than(self, version: int, refs: list, timeout_s: float = 30.0) -> None:
+        """Wait until the pool has other weights than the `version` sent as `refs`: a newer version, or that one again
+        by object store after its broadcast failed (or the pool stops); bounded, so a dispatch loop whose actor
+        lacks the weights of the current version looks again at least every `timeout_s`, rather than failing
+        rollout after rollout."""
+        sent = refs[0] if refs else None
         deadline = time.monotonic() + timeout_s
-        while self.weights.version <= version and not self.stopping and time.monotonic() < deadline:
+        while (self.weights.version <= version and self.weights.ref is sent and not self.stopping
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.2)
 
     def request_video(self, path: str) -> None:
         """Have the next rollout also write its decoded frames to the MP4 `path` (a look at the current policy)."""
         self.video_requests.append(path)
-
-    def num_actors(self) -> int:
-        return len(self.workers)
 
     def publish(self, version: int, refs: list, reason: str | None = None, step: int = 0) -> None:
         """Make `refs[0]` (an object-store ref to a state dict) the weights of `version`, made at training `step`;
@@ -184,13 +185,23 @@ class RolloutPool:
             version = self.weights.restart(version)
         return {"version": version, "restarts": list(self.weights.restarts), "publish": version != self.weights.version}
 
-    async def form_weight_group(self, host: str, port: int, backend: str, timeout_s: float) -> str | None:
-        """Have every actor join the broadcast group hosted by the learner's rank 0; None, or why it did not form."""
-        return await self.weights.form(self.workers, bool(self.dead), host, port, backend, timeout_s)
+    async def weight_group_members(self, timeout_s: float) -> list[str]:
+        """The actors, retired ones aside, that answer within `timeout_s`: the next broadcast group's members."""
+        live = {n: w for i, (n, w) in enumerate(zip(self.names, self.workers)) if i not in self.dead}
+        return await self.weights.answering(live, timeout_s)
+
+    async def form_weight_group(self, host: str, port: int, backend: str, timeout_s: float, members: list[str]) -> str | None:
+        """Have `members` join the broadcast group hosted by the learner's rank 0; None, or why it did not form."""
+        workers = dict(zip(self.names, self.workers))
+        return await self.weights.form({n: workers[n] for n in members}, host, port, backend, timeout_s)
 
     def begin_broadcast(self, version: int, layout: Layout, step: int = 0) -> str | None:
-        """The one control call of a broadcast sync: None when every actor will receive `version`, else why not."""
-        return self.weights.begin_broadcast(version, layout, self.workers, step)
+        """The one control call of a broadcast sync: None when every member will receive `version`, else why not."""
+        return self.weights.begin_broadcast(version, layout, step)
+
+    async def end_broadcast(self) -> str | None:
+        """After the learner's rank 0 sent the version begun: None when every member has it, else why not."""
+        return await self.weights.end_broadcast()
 
     async def get(self, n: int = 1, timeout_s: float | None = None) -> list[pa.RecordBatch]:
         """Up to `n` fresh samples, waiting at most `timeout_s` in all (None: until `n` arrive); stale ones
