@@ -68,7 +68,8 @@ def test_the_readme_submission_uploads_without_weights_runs_and_needs_the_token(
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     started = subprocess.run([ray, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-                              "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                              # its own agent port: the default one may be held by another Ray on this machine
+                              f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp_dir}",
                               "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]

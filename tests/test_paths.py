@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -59,13 +61,17 @@ def test_relative_paths_resolve_under_paths_root_wherever_the_process_runs(tmp_p
         load_config(PLUMBING_CONFIG, ["paths.root=weights"])
 
 
-def test_train_names_every_missing_file_in_one_message_before_ray(tmp_path, capsys):
+def test_train_names_every_missing_file_in_one_message_before_ray(tmp_path):
     """The paper's run on a machine without its files: one error naming each (key, resolved path, what it is and
     where it comes from), exit 2, no traceback, and Ray never started."""
     root = tmp_path / "share"
-    assert launch.main(["train", "--config", str(PAPER), f"paths.root={root}"]) == 2
-    err = capsys.readouterr().err
-    assert not ray.is_initialized()
+    # in a process of its own: this test session has a Ray of its own already
+    run = subprocess.run([sys.executable, "-c", "import sys, launch, ray; status = launch.main(sys.argv[1:]); "
+                          "print('ray initialized:', ray.is_initialized()); sys.exit(status)",
+                          "train", "--config", str(PAPER), f"paths.root={root}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    err = run.stderr
+    assert run.returncode == 2 and "ray initialized: False" in run.stdout, run.stdout + err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert f"{len(PAPER_FILES)} of the files this command needs are missing" in err and f"paths.root ({root})" in err
     for key, path, what in PAPER_FILES:
@@ -75,16 +81,18 @@ def test_train_names_every_missing_file_in_one_message_before_ray(tmp_path, caps
 
 def test_each_command_names_only_the_files_it_uses(tmp_path, capsys):
     root = tmp_path / "share"
+    ray_before = ray.is_initialized()
     for argv in (["generate", "--config", str(PAPER), "--prompt", "x"], ["serve", "--config", str(SERVE_1_3B)]):
         assert launch.main([*argv, f"paths.root={root}"]) == 2
         err = capsys.readouterr().err
         assert re.findall(r"^  (\S+): ", err, re.MULTILINE) == list(STREAM_KEYS), argv
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # refused before any Ray call
 
 
 def test_streaming_refuses_a_real_size_generator_without_weights(tmp_path, capsys):
     """`serve` and `generate` of a 1.3B model with no generator checkpoint would play random weights as if they were
     a broken checkpoint: refused unless `random` is said outright; the tiny configs keep working without one."""
+    ray_before = ray.is_initialized()
     for argv in (["serve", "--config", str(SERVE_1_3B)], ["generate", "--config", str(PAPER), "--prompt", "x"]):
         assert launch.main([*argv, "checkpoint.generator=null"]) == 2
         err = capsys.readouterr().err
@@ -92,7 +100,7 @@ def test_streaming_refuses_a_real_size_generator_without_weights(tmp_path, capsy
         assert launch.main([*argv, "checkpoint.generator=random", f"paths.root={tmp_path}"]) == 2
         err = capsys.readouterr().err  # past the refusal, on to the files it still needs
         assert "is not set" not in err and "checkpoint.generator" not in err and "vae.checkpoint" in err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
     for cfg in (load_config(PLUMBING_CONFIG), load_config(REPO_ROOT / "configs" / "serve.yaml"), load_world_config()):
         cfg.check_generator_weights()  # dims 64 and 128: plumbing serves without files, the world its shipped student
     load_config(PLUMBING_CONFIG, ["model.dim=1024", "model.num_heads=8", "checkpoint.generator=random"]).check_generator_weights()
@@ -103,6 +111,7 @@ def test_streaming_refuses_a_real_size_generator_without_weights(tmp_path, capsy
 def test_the_serve_deploy_app_builder_checks_like_launch_serve(tmp_path):
     """`serve deploy deploy/serve_stream.yaml` builds through app_builder: the same refusal and the same one message
     naming every missing file, before a replica is deployed."""
+    ray_before = ray.is_initialized()
     args = yaml.safe_load((REPO_ROOT / "deploy" / "serve_stream.yaml").read_text())["applications"][0]["args"]
     config = str(REPO_ROOT / args["config"])
     assert args["overrides"] == ["paths.root=/mnt/shared/reward-forcing"]
@@ -113,7 +122,7 @@ def test_the_serve_deploy_app_builder_checks_like_launch_serve(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.generator is not set"):
         app_builder({"config": config, "overrides": ["checkpoint.generator=null"]})
     assert isinstance(app_builder({"config": str(REPO_ROOT / "configs" / "serve.yaml")}), Application)
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
 
 
 @pytest.mark.parametrize("ignore_file", [".rayignore", ".gitignore"])

@@ -301,6 +301,23 @@ def publish_losing(publisher: WeightPublisher, version: int, weights: dict, acto
             os.kill(pid, signal.SIGKILL)
 
 
+def _pool_of_three(name: str, reward_app: str, queue_size: int):
+    """A pool of three plumbing actors that are never restarted: (config, pool, the actors' names)."""
+    cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=3", "actors.num_cpus=0.25",
+                                        f"actors.reward_app={reward_app}", f"actors.queue_size={queue_size}",
+                                        "actors.max_staleness=0", "actors.max_restarts=0"])
+    return cfg, RolloutPool.options(name=name).remote(cfg, name), [f"{name}-actor-{i}" for i in range(3)]
+
+
+def _versions(cfg, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Weights of versions 1-5, each seeded apart."""
+    versions = {}
+    for version in (1, 2, 3, 4, 5):
+        torch.manual_seed(seed + version)
+        versions[version] = CausalWanModel(cfg.model, cfg.stream).state_dict()
+    return versions
+
+
 @pytest.mark.actors
 @pytest.mark.timeout(240)
 def test_a_member_lost_mid_broadcast_costs_one_fallback_and_the_group_reforms_without_it(reward_app):
@@ -310,20 +327,13 @@ def test_a_member_lost_mid_broadcast_costs_one_fallback_and_the_group_reforms_wi
     out with it; the group re-forms without the lost actor, so the next publish is a broadcast that waits for no
     one."""
     timeout_s = 15.0
-    cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=3", "actors.num_cpus=0.25",
-                                        f"actors.reward_app={reward_app}", "actors.queue_size=2", "actors.max_staleness=0",
-                                        "actors.max_restarts=0"])
-    pool = RolloutPool.options(name="lost-pool").remote(cfg, "lost-pool")
-    actors = [f"lost-pool-actor-{i}" for i in range(3)]
+    cfg, pool, actors = _pool_of_three("lost-pool", reward_app, queue_size=2)
     try:
         ray.get(pool.ready.remote(), timeout=180)  # as a job does: all three in the first group, however slow they start
         publisher = WeightPublisher(pool, torch.float32, broadcast=True, group_backend="gloo", timeout_s=timeout_s)
         assert ray.get(pool.metrics.remote())["weight_sync"]["members"] == actors  # ranks 1, 2, 3
         ray.get(pool.start.remote())
-        versions = {}
-        for version in (1, 2, 3, 4, 5):
-            torch.manual_seed(200 + version)
-            versions[version] = CausalWanModel(cfg.model, cfg.stream).state_dict()
+        versions = _versions(cfg, seed=200)
         publisher.publish(1, versions[1])
         assert publisher.syncs == {"broadcast": 1}, ray.get(pool.metrics.remote())["weight_sync"]
 
@@ -374,19 +384,12 @@ def test_a_hung_member_holds_a_publish_only_within_its_bound_and_rejoins_once_it
     group, and the next group takes it back in: every actor rolls out with the newest version."""
     timeout_s = 5.0
     # a queue slot per actor: the one stopped gets a rollout (and misses a broadcast) once it answers again
-    cfg = load_config(PLUMBING_CONFIG, ["video.num_latent_frames=3", "actors.num_actors=3", "actors.num_cpus=0.25",
-                                        f"actors.reward_app={reward_app}", "actors.queue_size=3", "actors.max_staleness=0",
-                                        "actors.max_restarts=0"])
-    pool = RolloutPool.options(name="hung-pool").remote(cfg, "hung-pool")
-    actors = [f"hung-pool-actor-{i}" for i in range(3)]
+    cfg, pool, actors = _pool_of_three("hung-pool", reward_app, queue_size=3)
     try:
         ray.get(pool.ready.remote(), timeout=180)
         publisher = WeightPublisher(pool, torch.float32, broadcast=True, group_backend="gloo", timeout_s=timeout_s)
         ray.get(pool.start.remote())
-        versions = {}
-        for version in (1, 2, 3, 4, 5):
-            torch.manual_seed(300 + version)
-            versions[version] = CausalWanModel(cfg.model, cfg.stream).state_dict()
+        versions = _versions(cfg, seed=300)
         publisher.publish(1, versions[1])
         pid = actor_pid(actors[2])
         os.kill(pid, signal.SIGSTOP)
