@@ -72,6 +72,7 @@ STREAM_CONFIGS = {"full": "eager,compiled,graphs,graphs+overlap,graphs+overlap+f
                   "dry": "eager,eager+overlap,graphs+overlap+fp8"}
 # stream_session's windows: (near block, far block, samples, FPS from, FPS blocks, compared blocks)
 STREAM_WINDOWS = {"full": (10, 40, 10, 2, 20, 6), "dry": (2, 5, 2, 1, 4, 2)}
+STREAM_START_S = {"full": 60, "dry": 0}  # a configuration starts only with this much of the budget left
 SECTIONS = ("attention", "train", "precision", "stream")
 NOT_HERE = ("ray", "deepspeed", "av")  # absent on the GPU machine: never imported by this check
 
@@ -79,11 +80,12 @@ NOT_HERE = ("ray", "deepspeed", "av")  # absent on the GPU machine: never import
 class Run:
     """What every section needs: the device, the sizes (full or dry), the seed and the clock."""
 
-    def __init__(self, dry: bool, seed: int):
+    def __init__(self, dry: bool, seed: int, save: Callable[[str, dict], None]):
         self.dry, self.seed = dry, seed
         self.size = "dry" if dry else "full"
         self.device = torch.device("cpu" if dry else "cuda")
         self.cuda = self.device.type == "cuda"
+        self.save = save  # (section, its results so far): written at once, so a timeout keeps them
 
     def sync(self) -> None:
         if self.cuda:
@@ -345,19 +347,21 @@ def precision_section(run: Run, deadline: float) -> dict:
         out.setdefault("ema_sink", {})[name] = {
             "relative_change": float((after - before).norm() / before.norm()),
             "elements_changed": float((after != before).float().mean())}
-    ref = latents["float32"]
+    ref = latents["float32"].float()
     codec = WanVAE.from_config(cfg32, run.device, torch.float32) if not run.dry else None
+
+    def frames(latent: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_uint8_frames(codec.decode(latent.float().transpose(1, 2))[0]).int()
+    ref_frames = frames(ref) if codec is not None else None
     for name, lat in latents.items():
         if name == "float32":
             continue
         entry = out.setdefault("rollout", {}).setdefault(name, {})
-        entry["latent_rel_error"] = float((lat.float() - ref.float()).norm() / ref.float().norm())
+        entry["latent_rel_error"] = float((lat.float() - ref).norm() / ref.norm())
         entry["sink_rel_error_vs_float32"] = float((sinks[name] - sinks["float32"]).norm() / sinks["float32"].norm())
-        if codec is not None:
-            with torch.no_grad():
-                a = to_uint8_frames(codec.decode(lat.float().transpose(1, 2))[0])
-                b = to_uint8_frames(codec.decode(ref.float().transpose(1, 2))[0])
-            diff = (a.int() - b.int()).abs()
+        if ref_frames is not None:
+            diff = (frames(lat) - ref_frames).abs()
             entry["frames_levels"] = {"max": int(diff.max()), "mean": float(diff.float().mean())}
     return out
 
@@ -373,28 +377,33 @@ def stream_section(run: Run, deadline: float) -> dict:
     clock = stream_session.Clock(run.device)
     results: dict[str, dict] = {}
     reference = None
+    section = {"dtype": dtype, "windows": vars(args), "results": results}
     for name in STREAM_CONFIGS[run.size].split(","):
-        if time.perf_counter() > deadline:
+        if deadline - time.perf_counter() < STREAM_START_S[run.size]:
             results[name] = {"skipped": "out of time before it started"}
             continue
+        pipe = None
         try:
             pipe = stream_session.build_pipeline(run.stream_config(dtype, stream_session.CONFIGS[name]), run.device)
-        except ValueError as e:  # CUDA graphs on a CPU, FP8 without torchao or an FP8 GPU
+            with torch.no_grad():
+                r = stream_session.measure(pipe, args, clock, run.cuda)
+            if reference is None:
+                reference = r["frames"]
+            else:
+                r["same_video"] = stream_session.compare_frames(r["frames"], reference)
+            del r["frames"], r["per_block"]
+            r["block_step"] = pipe.block_step.mode
+            results[name] = r
+            print(f"    {name}: FPS end to end {r['fps_end_to_end']:.1f}, TTFF {r['ttff_median_s']:.3f} s", flush=True)
+        except ValueError as e:  # CUDA graphs on a CPU, FP8 without torchao or an FP8 GPU: refused up front
             results[name] = {"skipped": str(e)}
-            continue
-        with torch.no_grad():
-            r = stream_session.measure(pipe, args, clock, run.cuda)
-        if reference is None:
-            reference = r["frames"]
-        else:
-            r["same_video"] = stream_session.compare_frames(r["frames"], reference)
-        del r["frames"], r["per_block"]
-        r["block_step"] = pipe.block_step.mode
-        results[name] = r
-        print(f"    {name}: FPS end to end {r['fps_end_to_end']:.1f}, TTFF {r['ttff_median_s']:.3f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - one configuration's failure never hides the others'
+            traceback.print_exc()
+            results[name] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         del pipe
         run.free()
-    return {"dtype": dtype, "windows": vars(args), "results": results}
+        run.save("stream", section)
+    return section
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -446,8 +455,9 @@ def markdown(report: dict) -> str:
             results = section["results"]
             base = next((r for r in results.values() if "fps_end_to_end" in r), None)
             for cfg_name, r in results.items():
-                if "skipped" in r:
-                    lines.append(f"| {cfg_name} | skipped: {r['skipped'][:120]} | | | | | | | |")
+                if "skipped" in r or "failed" in r:
+                    why = f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED: {r['failed']}"
+                    lines.append(f"| {cfg_name} | {why[:160]} | | | | | | | |")
                     continue
                 same = r.get("same_video")
                 lines.append(
@@ -495,13 +505,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown --sections {unknown}; choose from {', '.join(SECTIONS)}")
     if not args.dry_run and not torch.cuda.is_available():
         ap.error(f"no CUDA device is visible (torch {torch.__version__}): run --dry-run for the CPU rehearsal")
-    run = Run(args.dry_run, args.seed)
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    report: dict = {"dry_run": args.dry_run, "sections": {}, "wall_s": 0.0, "imported": []}
+
+    def save(name: str, section: dict) -> None:
+        report["sections"][name] = section
+        report["wall_s"] = time.perf_counter() - started
+        report["imported"] = [m for m in NOT_HERE if m in sys.modules]
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "gpu_check.md").write_text(markdown(report))
+
+    run = Run(args.dry_run, args.seed, save)
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
     deadline = started + (args.budget_s or (600 if run.dry else 420))
-    report = {"dry_run": run.dry, "machine": machine(run), "sections": {}, "wall_s": 0.0, "imported": []}
+    report["machine"] = machine(run)
     print(f"gpu check ({'dry run, CPU, tiny sizes' if run.dry else report['machine']['gpu']}): "
           f"{', '.join(sections)}; torch {torch.__version__}, torchao {report['machine']['torchao']}", flush=True)
     functions = {"attention": attention_section, "train": train_section, "precision": precision_section,
@@ -515,12 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         result["seconds"] = time.perf_counter() - t0
-        report["sections"][name] = result
         run.free()
-        report["wall_s"] = time.perf_counter() - started
-        report["imported"] = [m for m in NOT_HERE if m in sys.modules]
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "gpu_check.md").write_text(markdown(report))
+        save(name, result)
     print()
     print(markdown(report))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
