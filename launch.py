@@ -14,6 +14,7 @@ Commands:
                  block-boundary jumps, motion reward, initial-frame copying on long rollouts.
   generate       text to MP4: stream the causal generator block by block, decode each block as
                  soon as it exists and append it to the video; prints denoising and decoding speed.
+                 --image / --video: start from a picture, or continue a video.
   reward-server  the reward-scoring HTTP service on Ray Serve (local Ray, or --address to join).
   score          score a video file with a running reward service (HTTP client).
   plan           will it fit: memory per GPU for every role (learner worker, rollout actor, reward and streaming
@@ -48,13 +49,14 @@ from ray import serve
 from tqdm import tqdm
 
 from core.codecs.text_encoder import TextEncoder
-from core.codecs.video import latent_frames_for, video_frames_for
+from core.codecs.video import codec_class, latent_frames_for, video_frames_for
 from core.config import ConfigError
 from core.model.kv_cache import StreamLimitError
 from core.plan import build_plan
 from core.records.checkpoint import CheckpointError, save_self_forcing, save_wan_folder
-from core.records.video_io import MP4Writer
+from core.records.video_io import MP4Writer, read_video_file
 from core.stream.pipeline import VideoPipeline, build_generator
+from core.stream.prefix import check_frames, read_prefix_image, usable_frames
 from core.stream.session import StreamSession, warm_up
 from job.cluster import start_ray, start_serve
 from job.signals import StopSignal
@@ -141,6 +143,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_IMAGE_BYTES = 64 << 20  # --image: a picture at the model's size is far smaller
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
@@ -161,38 +166,71 @@ def _output_paths(out: str, prompts: list[str], from_file: bool) -> list[Path]:
     return [folder / f"{i:03d}_{re.sub(r'[^a-z0-9]+', '_', p.lower())[:48].strip('_')}.mp4" for i, p in enumerate(prompts)]
 
 
+def _read_prefix(args: argparse.Namespace, cfg: WorldConfig):
+    """The frames of --image or --video (uint8 [T, H, W, 3] at the config's size), or None; a ConfigError names
+    the file and what is wrong with it."""
+    option, path = ("--image", args.image) if args.image else ("--video", args.video)
+    if path is None:
+        return None
+    height, width = cfg.video.height, cfg.video.width
+    try:
+        if args.image:
+            if not Path(path).is_file():
+                raise ValueError("no such file")
+            return read_prefix_image(Path(path).read_bytes(), height, width, MAX_IMAGE_BYTES)
+        return check_frames(read_video_file(path).frames, height, width).numpy()
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{option} {path}: {e}") from None
+
+
 def cmd_generate(cfg: WorldConfig, args: argparse.Namespace) -> None:
     cfg.check_generator_weights()
     prompts = _read_prompts(args)
+    prefix = _read_prefix(args, cfg)
     fpb = cfg.stream.num_frame_per_block
-    video_frames = args.frames if args.frames is not None else video_frames_for(cfg.video.num_latent_frames, cfg)
+    used = 0 if prefix is None else usable_frames(len(prefix), codec_class(cfg).temporal_stride)
+    default_frames = video_frames_for(cfg.video.num_latent_frames, cfg)
+    video_frames = args.frames if args.frames is not None else default_frames + (used if args.video else 0)
+    if video_frames <= used:
+        raise ConfigError(f"--frames {video_frames} leaves nothing to generate after the {used} given frames: "
+                          "ask for more")
     latent_frames = latent_frames_for(video_frames, cfg)
     pipe = VideoPipeline.from_config(cfg)
     if warmed := warm_up(pipe):
         print(f"stream fast path ({pipe.block_step.mode}) warmed up in {warmed:.1f} s")
     print(f"generator on {pipe.device} ({cfg.runtime.dtype}); {latent_frames} latent frames -> "
           f"{video_frames} video frames at {cfg.video.width}x{cfg.video.height}, {cfg.video.fps} fps")
+    if prefix is not None:
+        dropped = f" (the codec encodes 1 + {codec_class(cfg).temporal_stride}k frames; the last " \
+                  f"{len(prefix) - used} dropped)" if used < len(prefix) else ""
+        print(f"starting from {args.image or args.video}: {used} given frame{'s' * (used > 1)}{dropped}")
     for i, (prompt, path) in enumerate(zip(prompts, _output_paths(args.out, prompts, args.prompts_file is not None))):
         path.parent.mkdir(parents=True, exist_ok=True)
         seed = args.seed + i
         pipe.encode([prompt])  # encoded (and cached) before the bar, so a prompt warning is not drawn over by it
-        written, denoise_s, decode_s, wall_s = 0, 0.0, 0.0, 0.0
+        written, made, denoise_s, decode_s, wall_s = 0, 0, 0.0, 0.0, 0.0
         bar = tqdm(total=latent_frames // fpb, unit="block", desc=f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
         with bar, MP4Writer(path, width=cfg.video.width, height=cfg.video.height, fps=cfg.video.fps) as writer, \
-                StreamSession(pipe, prompt, seed) as session:
+                StreamSession(pipe, prompt, seed, prefix=prefix) as session:
             for chunk in session.chunks(latent_frames):
                 frames = chunk.frames[: video_frames - written]
                 writer.write(frames)
                 written += len(frames)
-                denoise_s += chunk.denoise_s
-                decode_s += chunk.decode_s
-                wall_s += chunk.wall_s
+                if chunk.given_frames < len(chunk.frames):  # a block the generator made (the given ones only decode)
+                    made += len(frames) - chunk.given_frames
+                    denoise_s += chunk.denoise_s
+                    decode_s += chunk.decode_s
+                    wall_s += chunk.wall_s
                 bar.update(1)
-                bar.set_postfix(frames=written, denoise_fps=f"{written / denoise_s:.1f}")
-        print(f"wrote {path}: {written} frames {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, seed {seed}")
-        print(f"  denoising {denoise_s:.2f}s ({written / denoise_s:.1f} frames/s), decoding {decode_s:.2f}s "
-              f"({written / decode_s:.1f} frames/s), end to end {written / wall_s:.1f} frames/s (per block, the wall "
-              "time the stream waited: denoise + decode, or their overlap; text encoding and MP4 writing excluded)")
+                if denoise_s:
+                    bar.set_postfix(frames=written, denoise_fps=f"{made / denoise_s:.1f}")
+        start = f", the first {session.given_frames} from {args.image or args.video}" if prefix is not None else ""
+        print(f"wrote {path}: {written} frames {cfg.video.width}x{cfg.video.height} @ {cfg.video.fps} fps, "
+              f"seed {seed}{start}")
+        print(f"  denoising {denoise_s:.2f}s ({made / denoise_s:.1f} frames/s), decoding {decode_s:.2f}s "
+              f"({made / decode_s:.1f} frames/s), end to end {made / wall_s:.1f} frames/s (per block, the wall "
+              "time the stream waited: denoise + decode, or their overlap; text encoding and MP4 writing excluded"
+              f"{'; generated frames only' if prefix is not None else ''})")
     hits, misses = pipe.text_encoder.cache_hits, pipe.text_encoder.cache_misses
     print(f"text encoder cache: {hits} hits, {misses} misses")
 
@@ -403,10 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts-file", help="a text file with one prompt per line (one video each)")
     p.add_argument("--frames", type=_positive_int, default=None,
                    help="video frames to write (default: what video.num_latent_frames decode to: 81 for 21 "
-                        "latents with the Wan VAE, 1 + 4 per later latent; one per latent with vae.kind=patch)")
+                        "latents with the Wan VAE, 1 + 4 per later latent; one per latent with vae.kind=patch), "
+                        "the given --image or --video frames included")
     p.add_argument("--out", default="outputs/video.mp4", help="MP4 path (a folder for --prompts-file)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i of a file uses seed + i)")
     p.add_argument("--checkpoint", default=None, help="generator weights (sets checkpoint.generator)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--image", default=None, metavar="PNG",
+                       help="start from this picture (PNG or JPEG at video.width x video.height): the video's first "
+                            "frame, held fixed while the first block is generated around it")
+    start.add_argument("--video", default=None, metavar="MP4",
+                       help="continue this video (MP4 or WebM at video.width x video.height): it is written into the "
+                            "cache as clean context and the output starts with it (with the Wan VAE, its first "
+                            "1 + 4k frames); --frames then counts it too (default: it plus one default-length clip)")
 
     p = command("serve", "streaming inference on Ray Serve with a web page (default: the shipped world student)",
                 epilog=SERVE_HELP)

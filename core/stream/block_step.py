@@ -30,6 +30,7 @@ import torch
 
 from core.algo.rollout import NoiseFn, SelfForcedRollout
 from core.model.kv_cache import BlockSlots, BlockView, KVCache, StreamLimitError
+from core.stream.prefix import denoise_held_block
 
 
 @dataclass
@@ -120,8 +121,11 @@ class BlockStep:
     # ------------------------------------------------------------------------------------------ one block
 
     @torch.no_grad()
-    def __call__(self, cache: KVCache, context: torch.Tensor, noise_fn: NoiseFn, block: int) -> torch.Tensor:
-        """Denoise the stream's next block (and write its context K/V): its clean latents [B, f, C, H, W]."""
+    def __call__(self, cache: KVCache, context: torch.Tensor, noise_fn: NoiseFn, block: int,
+                 held: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise the stream's next block (and write its context K/V): its clean latents [B, f, C, H, W]. `held`:
+        clean latents the block starts with, held fixed while the rest is denoised (core.stream.prefix); a stream
+        has at most one such block, so it always runs as eager work, never captured."""
         rollout = self.rollout
         steps = len(rollout.timesteps)
         draws: list[int | str] = [-1, *range(steps - 1)]
@@ -136,17 +140,21 @@ class BlockStep:
             cache.cross_kv = self.model.prompt_kv(context)
         slots = cache.open_block(start, self.fpb)
         start_t = torch.tensor(start, dtype=torch.int64, device=self.device)
-        if self.cuda_graphs:
+        if self.cuda_graphs and held is None:
             return self._replay(cache, slots, noise, start_t)
-        return self._run(cache, slots, noise, start_t)
+        return self._run(cache, slots, noise, start_t, held)
 
-    def _run(self, cache: KVCache, slots: BlockSlots, noise: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def _run(self, cache: KVCache, slots: BlockSlots, noise: torch.Tensor, start: torch.Tensor,
+             held: torch.Tensor | None = None) -> torch.Tensor:
         """The block's tensor work, given its slots: what is compiled and captured."""
         rollout = self.rollout
         if slots.evict:
             cache.evict(slots.evict)
         view = BlockView(cache, slots)
-        x0 = rollout.denoise_block(noise[0], None, view, start, lambda step: noise[step + 1], self.blocks)
+        if held is None:
+            x0 = rollout.denoise_block(noise[0], None, view, start, lambda step: noise[step + 1], self.blocks)
+        else:
+            x0 = denoise_held_block(rollout, noise[0], held, view, start, lambda step: noise[step + 1], self.blocks)
         if rollout.context_rerun:
             ctx = x0 if not rollout.context_noise else rollout.renoise(x0, noise[-1], float(rollout.context_noise))
             rollout.write_cache(ctx, None, view, start, blocks=self.blocks)

@@ -16,6 +16,11 @@ Each block's denoising runs through the pipeline's `BlockStep` (eager, compiled 
 `overlap_decode` the session denoises one block ahead, in a worker thread (on CUDA on its own stream), while the
 caller decodes the block before it, so a block costs max(denoise, decode) instead of their sum; the frames are the
 same, and a prompt or weight switch applies from the first block not yet denoised, one block later than without.
+
+With `prefix` (uint8 frames [T, H, W, 3]: one image, or a video to continue) the stream starts from given frames
+(core.stream.prefix): their whole latent blocks are written into the cache as clean context before the first block,
+a leftover (a single image always) is held fixed inside the first generated block, and the stream's first chunks
+are the given frames as the codec reproduces them, then what continues them.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from core.codecs.video import to_uint8_frames, video_frames_for
 from core.stream.pipeline import VideoPipeline
+from core.stream.prefix import check_room, encode_prefix
 
 
 @dataclass
@@ -42,6 +49,7 @@ class VideoChunk:
     first_frame: int = 0  # index of frames[0] in the stream
     wall_s: float = 0.0  # what the caller of next_chunk waited: denoise + decode, or with overlap max(both) or less
     pipe: VideoPipeline | None = None  # whose generator made it (after switch_weights, with overlap, maybe the old)
+    given_frames: int = 0  # leading frames that reproduce the given prefix (the whole chunk for a given block)
 
 
 @dataclass
@@ -50,11 +58,16 @@ class _Denoised:
     latents: torch.Tensor  # clean [1, f, C, H, W]
     seconds: float
     pipe: VideoPipeline
+    given: int = 0  # leading latent frames that are the given prefix's
 
 
 class StreamSession:
     def __init__(self, pipe: VideoPipeline, prompt: str, seed: int, height: int | None = None, width: int | None = None,
-                 overlap_decode: bool | None = None):
+                 overlap_decode: bool | None = None, prefix: np.ndarray | torch.Tensor | None = None):
+        """A stream of `prompt` with noise from `seed`. `prefix`: uint8 frames [T, H, W, 3] of the stream's size to
+        start from (T = 1: an image to animate; T > 1: a video to continue); a ValueError says what is wrong with
+        one that does not fit. `given_frames` counts the frames the stream starts with, reproduced from it (the
+        codec's 1 + 4k rule may drop up to 3 trailing frames of a video: `dropped_frames`)."""
         cfg = pipe.cfg
         self.pipe, self.seed = pipe, seed
         self.height, self.width = height or cfg.video.height, width or cfg.video.width
@@ -72,13 +85,35 @@ class StreamSession:
         self.decoder = pipe.vae.stream_decoder()
         self.noise = pipe.noise(1, torch.Generator(device="cpu").manual_seed(seed), self.latent_hw)
         self.blocks = self.frames = 0
-        self.denoised = 0  # blocks denoised, the one made ahead included
+        given = None
+        if prefix is not None:
+            given = encode_prefix(prefix, pipe.vae, self.fpb, self.height, self.width, pipe.device, pipe.dtype)
+            check_room(given, cfg.stream, pipe.generator.rope.shape[0])
+        self._given: deque[torch.Tensor] = deque(given.blocks if given else [])  # given blocks not yet returned
+        self._held = given.held if given else None  # the first generated block starts with these latents
+        self.given_frames = given.used if given else 0
+        self.dropped_frames = given.given - given.used if given else 0
+        self.denoised = len(self._given)  # blocks denoised (or given), the one made ahead included
         self.overlap = cfg.runtime.overlap_decode if overlap_decode is None else overlap_decode
         cuda = pipe.device.type == "cuda"
         self._denoise_stream = torch.cuda.Stream(pipe.device) if cuda and self.overlap else None
         self._ahead: Future[_Denoised] | None = None
-        self.cache = pipe.block_step.acquire(self.latent_hw)  # last but the worker: nothing can fail and leave it taken
+        self.cache = pipe.block_step.acquire(self.latent_hw)  # last but the worker: nothing else can leave it taken
+        if self._given:
+            try:
+                self._write_given()
+            except BaseException:
+                pipe.block_step.release(self.cache)
+                raise
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="denoise-ahead") if self.overlap else None
+
+    @torch.no_grad()
+    def _write_given(self) -> None:
+        """Write the given whole blocks into the cache as clean context, as a finished block's context pass does
+        (the window keeps the latest, the EMA sink takes the evicted ones); the window's are kept for a re-cache."""
+        for i, latents in enumerate(self._given):
+            self.pipe.rollout.write_cache(latents, self.context, self.cache, i * self.fpb)
+            self.recent.append(latents)
 
     def _encode(self, prompt: str) -> torch.Tensor:
         return self.pipe.encode([prompt])
@@ -95,9 +130,10 @@ class StreamSession:
         stream = torch.cuda.stream(self._denoise_stream) if self._denoise_stream is not None else contextlib.nullcontext()
         with stream:
             t0 = self._sync()
-            latents = self.pipe.block_step(self.cache, self.context, self.noise, self.denoised)
+            held, self._held = self._held, None
+            latents = self.pipe.block_step(self.cache, self.context, self.noise, self.denoised, held)
             self.recent.append(latents)
-            done = _Denoised(self.denoised, latents, self._sync() - t0, self.pipe)
+            done = _Denoised(self.denoised, latents, self._sync() - t0, self.pipe, 0 if held is None else held.shape[1])
         self.denoised += 1
         return done
 
@@ -118,7 +154,12 @@ class StreamSession:
         latent after, with the patch codec one per latent. `more`: another block will be asked for (with overlap
         it is denoised while this one decodes)."""
         called = time.perf_counter()
-        if self._worker is None:
+        if self._given:  # the given frames first, decoded as they were encoded
+            latents = self._given.popleft()
+            made = _Denoised(self.blocks, latents, 0.0, self.pipe, latents.shape[1])
+            if self._worker is not None and more and not self._given:
+                self._ahead = self._worker.submit(self._denoise)
+        elif self._worker is None:
             made = self._denoise()
         else:
             made = self._ahead.result() if self._ahead is not None else self._denoise()
@@ -126,7 +167,10 @@ class StreamSession:
         t0 = self._sync()
         frames = to_uint8_frames(self.decoder.decode(made.latents.transpose(1, 2)))
         done = self._sync()
-        chunk = VideoChunk(made.block, frames, made.seconds, done - t0, self.frames, done - called, made.pipe)
+        given = 0
+        if made.given:  # the video frames the given latents decode to (the first latent of a stream to one)
+            given = video_frames_for(self.blocks * self.fpb + made.given, self.pipe.cfg) - self.frames
+        chunk = VideoChunk(made.block, frames, made.seconds, done - t0, self.frames, done - called, made.pipe, given)
         self.blocks += 1
         self.frames += len(frames)
         return chunk
@@ -179,15 +223,18 @@ class StreamSession:
             self.pipe.rollout.write_cache(latents, self.context, self.cache, first + i * self.fpb)
 
     def chunks(self, latent_frames: int | None = None) -> Iterator[VideoChunk]:
-        """Decoded chunks block by block until `latent_frames` latent frames (forever when None)."""
+        """Decoded chunks block by block until `latent_frames` latent frames, the given ones included (forever
+        when None)."""
         if latent_frames is not None and latent_frames % self.fpb:
             raise ValueError(f"latent_frames ({latent_frames}) must be a multiple of num_frame_per_block ({self.fpb})")
         while latent_frames is None or self.blocks < latent_frames // self.fpb:
             yield self.next_chunk(more=latent_frames is None or self.blocks + 1 < latent_frames // self.fpb)
 
     def memory_bytes(self) -> int:
-        """KV cache plus the kept clean latents: constant once the window is full."""
-        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in self.recent)
+        """KV cache plus the kept clean latents (and given blocks not yet returned): constant once the window is
+        full and the given frames are out."""
+        kept = [*self.recent, *self._given, *([self._held] if self._held is not None else [])]
+        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in kept)
 
 
 def warm_up(pipe: VideoPipeline, sizes: list[tuple[int, int]] | None = None, sessions: int = 1) -> float:
