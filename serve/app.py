@@ -1,7 +1,9 @@
 """The streaming inference Serve application: watch the causal generator make video, block by block.
 
 Routes:
-  WS   /v1/stream    send {"type": "start", "prompt", "seed"?, "preset"?, "max_frames"?, "lora"?, "weights"?};
+  WS   /v1/stream    send {"type": "start", "prompt", "seed"?, "preset"?, "max_frames"?, "lora"?, "weights"?,
+                     "images"?}; with "images": n, n binary messages follow it, each one PNG or JPEG frame of the
+                     stream's size to start from (one: an image to animate; more: a video to continue). Then
                      receive one binary message per frame (20-byte header: uint32 frame index, uint32 block,
                      float64 seconds from the start to when the frame's block was ready, uint32 weight version;
                      then a JPEG) and a JSON "block" message per block with its timings. Control while
@@ -9,7 +11,8 @@ Routes:
                      (answered by "paused" / "resumed"), {"type": "follow", "on"} (answered by "following"),
                      "stop". A bad message gets {"type": "error"} and the stream goes on.
   POST /v1/generate  {"prompt", "seed"?, "preset"?, "frames"?, "stream"?}: an MP4, or with stream=true a
-                     fragmented MP4 sent fragment by fragment as the blocks are made.
+                     fragmented MP4 sent fragment by fragment as the blocks are made. As multipart/form-data the
+                     same fields, plus one or more "image" files: the frames to start from, as on the WebSocket.
   GET  /             the web page; GET /healthz, /v1/info, /v1/metrics.
 
 Following training (`serve/follow.py`: `launch.py train --serve`, `launch.py serve --follow DIR`): a replica built
@@ -29,9 +32,15 @@ Every piece of work is bounded: presets are checked against the model's video ge
 model checks before every transformer block, so work past it stops within one block's forward and the slot is
 freed: 504 for generate, a close with 1008 and a reason for a stream. When Serve deletes the application (or
 `launch.py serve` stops), open streams are closed with 1001 ("going away") before the replica goes.
-Words of a prompt the tokenizer reads as unknown (or cut off past text_len) are returned to the client:
-`warnings` in the stream's `started` / `switched` messages, the `X-Prompt-Warnings` header (a JSON list) of
-/v1/generate.
+Words of a prompt the tokenizer reads as unknown (or cut off past text_len), and, for a model whose tokenizer
+folder carries a prompt grammar (core/codecs/prompt_grammar.py), the parts of a prompt outside it, are returned to
+the client: `warnings` in the stream's `started` / `switched` messages, the `X-Prompt-Warnings` header (a JSON
+list) of /v1/generate. /v1/info shows the grammar.
+
+Frames to start from are bounded in bytes (`serve.max_image_bytes` each) and count (`serve.max_prefix_frames`), and
+must have the stream's size: one that does not fit is refused with 413 (too large) or 422 (not a PNG or JPEG, the
+wrong size, a video the model cannot hold), over the WebSocket as an error message after which the client may send
+another start.
 """
 
 import asyncio
@@ -44,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,15 +64,18 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.background import BackgroundTask
+from starlette.formparsers import MultiPartException, MultiPartParser
 
+from core.codecs.prompt_grammar import PromptGrammar
 from core.config import Config, ConfigError, load_bearer_token, load_config
 from core.model.attention import attention_kernel
 from core.model.lora import LoraAdapter, applied, merge
 from core.records.video_io import FragmentedMP4Encoder, MP4Writer
 from core.stream.pipeline import VideoPipeline
+from core.stream.prefix import ImageTooLargeError, read_prefix_image
 from core.stream.session import StreamSession, warm_up
 from serve.client import FRAME_HEADER
 from serve.follow import Follower, Source, Weights
@@ -71,6 +83,7 @@ from serve.follow import Follower, Source, Weights
 PAGE = Path(__file__).with_name("static") / "index.html"
 CLOSE_POLICY, CLOSE_GOING_AWAY, CLOSE_INTERNAL = 1008, 1001, 1011  # WebSocket close codes (RFC 6455)
 SHUTDOWN_MESSAGE = "the server is shutting down; reconnect to continue on another replica"
+FIELDS_BYTES = 64 * 1024  # a generate request's JSON body, or its multipart body's non-image part
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="Streaming video generation",
@@ -88,6 +101,7 @@ class StartMessage(BaseModel):
     lora: str | None = None
     lora_weight: float = 1.0
     weights: Literal["latest", "start"] = "latest"
+    images: int = Field(default=0, ge=0)  # binary messages that follow: PNG or JPEG frames to start from
 
 
 class GenerateRequest(BaseModel):
@@ -205,6 +219,41 @@ def _jpeg(frame: np.ndarray, quality: int) -> bytes:
     return out.getvalue()
 
 
+def _read_frames(images: list[bytes], height: int, width: int, max_bytes: int) -> np.ndarray:
+    """uint8 [T, height, width, 3] of T PNG or JPEG frames, in order; a RequestError naming the first bad one (413
+    past `max_bytes`, 422 for anything else: not such an image, another size)."""
+    frames = []
+    for i, data in enumerate(images):
+        try:
+            frames.append(read_prefix_image(data, height, width, max_bytes))
+        except ValueError as e:
+            which = f"image {i + 1} of {len(images)}: " if len(images) > 1 else ""
+            if isinstance(e, ImageTooLargeError):
+                raise RequestError(413, f"{which}{e} (serve.max_image_bytes); send a smaller PNG or JPEG") from None
+            raise RequestError(422, f"{which}{e}") from None
+    return np.concatenate(frames)
+
+
+async def _capped(stream: AsyncIterator[bytes], limit: int, why: str) -> AsyncIterator[bytes]:
+    """`stream` as it arrives, or a 413 once it passes `limit` bytes: nothing larger is ever held or spooled."""
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise RequestError(413, f"the request body is over {limit} bytes: {why}")
+        yield chunk
+
+
+_GENERATE_FIELDS = GenerateRequest.model_json_schema()
+_GENERATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _GENERATE_FIELDS},
+    "multipart/form-data": {"schema": {**_GENERATE_FIELDS, "properties": {
+        **_GENERATE_FIELDS["properties"],
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "PNG or JPEG frames of the preset's size to start from, in order: one image to "
+                                 "animate, or several frames of a video to continue"}}}}}}}
+
+
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
     request.app.state.server.stats[f"refused_{exc.status}"] += 1
@@ -239,19 +288,37 @@ class _Stream:
         self.running.set()
         self.stopped = False
         self.following = True  # switch to each new weight version ("weights": "latest"); False holds the current one
+        self.held: dict | None = None  # a text message that came where an image was expected: read next
+        self.dropping = False  # the images of a refused start: binary messages are dropped until the next text
 
     async def _error(self, message: str) -> None:
         self.server.stats["error_bad_message"] += 1
         await self.ws.send_json({"type": "error", "message": message})
 
-    async def _receive_json(self) -> dict | None:
+    async def _refuse_images(self, e: RequestError) -> None:
+        """A start whose frames are refused: counted as a refusal of its status; the client may start again."""
+        self.server.stats[f"refused_{e.status}"] += 1
+        self.server.stats["images_refused"] += 1
+        await self.ws.send_json({"type": "error", "message": f"bad start images: {e.message}", "status": e.status})
+
+    async def _receive(self) -> dict:
+        if self.held is not None:
+            message, self.held = self.held, None
+            return message
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
+        return message
+
+    async def _receive_json(self) -> dict | None:
+        message = await self._receive()
         raw = message.get("text")
         if raw is None:
-            await self._error("binary messages are not understood: send JSON text")
+            if not self.dropping:
+                await self._error("binary messages are not understood here: send JSON text (images go right after "
+                                  "a start that announces them with \"images\")")
             return None
+        self.dropping = False
         try:
             msg = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -262,34 +329,84 @@ class _Stream:
             return None
         return msg
 
-    async def _start(self) -> StartMessage:
+    async def _before(self, deadline: float, work: Awaitable[Any]) -> Any:
+        """Await `work` until the start deadline; past it, the session ends with a policy close."""
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # the client's fault: a policy close, not an internal error
+            raise WorkEnded(408, CLOSE_POLICY, f"no valid start message within serve.start_timeout_s = "
+                                               f"{self.server.svc.start_timeout_s:g} s", "start_timeouts") from None
+
+    async def _begin(self) -> tuple[StartMessage, Weights, StreamSession]:
+        """The first valid start and its session. A start whose frames do not fit (the model cannot hold them) is
+        refused like bad images: the client may send another."""
         deadline = time.monotonic() + self.server.svc.start_timeout_s
         while True:
+            start, prefix = await self._start(deadline)
+            playing = self._wanted(start, self.server.start)
             try:
-                msg = await asyncio.wait_for(self._receive_json(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:  # the client's fault: a policy close, not an internal error
-                raise WorkEnded(408, CLOSE_POLICY, f"no valid start message within serve.start_timeout_s = "
-                                                   f"{self.server.svc.start_timeout_s:g} s", "start_timeouts") from None
+                session = await self.bound.run(self.server._session, start.prompt, start.seed, start.preset,
+                                               playing.pipe, prefix)
+                return start, playing, session
+            except RequestError as e:
+                if prefix is None:
+                    raise
+                await self._refuse_images(e)
+
+    async def _start(self, deadline: float) -> tuple[StartMessage, np.ndarray | None]:
+        """The first valid start message, and the frames [T, H, W, 3] its images hold (None without images)."""
+        while True:
+            msg = await self._before(deadline, self._receive_json())
             if msg is None:
                 continue
             if msg.get("type") != "start":
                 await self._error(f"send a 'start' message first, got {msg['type']!r}")
                 continue
             try:
-                start = StartMessage.model_validate(msg)
-                self.server._size(start.preset)
-                if start.lora is not None and start.lora not in self.server.svc.lora_adapters:
-                    raise RequestError(422, f"unknown lora {start.lora!r}; available: "
-                                            f"{sorted(self.server.svc.lora_adapters)}")
-                if start.lora is not None and self.server.svc.max_sessions > 1:
-                    raise RequestError(422, "a per-session lora needs serve.max_sessions 1 (the replica's model is "
-                                            "shared by its sessions); merge it at startup with serve.lora instead")
-                if start.lora is not None and self.server.follower is not None:
-                    raise RequestError(422, "a per-session lora is not available while the replica follows "
-                                            "training (each version is a new generator); merge it with serve.lora")
-                return start
+                start = self._valid_start(msg)
             except (ValueError, RequestError) as e:
+                self.dropping = bool(msg.get("images"))
                 await self._error(f"bad start message: {getattr(e, 'message', e)}")
+                continue
+            if not start.images:
+                return start, None
+            try:
+                return start, await self._before(deadline, self._receive_images(start))
+            except RequestError as e:
+                self.dropping = True
+                await self._refuse_images(e)
+
+    async def _receive_images(self, start: StartMessage) -> np.ndarray:
+        """The `start.images` binary messages that follow a start, read as frames of its preset's size."""
+        svc = self.server.svc
+        if start.images > svc.max_prefix_frames:
+            raise RequestError(413, f"the start announces {start.images} images, more than serve.max_prefix_frames "
+                                    f"= {svc.max_prefix_frames}; send the last {svc.max_prefix_frames} frames or fewer")
+        images = []
+        for k in range(start.images):
+            message = await self._receive()
+            if message.get("bytes") is None:
+                self.held = message  # a client that gave up on its images: its next message is read as usual
+                raise RequestError(422, f"the start announces {start.images} image(s) but message {k + 1} after it "
+                                        "is text: send the images as binary messages right after the start")
+            images.append(message["bytes"])
+        height, width = self.server._size(start.preset)
+        return await asyncio.to_thread(_read_frames, images, height, width, svc.max_image_bytes)
+
+    def _valid_start(self, msg: dict) -> StartMessage:
+        """`msg` as a StartMessage the replica can serve; a ValueError or RequestError saying why not."""
+        start = StartMessage.model_validate(msg)
+        svc = self.server.svc
+        self.server._size(start.preset)
+        if start.lora is not None and start.lora not in svc.lora_adapters:
+            raise RequestError(422, f"unknown lora {start.lora!r}; available: {sorted(svc.lora_adapters)}")
+        if start.lora is not None and svc.max_sessions > 1:
+            raise RequestError(422, "a per-session lora needs serve.max_sessions 1 (the replica's model is "
+                                    "shared by its sessions); merge it at startup with serve.lora instead")
+        if start.lora is not None and self.server.follower is not None:
+            raise RequestError(422, "a per-session lora is not available while the replica follows "
+                                    "training (each version is a new generator); merge it with serve.lora")
+        return start
 
     async def _read_controls(self) -> None:
         try:
@@ -342,15 +459,14 @@ class _Stream:
 
     async def run(self) -> None:
         server, ws = self.server, self.ws
-        start = await self._start()
-        playing = self._wanted(start, server.start)
-        session = await self.bound.run(server._session, start.prompt, start.seed, start.preset, playing.pipe)
+        start, playing, session = await self._begin()
         limit = min(x for x in (start.max_frames, server.svc.max_session_frames or None, 2**62) if x)
         await ws.send_json({"type": "started", "width": session.width, "height": session.height,
                             "fps": server.cfg.video.fps, "preset": start.preset or server.svc.default_preset,
                             "max_frames": None if limit == 2**62 else limit,
                             "deadline_s": self.bound.seconds, "warnings": server._prompt_warnings(start.prompt),
-                            "weights": {"version": playing.version, "step": playing.step}})
+                            "weights": {"version": playing.version, "step": playing.step},
+                            "given_frames": session.given_frames, "dropped_frames": session.dropped_frames})
         reader = asyncio.create_task(self._read_controls())
         lora = self._session_lora(start)
         t0, sent, first_sent_at = time.monotonic(), 0, None
@@ -396,6 +512,7 @@ class _Stream:
                                     "frames": len(frames), "denoise_ms": round(chunk.denoise_s * 1e3, 2),
                                     "decode_ms": round(chunk.decode_s * 1e3, 2), "block_ms": round(chunk.wall_s * 1e3, 2),
                                     "recache_ms": round(recache_s * 1e3, 2),
+                                    "given_frames": min(chunk.given_frames, len(frames)),
                                     "memory_bytes": session.memory_bytes()})
             await ws.send_json({"type": "end", "frames": sent, "reason": "stop" if self.stopped else "max_frames"})
             await ws.close()
@@ -436,6 +553,7 @@ class StreamServer:
         self.retry_after = max(1, round(self.svc.retry_after_s))
         self.stats: Counter[str] = Counter()
         self.ttff_s: list[float] = []
+        self.grammar = PromptGrammar.find(cfg.text_encoder.tokenizer)  # the prompts the model knows, if it says
         api.state.server = self
 
     def __del__(self) -> None:
@@ -538,15 +656,20 @@ class StreamServer:
                 return
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
-        """What the model will not read of `prompt` (unknown words, truncation), counted; logged by the encoder."""
+        """What the model will not read of `prompt` (unknown words, truncation; logged by the encoder) and, with a
+        prompt grammar, the parts of it outside the grammar; counted."""
         warnings = self.pipe.text_encoder.prompt_warnings(prompt)
+        if self.grammar is not None:
+            warnings += self.grammar.warnings(prompt)
         self.stats["prompt_warnings"] += len(warnings)
         return warnings
 
-    def _session(self, prompt: str, seed: int, preset: str | None, pipe: VideoPipeline | None = None) -> StreamSession:
+    def _session(self, prompt: str, seed: int, preset: str | None, pipe: VideoPipeline | None = None,
+                 prefix: np.ndarray | None = None) -> StreamSession:
+        """A session of the preset's size, starting from the frames `prefix` when given; 422 when they do not fit."""
         height, width = self._size(preset)
         try:
-            return StreamSession(pipe or self.latest().pipe, prompt, seed, height, width)
+            return StreamSession(pipe or self.latest().pipe, prompt, seed, height, width, prefix=prefix)
         except ValueError as e:
             raise RequestError(422, str(e)) from None
 
@@ -574,6 +697,10 @@ class StreamServer:
                               "attention": attention_kernel(cfg.runtime.attention_backend, self.pipe.device,
                                                             self.pipe.dtype)},
                 "vocabulary": self.pipe.text_encoder.vocabulary(),  # the words a word-level model knows, else null
+                "prompt_grammar": self.grammar.to_dict() if self.grammar is not None else None,
+                "start_from": {"formats": ["png", "jpeg"], "max_image_bytes": self.svc.max_image_bytes,
+                               "max_frames": self.svc.max_prefix_frames,
+                               "frame_step": self.pipe.vae.temporal_stride},  # 1 + frame_step * k frames are used
                 "presets": {k: {"height": v[0], "width": v[1]} for k, v in self.svc.presets.items()},
                 "default_preset": self.svc.default_preset,
                 "weights": self._weights_info(),
@@ -599,7 +726,7 @@ class StreamServer:
                 "refused": {k[8:]: v for k, v in s.items() if k.startswith("refused_") and k[8:].isdigit()},
                 "deadlines_expired": {"generate": s["deadline_generate"], "stream": s["deadline_stream"]},
                 "start_timeouts": s["start_timeouts"], "closed_for_shutdown": s["closed_for_shutdown"],
-                "prompt_warnings": s["prompt_warnings"],
+                "prompt_warnings": s["prompt_warnings"], "images_refused": s["images_refused"],
                 "errors": {k[6:]: v for k, v in s.items() if k.startswith("error_")},
                 "time_to_first_frame_s": {"last": self.ttff_s[-1] if ttff else None,
                                           "median": ttff[len(ttff) // 2] if ttff else None},
@@ -618,20 +745,73 @@ class StreamServer:
         if not self._authorised(request.headers.get("authorization"), None):
             raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
 
-    @api.post("/v1/generate")
-    async def generate(self, body: GenerateRequest, request: Request) -> Response:
+    async def _generate_request(self, request: Request) -> tuple[GenerateRequest, list[bytes]]:
+        """The request's fields and image files: a JSON body, or multipart/form-data with "image" files. Its body
+        is bounded in bytes (413); fields that do not fit get 422."""
+        multipart = request.headers.get("content-type", "").partition(";")[0].strip().lower() == "multipart/form-data"
+        fields, images = await (self._read_form(request) if multipart else self._read_json(request))
+        try:
+            return GenerateRequest.model_validate(fields), images
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+    @staticmethod
+    async def _read_json(request: Request) -> tuple[Any, list[bytes]]:
+        """A JSON body's fields (no images: those come as multipart)."""
+        why = "a JSON request holds a prompt and a few fields; send images as multipart/form-data"
+        body = b"".join([chunk async for chunk in _capped(request.stream(), FIELDS_BYTES, why)])
+        try:
+            return json.loads(body), []
+        except json.JSONDecodeError as e:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": e.msg}}]) from None
+
+    async def _read_form(self, request: Request) -> tuple[dict, list[bytes]]:
+        """A multipart body's text fields and its "image" files, in order (each file at most serve.max_image_bytes
+        is checked when it is read as a frame; the whole body is capped before anything is spooled)."""
+        svc = self.svc
+        limit = FIELDS_BYTES + svc.max_prefix_frames * svc.max_image_bytes
+        why = (f"it holds at most serve.max_prefix_frames = {svc.max_prefix_frames} images of serve.max_image_bytes "
+               f"= {svc.max_image_bytes} each, and the fields")
+        parser = MultiPartParser(request.headers, _capped(request.stream(), limit, why),
+                                 max_files=svc.max_prefix_frames, max_fields=len(GenerateRequest.model_fields))
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise RequestError(400, f"cannot read the multipart body: {e.message} (send the fields "
+                                    f"{', '.join(GenerateRequest.model_fields)} and at most serve.max_prefix_frames = "
+                                    f"{svc.max_prefix_frames} 'image' files)") from None
+        try:
+            files = {key for key, value in form.multi_items() if not isinstance(value, str)}
+            if unknown := files - {"image"}:
+                raise RequestError(422, f"unknown file fields {sorted(unknown)}: send the frames as 'image' files")
+            images = [await v.read() for k, v in form.multi_items() if k == "image" and not isinstance(v, str)]
+            return {k: v for k, v in form.multi_items() if isinstance(v, str)}, images
+        finally:
+            await form.close()
+
+    @api.post("/v1/generate", openapi_extra=_GENERATE_BODY)
+    async def generate(self, request: Request) -> Response:
         """An MP4 of `frames` frames, or with `stream` a fragmented MP4 as blocks are made; within
-        serve.generate_timeout_s of arrival, else 504 (a streamed answer cut by it ends as an incomplete transfer)."""
+        serve.generate_timeout_s of arrival, else 504 (a streamed answer cut by it ends as an incomplete transfer).
+        As multipart/form-data, "image" files are the frames it starts from (the video begins with them)."""
         self._check_http_auth(request)
+        bound = _Bound(self.svc.generate_timeout_s, "serve.generate_timeout_s", "generate")
+        try:
+            async with bound.scope():  # the body's arrival counts against the deadline too
+                body, images = await self._generate_request(request)
+        except WorkEnded as e:
+            self._count_end(bound, e)
+            raise RequestError(e.status, f"{e.reason}; nothing was generated") from None
         if body.frames > self.svc.max_generate_frames:
             raise RequestError(413, f"frames {body.frames} exceeds serve.max_generate_frames {self.svc.max_generate_frames}")
-        self._size(body.preset)  # validate before claiming a slot
-        bound = _Bound(self.svc.generate_timeout_s, "serve.generate_timeout_s", "generate")
+        height, width = self._size(body.preset)  # validate before claiming a slot
+        prefix = await self._prefix(images, height, width) if images else None
         self._open(bound)
         fragments = session = None  # once started, the fragment generator owns the slot and the session: it frees them
         try:
             async with bound.scope():
-                session = await bound.run(self._session, body.prompt, body.seed, body.preset)
+                session = await bound.run(self._prefixed_session, body, prefix)
                 headers = {"X-Prompt-Warnings": json.dumps(self._prompt_warnings(body.prompt))}  # ASCII: a header
                 if body.stream:
                     fragments = self._fragments(session, body.frames, bound)
@@ -648,6 +828,21 @@ class StreamServer:
                     session.close()
         return FileResponse(path, media_type="video/mp4", filename="video.mp4", headers=headers,
                             background=BackgroundTask(Path(path).unlink, missing_ok=True))
+
+    async def _prefix(self, images: list[bytes], height: int, width: int) -> np.ndarray:
+        """The frames a generate call starts from; bad ones counted as refused images (and by status)."""
+        try:
+            return await asyncio.to_thread(_read_frames, images, height, width, self.svc.max_image_bytes)
+        except RequestError:
+            self.stats["images_refused"] += 1
+            raise
+
+    def _prefixed_session(self, body: GenerateRequest, prefix: np.ndarray | None) -> StreamSession:
+        try:
+            return self._session(body.prompt, body.seed, body.preset, prefix=prefix)
+        except RequestError:
+            self.stats["images_refused"] += prefix is not None
+            raise
 
     def _chunks(self, session, frames: int):
         sent = 0
@@ -691,7 +886,7 @@ class StreamServer:
             logger.warning("a %s request ended early: %s", bound.kind, ended.reason)
 
     def _count(self, chunk) -> None:
-        self.stats["frames_made"] += len(chunk.frames)
+        self.stats["frames_made"] += len(chunk.frames) - chunk.given_frames  # given frames are decoded, not made
         self.stats["denoise_s"] += chunk.denoise_s
         self.stats["decode_s"] += chunk.decode_s
         self.stats["block_s"] += chunk.wall_s

@@ -141,6 +141,7 @@ def test_info_health_and_page(app_url):
     info = httpx.get(f"{app_url}/v1/info").json()
     assert info["presets"]["tiny"] == {"height": 64, "width": 64} and info["default_preset"] == "tiny"
     assert info["vocabulary"] is None  # a byte-level tokenizer: no word list to show
+    assert info["prompt_grammar"] is None  # nor a grammar: prompts get the word-level check alone
     assert info["limits"]["max_sessions_per_replica"] == 1 and info["auth"] is False
     assert info["fast_path"] == {"block_step": "eager", "overlap_decode": False, "fp8": False, "warm_up_s": 0.0,
                                  "attention": "sdpa"}
@@ -219,10 +220,12 @@ def test_the_default_serves_the_world_student_and_its_vocabulary(serve_instance)
                                                   "frames": 9}, timeout=120)
         assert r.status_code == 200 and read_video(r.content).frames.shape == (9, 32, 32, 3)
         assert json.loads(r.headers["x-prompt-warnings"]) == []
-        # Words the world's tokenizer does not know are read as <unk>: the client is told which.
+        # Words the world's tokenizer does not know are read as <unk>: the client is told which, and where the
+        # prompt leaves the world's grammar.
         r = httpx.post(f"{url}/v1/generate", json={"prompt": "a corgi on a blue background", "frames": 3}, timeout=120)
-        (warning,) = json.loads(r.headers["x-prompt-warnings"])
+        warning, grammar = json.loads(r.headers["x-prompt-warnings"])
         assert r.status_code == 200 and "corgi" in warning and "background" not in warning.split(":")[1]
+        assert "word 2, 'corgi', is not a shape colour" in grammar
 
         async def stream() -> tuple[dict, dict]:
             async with websockets.connect(ws_url(url), max_size=None) as ws:
@@ -231,9 +234,9 @@ def test_the_default_serves_the_world_student_and_its_vocabulary(serve_instance)
                 await ws.send(json.dumps({"type": "switch", "prompt": "a red square on a teal background"}))
                 return started, await receive_until(ws, "switched")
         started, switched = asyncio.run(stream())
-        assert len(started["warnings"]) == 1 and started["warnings"][0].split(":")[1].strip().startswith("corgi;")
-        assert "teal" in switched["warnings"][0]
-        assert httpx.get(f"{url}/v1/metrics").json()["prompt_warnings"] == 3
+        assert len(started["warnings"]) == 2 and started["warnings"][0].split(":")[1].strip().startswith("corgi;")
+        assert "teal" in switched["warnings"][0] and "word 4 is 'on'" in switched["warnings"][1]
+        assert httpx.get(f"{url}/v1/metrics").json()["prompt_warnings"] == 6
     finally:
         serve.delete("stream_world")
 

@@ -24,6 +24,8 @@ import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from core.codecs.prompt_grammar import PromptGrammar, Slot
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 70), "blue": (40, 90, 235),
     "yellow": (240, 220, 40), "purple": (165, 60, 205), "white": (245, 245, 245)}
@@ -184,6 +186,24 @@ def write_tokenizer(folder: str | Path) -> None:
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(str(folder))
+    write_grammar(folder)
+
+
+def grammar() -> PromptGrammar:
+    """The world's prompts as a grammar: `Scene.prompt`'s two sentences and the words of each part."""
+    return PromptGrammar(
+        templates=("a <colour> <shape> moves <speed> <direction> across a <background> background",
+                   "a <colour> <shape> stays still on a <background> background"),
+        slots={"colour": Slot("shape colour", tuple(COLOURS)), "shape": Slot("shape", SHAPES),
+               "speed": Slot("speed", tuple(SPEEDS)),
+               "direction": Slot("direction", tuple(d for d in DIRECTIONS if d != "static")),
+               "background": Slot("background", tuple(BACKGROUNDS))})
+
+
+def write_grammar(folder: str | Path) -> None:
+    """`grammar()` into the tokenizer folder `folder`, where a served model finds it: the page and /v1/info show
+    it, and a prompt outside it gets a warning naming the part (core/codecs/prompt_grammar.py)."""
+    grammar().write(folder)
 
 
 # ------------------------------------------------------------------------------------------------ measures
