@@ -192,6 +192,8 @@ class StartUp:
 
 def _learner_ready(info: dict, workers: int) -> str:
     resumed = f", resumed from step {info['step']}" if info["resumed_from"] else ""
+    if info.get("resume_changes"):
+        resumed += f"; the config's optimizer settings replace the checkpoint's: {'; '.join(info['resume_changes'])}"
     return (f"learner ready: Ray Train started {workers} worker(s), which built the models and DeepSpeed engines in "
             f"{info['build_s']:.1f} s (torch AdamW: no DeepSpeed op is compiled){resumed}")
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from core.records.checkpoint import save_safetensors, save_self_forcing
+from core.records.checkpoint import TRAINING_STATE, read_training_checkpoint, save_safetensors, save_self_forcing
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 CURSOR_FILE = "cursor.json"
@@ -67,7 +66,7 @@ def save(root: str | Path, step: int, engines: dict, loop_state: dict | None, cu
         engines[tag].save_checkpoint(str(tmp), tag=tag, save_latest=False)
     torch.save(rng_state, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save(loop_state, tmp / "loop_state.pt")
+        torch.save(loop_state, tmp / TRAINING_STATE)
         (tmp / CURSOR_FILE).write_text(json.dumps(cursor))
     _barrier()
     if rank == 0:
@@ -83,7 +82,7 @@ def save(root: str | Path, step: int, engines: dict, loop_state: dict | None, cu
 def load(path: str | Path, engines: dict) -> tuple[dict, dict | None]:
     """Restore both engines (with optimizers) from `path`; returns (loop_state, this rank's rng state or None)."""
     path = Path(path)
-    if not (path / "loop_state.pt").is_file():
+    if not (path / TRAINING_STATE).is_file():
         raise FileNotFoundError(f"{path} is not a learner checkpoint (no loop_state.pt)")
     for tag in ENGINE_TAGS:
         load_path, _ = engines[tag].load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
@@ -93,7 +92,7 @@ def load(path: str | Path, engines: dict) -> tuple[dict, dict | None]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / f"rng_rank{rank}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-    return torch.load(path / "loop_state.pt", weights_only=False), rng
+    return torch.load(path / TRAINING_STATE, weights_only=False), rng
 
 
 def read_cursor(path: str | Path) -> dict:
@@ -104,17 +103,12 @@ def read_cursor(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def _ema_weights(path: Path) -> dict[str, torch.Tensor] | None:
-    ema = torch.load(path / "loop_state.pt", weights_only=False).get("ema")
-    return ema["shadow"] if ema else None
-
-
 def generator_weights(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Checkpoint `path`'s generator as one fp32 state dict (Wan keys), offline: the EMA when `use_ema` and the EMA
     exists, else the raw weights consolidated from the ZeRO shards."""
     path = Path(path)
-    ema = _ema_weights(path) if use_ema else None
-    return ema if ema is not None else get_fp32_state_dict_from_zero_checkpoint(str(path), tag="generator")
+    ema = read_training_checkpoint(path, "generator", True) if use_ema else {}
+    return ema.get("generator_ema") or read_training_checkpoint(path, "generator", False)["generator"]
 
 
 def export_weights(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -122,8 +116,8 @@ def export_weights(path: str | Path, out_dir: str | Path | None = None) -> dict[
     generator_ema) and `<out_dir>/generator.safetensors` (the EMA weights once the EMA exists, else the raw ones)."""
     path = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else path / "export"
-    generator, critic = (get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag) for tag in ENGINE_TAGS)
-    ema_weights = _ema_weights(path)
+    generator, critic = (read_training_checkpoint(path, tag, False)[tag] for tag in ENGINE_TAGS)
+    ema_weights = read_training_checkpoint(path, "generator", True).get("generator_ema")
     files = {"self_forcing_pt": out_dir / "reward_forcing.pt", "safetensors": out_dir / "generator.safetensors"}
     save_self_forcing(files["self_forcing_pt"], generator, critic, ema_weights)
     save_safetensors(files["safetensors"], ema_weights or generator)

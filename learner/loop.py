@@ -74,6 +74,7 @@ class Learner:
         self.counters = {"samples": 0, "generator_updates": 0, "publish_s": 0.0, "restarts": 0, "steps_redone": 0}
         self.root = checkpointing.checkpoint_dir(self.learner.output_dir)
         self.last_saved: int | None = None
+        self.resume_changes: list[str] = []  # optimizer settings the config changed on resume
 
     def _publisher(self, pool) -> WeightPublisher:
         gpus = self.device.type == "cuda" and self.cfg.actors.num_gpus > 0
@@ -109,6 +110,7 @@ class Learner:
             return None
         engines = {"generator": self.models.generator, "critic": self.models.critic}
         state, rng = checkpointing.load(path, engines)
+        self.resume_changes = self._apply_optimizer_settings(engines)
         self.step, self.version = state["step"], state["version"]
         self.counters |= state["counters"]
         self.ema = EMA.from_state_dict(state["ema"]) if state["ema"] else None
@@ -119,6 +121,22 @@ class Learner:
             random.setstate(rng["python"])
         self.last_saved = self.step
         return path
+
+    def _apply_optimizer_settings(self, engines: dict) -> list[str]:
+        """The config's learning rate, betas and weight decay on the restored optimizers (a checkpoint's own would
+        otherwise silently win over the resumed run's config); returns what changed, to be printed."""
+        learner = self.learner
+        wanted = {"generator": learner.generator_lr, "critic": learner.critic_lr}
+        changes = []
+        for tag, engine in engines.items():
+            settings = {"lr": wanted[tag], "betas": tuple(learner.betas), "weight_decay": learner.weight_decay}
+            for key, value in settings.items():
+                old = {tuple(g[key]) if key == "betas" else g[key] for g in engine.optimizer.param_groups}
+                if old != {value}:
+                    changes.append(f"{tag} {key} {', '.join(map(str, sorted(old)))} -> {value}")
+                for group in engine.optimizer.param_groups:
+                    group[key] = value
+        return changes
 
     # -------------------------------------------------------------------------------- updates
 
@@ -233,7 +251,8 @@ class Learner:
             if self.control is not None:
                 restart = ray.get(self.control.ready.remote({
                     "step": self.step, "version": line["version"] if line else self.version, "workers": self.world_size,
-                    "resumed_from": str(resumed) if resumed else None, "build_s": round(self.build_s, 2),
+                    "resumed_from": str(resumed) if resumed else None, "resume_changes": self.resume_changes,
+                    "build_s": round(self.build_s, 2),
                     "restarts": self.counters["restarts"]}))
             start = [(line, restart)]
         if self.world_size > 1:

@@ -13,7 +13,7 @@ from actors.pool import RolloutPool
 from core.algo.distill import ReDMD, build_score_models
 from core.codecs.text_encoder import pad_context
 from core.config import PLUMBING_CONFIG, ConfigError, load_config
-from core.records.checkpoint import load_wan_state_dict
+from core.records.checkpoint import CheckpointError, load_wan_state_dict
 from core.records.sample import from_record_batch, read_parquet, to_record_batch, write_parquet
 from core.stream.pipeline import build_generator
 from helpers import recorded_samples
@@ -107,6 +107,42 @@ def test_resumed_run_reaches_the_same_parameters_and_exports(one_rank, samples_f
     assert load_wan_state_dict(export["self_forcing_pt"], use_ema=True).keys() == ema.keys()
     cfg = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={export['safetensors']}"])
     assert torch.equal(build_generator(cfg, torch.device("cpu")).state_dict()["head.head.bias"], ema["head.head.bias"])
+
+
+def test_a_resumed_run_applies_the_configs_learning_rates(one_rank, samples_file, tmp_path):
+    """A checkpoint's optimizer settings do not outlive it: a run made at generator lr 0 and resumed at the config's
+    lr moves the generator, and the change is reported for the driver to print."""
+    frozen, _ = run_learner(learner_config(samples_file, tmp_path, 4, "learner.generator_lr=0"))
+    at_checkpoint = frozen.models.generator_module.state_dict()
+    resumed, result = run_learner(learner_config(samples_file, tmp_path, 8))
+    assert result["resumed_from"].endswith("step_00000004")
+    assert resumed.resume_changes == ["generator lr 0.0 -> 0.001"]
+    assert all(g["lr"] == 1e-3 for g in resumed.models.generator.optimizer.param_groups)
+    after = resumed.models.generator_module.state_dict()
+    assert any(not torch.equal(at_checkpoint[k], v) for k, v in after.items())
+
+
+def test_a_training_checkpoint_seeds_models_by_role(one_rank, samples_file, tmp_path):
+    """A learner checkpoint folder is read wherever weights are: the generator (raw or its EMA) and the critic, each
+    by its role, equal to what the learner held when it saved."""
+    learner, _ = run_learner(learner_config(samples_file, tmp_path, 3, "learner.ema_start_step=0"))
+    step = checkpointing.latest_checkpoint(checkpointing.checkpoint_dir(tmp_path))
+    held = {"generator": learner.models.generator_module.state_dict(), "critic": learner.models.critic_module.state_dict()}
+    for role, state in held.items():
+        read = load_wan_state_dict(step, role)
+        assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in read), role
+    ema = load_wan_state_dict(step, use_ema=True)
+    assert all(torch.equal(ema[k], learner.ema.shadow[k]) for k in ema)
+    cfg = load_config(PLUMBING_CONFIG, [*TINY, f"checkpoint.generator={step}", f"learner.critic_checkpoint={step}"])
+    generator = build_generator(cfg, torch.device("cpu")).state_dict()
+    assert all(torch.equal(generator[k], held["generator"][k]) for k in generator)
+    _, critic = build_score_models(cfg)
+    assert all(torch.equal(v, held["critic"][k]) for k, v in critic.state_dict().items())
+
+    early, _ = run_learner(learner_config(samples_file, tmp_path / "early", 1, "learner.ema_start_step=5"))
+    with pytest.raises(CheckpointError, match="no EMA of the generator yet.*use_ema=false"):
+        load_wan_state_dict(checkpointing.latest_checkpoint(checkpointing.checkpoint_dir(tmp_path / "early")),
+                            use_ema=True)
 
 
 def test_learners_load_no_text_encoder(one_rank, samples_file, tmp_path):

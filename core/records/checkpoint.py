@@ -24,11 +24,13 @@ Model = TypeVar("Model", bound=torch.nn.Module)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
 TORCH_SUFFIXES = (".pt", ".pth")
+TRAINING_STATE = "loop_state.pt"  # marks a learner checkpoint folder (learner/checkpointing.py)
 LAYOUTS = (
     "expected one of: a Wan2.1 or diffusers folder (config.json + diffusion_pytorch_model.safetensors, "
     "or shards listed in diffusion_pytorch_model.safetensors.index.json); a .safetensors file; or a .pt/.pth "
     "file holding a Self-Forcing {'generator', 'critic', 'generator_ema'} dict, an ode_init {'generator'} "
-    "or {'model'} dict, or a flat (Reward-Forcing) state dict")
+    "or {'model'} dict, or a flat (Reward-Forcing) state dict; or a training checkpoint folder "
+    "(<output_dir>/checkpoints/step_N)")
 WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 LEADING_PREFIXES = ("module.", "model.")  # DDP wrapper, then Self/Reward-Forcing's `model.` attribute
 
@@ -90,6 +92,20 @@ def _read_folder(folder: Path, device: torch.device | str, dtype: torch.dtype | 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_training_checkpoint(path: Path, role: str, use_ema: bool) -> dict[str, StateDict]:
+    """A learner checkpoint folder (`step_N`: each engine's ZeRO shards under its tag, the loop state with the
+    generator's EMA) as the Self-Forcing entry `role` / `use_ema` ask for, consolidated to fp32 on the CPU ({} when
+    the EMA is asked for and the run has none yet)."""
+    if use_ema:
+        ema = torch.load(path / TRAINING_STATE, weights_only=False).get("ema")
+        return {"generator_ema": ema["shadow"]} if ema else {}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional: ZeRO shards only
+    if not (path / role).is_dir():
+        raise CheckpointError(f"training checkpoint {path} has no {role!r} engine folder; it holds "
+                              f"{_preview(sorted(p.name for p in path.iterdir()))}")
+    return {role: get_fp32_state_dict_from_zero_checkpoint(str(path), tag=role)}
 
 
 def _cast(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -214,7 +230,13 @@ def load_wan_state_dict(path: str | Path, role: str = "generator", use_ema: bool
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; {LAYOUTS}")
-    obj = _read_folder(_folder(path), device, dtype) if path.is_dir() else _read_file(path, device, dtype)
+    if (path / TRAINING_STATE).is_file():
+        obj = read_training_checkpoint(path, role, use_ema)
+        if not obj:
+            raise CheckpointError(f"training checkpoint {path} has no EMA of the generator yet (the learner keeps it "
+                                  "from learner.ema_start_step on): read its raw weights with checkpoint.use_ema=false")
+    else:
+        obj = _read_folder(_folder(path), device, dtype) if path.is_dir() else _read_file(path, device, dtype)
     raw = _select(obj, path, role, use_ema)
     sd = {_normalise_key(k): _cast(v, device, dtype) for k, v in raw.items()}
     if len(sd) != len(raw):
