@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.config import REPO_ROOT, Config, ConfigSection, load_config
-from toyworld import exact  # noqa: F401 - registers learner.teacher.kind exact_world wherever the world config is read
+
+# registered wherever the world config is read: learner.teacher.kind exact_world and reward.backend world
+from toyworld import exact, reward  # noqa: F401
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"  # the embedded default: the toy world with its shipped weights
 
