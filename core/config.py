@@ -544,6 +544,9 @@ class LearnerConfig(ConfigSection):
     # lowest DMD / critic training timestep (the shifted draws are clamped to [min_timestep, max_timestep])
     min_timestep: int = 20
     max_timestep: int = 980  # highest DMD / critic training timestep
+    # shift of the DMD / critic timestep draws (t = 1000 * shift u / (1 + (shift - 1) u), u uniform); null: the
+    # scheduler's shift, as the reference. A large shift puts most draws at noise levels where little is visible
+    timestep_shift: float | None = None
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     critic_checkpoint: Annotated[str | None, LocalPath(
         "train", "the critic's (fake score's) starting weights, a Wan folder: Wan-AI/Wan2.1-T2V-1.3B for the "
@@ -577,6 +580,9 @@ class LearnerConfig(ConfigSection):
             raise ValueError(f"learner.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("need 0 <= learner.min_timestep < learner.max_timestep <= 1000")
+        if self.timestep_shift is not None and self.timestep_shift <= 0:
+            raise ValueError(f"learner.timestep_shift must be > 0 (or null: the scheduler's shift), got "
+                             f"{self.timestep_shift}")
         if self.checkpoint_every < 1 or self.keep_last < 1:
             raise ValueError("learner.checkpoint_every and learner.keep_last must be >= 1")
         if self.reward_weight_clip is not None and self.reward_weight_clip <= 1.0:
@@ -614,6 +620,8 @@ class ServeConfig(ConfigSection):
     max_session_frames: int = 0
     max_generate_frames: int = 481  # most video frames one POST /v1/generate may ask for (413 above)
     jpeg_quality: int = 85  # JPEG quality (1-100) of the frames a WebSocket stream sends
+    max_image_bytes: int = 4 * 1024 * 1024  # most bytes of one PNG or JPEG frame a stream or generate call starts from (413 above)
+    max_prefix_frames: int = 33  # most frames a start may carry: one starts from an image, more continue a video (413 above)
     start_timeout_s: float = 60.0
     generate_timeout_s: float = 300.0
     stream_timeout_s: float = 3600.0
@@ -641,6 +649,8 @@ class ServeConfig(ConfigSection):
             raise ValueError(f"serve.presets must map names to [height, width], got {bad}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("serve.jpeg_quality must be in [1, 100]")
+        if self.max_image_bytes < 1 or self.max_prefix_frames < 1:
+            raise ValueError("serve.max_image_bytes and serve.max_prefix_frames must be >= 1")
         return self
 
     def preset_problems(self, video: VideoConfig, patch_size: list[int]) -> list[str]:

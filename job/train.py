@@ -31,6 +31,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from actors.pool import RolloutPool
+from core.algo.distill import DIAGNOSTICS
 from core.config import Config, ConfigError
 from job.cluster import start_ray, start_serve
 from job.control import LearnerControl
@@ -43,7 +44,7 @@ from serve.follow import PoolVersions
 
 COLUMNS = ("step", "version", "generator_step", "generator_loss", "critic_loss", "reward", "reward_weight", "staleness",
            "dmd_grad_norm", "samples", "sample_wait_s", "iteration_s", "publish_s", "queue_depth", "in_flight",
-           "delivered", "dropped", "restarts", "steps_redone", "wall_s")
+           "delivered", "dropped", "restarts", "steps_redone", "wall_s", *DIAGNOSTICS)
 
 
 def required_resources(cfg: Config, serve_stream: bool = False) -> dict[str, float]:

@@ -30,7 +30,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from core.algo.distill import ReDMD
+from core.algo.distill import DIAGNOSTICS, ReDMD
 from core.algo.ema import EMA
 from core.algo.losses import reward_weights
 from core.codecs.text_encoder import pad_context
@@ -43,7 +43,8 @@ from learner.samples import ParquetSamples, PoolSamples
 from weight_sync import WeightPublisher, lineage_staleness
 
 # Averaged over workers each iteration; the last entry carries rank 0's stop request to every rank.
-_REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "staleness", "dmd_grad_norm", "stop")
+_REDUCED = ("generator_loss", "critic_loss", "reward", "reward_weight", "staleness", "dmd_grad_norm", *DIAGNOSTICS,
+            "stop")
 
 
 class Learner:
@@ -163,21 +164,24 @@ class Learner:
         weights = reward_weights(rewards, self.learner.beta, self.learner.reward_weight_clip,
                                  self.learner.reward_weight_normalize)
         engine, m = self.models.generator, self.models
-        losses, grad_norms = [], []
+        measured: list[dict[str, float]] = []
         for i, sample in enumerate(samples):  # micro batches of one video; DeepSpeed accumulates and steps once
             context = self._context(sample)
-            x = self.distill.replay(m.generator_module, self._record(sample), context)
+            record = self._record(sample)
+            x = self.distill.replay(m.generator_module, record, context)
             loss, stats = self.distill.generator_loss(x, m.critic_module, m.teacher, context, self.negative_context,
                                                       weights[i:i + 1], self.rng, [sample.prompt])
+            if hasattr(m.teacher, "true_samples"):  # before the critic learns these samples in this iteration
+                stats.update(self.distill.critic_fit(m.critic_module, m.teacher, record.clean_latents(), context,
+                                                     [sample.prompt], self.rng))
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
-            grad_norms.append(stats["dmd_grad_norm"])
+            measured.append({"generator_loss": loss.item(), **stats})
         self.version += 1
         self.counters["generator_updates"] += 1
         self._after_generator_update()
-        return {"generator_loss": float(np.mean(losses)), "reward_weight": float(weights.mean()),
-                "dmd_grad_norm": float(np.mean(grad_norms))}
+        means = {k: float(np.mean([s[k] for s in measured if k in s])) for k in {k for s in measured for k in s}}
+        return {**means, "reward_weight": float(weights.mean())}
 
     def _after_generator_update(self) -> None:
         """EMA (from ema_start_step, fp32) and publication of the new version, both from rank 0."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from core.algo.distill import register_teacher
 from core.codecs.patch import PatchCodec
+from core.codecs.video import from_uint8_frames
 from core.config import Config, ConfigError
 from toyworld.world import (
     BACKGROUNDS,
@@ -40,6 +41,7 @@ from toyworld.world import (
     Scene,
     all_attributes,
     parse_prompt,
+    render,
     shape_mask,
 )
 
@@ -185,6 +187,36 @@ class ExactWorldTeacher(nn.Module):
             else:
                 attrs, log_prior = clips.log_prior()
                 out.append(clips.posterior_mean(video, s, attrs, log_prior))
+        return torch.stack(out)
+
+    def true_samples(self, prompts: list[str], frames: int, rng: torch.Generator) -> torch.Tensor:
+        """Latents [B, F, C, h, w] of world clips of `prompts`, each at a random size and start on the grid."""
+        videos = []
+        for prompt in prompts:
+            a = parse_prompt(prompt)
+            x0, y0 = (int(v) for v in torch.randint(0, GRID, (2,), generator=rng))
+            k = int(torch.randint(0, len(SIZES), (1,), generator=rng))
+            scene = Scene(a.shape, a.colour, a.background, a.direction, a.speed or "slowly", x0 / GRID, y0 / GRID,
+                          SIZES[k])
+            videos.append(from_uint8_frames(render(scene, frames, self.height, self.width), torch.float64))
+        return self.codec.encode(torch.cat(videos)).transpose(1, 2)
+
+    def world_cosine(self, x: torch.Tensor, grad: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per video, the cosine between a DMD gradient `grad` and the exact way back to the world from the clean
+        latents x [B, F, C, h, w]: x minus the nearest world clip of its prompt (any size and position). The generator
+        moves x along -grad, so 1 is straight toward the world and -1 straight away."""
+        pixels = self.codec.decode(x.double().transpose(1, 2))  # [B, 3, F, H, W]
+        clips = self.clips(x.shape[1])
+        out = []
+        for video, g, prompt in zip(pixels, grad.double(), prompts):
+            near = clips.nearest(video, [parse_prompt(prompt)])
+            scene = Scene(near.attributes.shape, near.attributes.colour, near.attributes.background,
+                          near.attributes.direction, near.attributes.speed or "slowly", near.start[0] / self.width,
+                          near.start[1] / self.height, near.size)
+            target = self.codec.encode(from_uint8_frames(render(scene, x.shape[1], self.height, self.width),
+                                                         torch.float64)).transpose(1, 2)[0]
+            away = self.codec.encode(video[None]).transpose(1, 2)[0] - target
+            out.append(torch.nn.functional.cosine_similarity(g.flatten(), away.flatten(), dim=0))
         return torch.stack(out)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: list[str]) -> torch.Tensor:

@@ -38,10 +38,12 @@ class ReDMD:
         self.scheduler = FlowMatchScheduler.from_config(cfg.scheduler)
         self.rollout_timesteps = self.scheduler.denoising_timesteps(cfg.scheduler.denoising_step_list,
                                                                     cfg.scheduler.warp_denoising_step)
+        shift = self.learner.timestep_shift
+        self.draws = self.scheduler if shift is None else FlowMatchScheduler(shift, cfg.scheduler.num_train_timesteps)
 
     def _timesteps(self, batch: int, frames: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         t_raw = torch.randint(0, self.scheduler.num_train_timesteps, (batch, 1), generator=rng)
-        return training_timesteps(self.scheduler, t_raw, frames, self.learner.min_timestep,
+        return training_timesteps(self.draws, t_raw, frames, self.learner.min_timestep,
                                   self.learner.max_timestep).to(device)
 
     @staticmethod
@@ -72,7 +74,32 @@ class ReDMD:
                 teacher_context(teacher, negative_context, [self.learner.negative_prompt] * b))
             grad = dmd_gradient(x.detach(), pred_fake, pred_cond, pred_uncond, guidance)
         loss = weighted_dmd_loss(x, grad, weights)
-        return loss, {"dmd_grad_norm": float(grad.abs().mean()), "dmd_timestep": float(t[:, 0].mean())}
+        stats = {"dmd_grad_norm": float(grad.abs().mean()), "dmd_timestep": float(t[:, 0].mean())}
+        if hasattr(teacher, "world_cosine"):  # a teacher that knows the true distribution can say where x should go
+            stats.update(banded("dmd_world_cosine", teacher.world_cosine(x.detach(), grad, prompts), t[:, 0]))
+        return loss, stats
+
+    def critic_fit(self, critic: WanModel, teacher: torch.nn.Module, student: torch.nn.Module, context: torch.Tensor,
+                   prompts: list[str], rng: torch.Generator) -> dict[str, float]:
+        """Does the critic model the student? The flow losses of critic and teacher on fresh student samples
+        [B, F, C, H, W] and on true clips of the same prompts (from a teacher that can draw them,
+        `teacher.true_samples`), all at the same noise and timesteps. The DMD gradient (critic minus teacher) points
+        somewhere useful only where the critic fits the student's samples better than the teacher does; on the true
+        clips the teacher's loss is the floor no model beats."""
+        student = student.detach()
+        b, f = student.shape[:2]
+        true = teacher.true_samples(prompts, f, rng).to(student.device, student.dtype)
+        t = self._timesteps(b, f, rng, student.device)
+        noise = self._noise(student, rng)
+        out = {}
+        with torch.no_grad():
+            for data, clean in (("student", student), ("true", true)):
+                x_t = noisy_latent(self.scheduler, clean, noise, t)
+                for name, model, ctx in (("critic", critic, context),
+                                         ("teacher", teacher, teacher_context(teacher, context, prompts))):
+                    pred_x0 = predict_x0(model, self.scheduler, x_t, t, ctx)
+                    out[f"{name}_fit_{data}"] = float(critic_loss(self.scheduler, clean, noise, t, pred_x0))
+        return out
 
     def critic_loss(self, critic: WanModel, clean: torch.Tensor, context: torch.Tensor,
                     rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -83,6 +110,27 @@ class ReDMD:
         noise = self._noise(clean, rng)
         pred_x0 = predict_x0(critic, self.scheduler, noisy_latent(self.scheduler, clean, noise, t), t, context)
         return critic_loss(self.scheduler, clean, noise, t, pred_x0), {"critic_timestep": float(t[:, 0].mean())}
+
+
+# what a teacher that knows the true distribution (the toy world's) lets the learner measure, per generator update
+DIAGNOSTICS = ("dmd_world_cosine", "dmd_world_cosine_low", "dmd_world_cosine_mid", "dmd_world_cosine_high",
+               "critic_fit_student", "critic_fit_true", "teacher_fit_student", "teacher_fit_true")
+
+# noise bands of the DMD timestep (sigma = t / 1000) for the diagnostics: where the true posterior is nearly one
+# clip (low), a blend of a few (mid), or of most of them (high)
+BANDS = (("low", 0.0, 1 / 3), ("mid", 1 / 3, 2 / 3), ("high", 2 / 3, 1.01))
+
+
+def banded(name: str, values: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """The mean of per-video `values` as `name`, and per noise band of their timesteps t [B] as `name`_<band> (only
+    the bands drawn this time: an absent key is a band not measured)."""
+    sigma = t.double().cpu() / 1000
+    out = {name: float(values.mean())}
+    for band, lo, hi in BANDS:
+        inside = (sigma >= lo) & (sigma < hi)
+        if inside.any():
+            out[f"{name}_{band}"] = float(values[inside].mean())
+    return out
 
 
 TeacherBuilder = Callable[[Config], torch.nn.Module]
