@@ -52,6 +52,8 @@ from toyworld.evaluate import decode_videos, evaluate_student  # noqa: E402
 
 MEASURES = ("fidelity_rms", "adherence_all", "adherence_shape", "adherence_colour", "adherence_direction",
             "adherence_speed", "boundary_ratio", "displacement_px")
+# which way is better (+1 higher, -1 lower) where it is one way; the displacement is better nearer the world's
+BETTER = {"fidelity_rms": -1, "boundary_ratio": -1, **{k: 1 for k in MEASURES if k.startswith("adherence")}}
 DIAGNOSTICS = ("dmd_world_cosine", *(f"dmd_world_cosine_{b}" for b, _, _ in BANDS), "critic_fit_student",
                "teacher_fit_student", "critic_fit_true", "teacher_fit_true")
 
@@ -177,15 +179,16 @@ def spread(values: list[float]) -> str:
 
 def table(runs: list[dict]) -> str:
     ends = ["end", *(["end_ema"] if "end_ema" in runs[0] else [])]
-    lines = [f"{'measure':<22}{'start':>16}" + "".join(f"{e:>16}" for e in ends) + "   better on seeds"]
+    last = ends[-1]
+    lines = [f"{'measure':<22}{'start':>16}" + "".join(f"{e:>16}" for e in ends) + f"   better ({last}) on seeds"]
     for key in MEASURES:
-        lower = key in ("fidelity_rms",)
         cells = "".join(f"{spread([r[e][key] for r in runs]):>16}" for e in ends)
-        last = ends[-1]
-        better = sum((r[last][key] < r["start"][key]) if lower else (r[last][key] > r["start"][key]) for r in runs)
-        same = sum(r[last][key] == r["start"][key] for r in runs)
-        lines.append(f"{key:<22}{spread([r['start'][key] for r in runs]):>16}{cells}   {better}/{len(runs)}"
-                     + (f" ({same} equal)" if same else ""))
+        count = ""
+        if key in BETTER:
+            better = sum(BETTER[key] * (r[last][key] - r["start"][key]) > 0 for r in runs)
+            same = sum(r[last][key] == r["start"][key] for r in runs)
+            count = f"{better}/{len(runs)}" + (f" ({same} equal)" if same else "")
+        lines.append(f"{key:<22}{spread([r['start'][key] for r in runs]):>16}{cells}   {count}")
     lines.append("diagnostics, first half -> second half of the generator updates:")
     for key in (*DIAGNOSTICS, "critic_loss"):
         halves = [[r[key][i] for r in runs if r[key][i] is not None] for i in (0, 1)]
