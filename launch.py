@@ -256,6 +256,9 @@ def cmd_train(cfg: WorldConfig, args: argparse.Namespace) -> None:
             update={"generator": summary["export"]["safetensors"], "use_ema": False})})
         after = evaluate_config(trained, None, ev.prompts, tuple(ev.seeds), ev.first_scene, long_prompts=0)
         print(format_change(before, after))
+        out = Path(cfg.learner.output_dir) / "evaluation.json"
+        out.write_text(json.dumps({"start": before, "trained": after}, indent=1))
+        print(f"both measurements: {out}")
 
 
 def _serve_until_stopped(what: str, app_name: str) -> None:

@@ -16,6 +16,7 @@ Rewards (Re-DMD, learner.beta != 0) come from the config's reward backend, score
     python benchmarks/toyworld_dmd.py --steps 200 --seeds 0,1,2                       # the embedded default
     python benchmarks/toyworld_dmd.py --steps 600 --seeds 0,1,2 learner.generator_lr=1e-4   # overrides for every run
     python benchmarks/toyworld_dmd.py --steps 600 --seeds 0,1,2,3,4 --ema learner.beta=0 --json dmd.json
+    python benchmarks/toyworld_dmd.py --probe 24 learner.beta=0 learner.generator_lr=1e-4   # single updates, measured
 
 Needs torch (no Ray, no DeepSpeed). Each run prints one JSON line; the table gives mean ± std over seeds.
 """
@@ -49,6 +50,8 @@ from core.reward.registry import build_backend  # noqa: E402
 from core.stream.pipeline import VideoPipeline, build_generator  # noqa: E402
 from toyworld.config import WorldConfig, load_world_config  # noqa: E402
 from toyworld.evaluate import decode_videos, evaluate_student  # noqa: E402
+from toyworld.exact import WorldClips  # noqa: E402
+from toyworld.world import parse_prompt  # noqa: E402
 
 MEASURES = ("fidelity_rms", "adherence_all", "adherence_shape", "adherence_colour", "adherence_direction",
             "adherence_speed", "boundary_ratio", "displacement_px")
@@ -173,6 +176,40 @@ def run(cfg: WorldConfig, seed: int, args) -> dict:
     return out
 
 
+def probe(cfg: WorldConfig, updates: int) -> dict:
+    """Does one generator update move its own sample toward the world, and what does it do to other prompts? For each
+    of `updates` updates (no critic updates, so the critic stays as it started): the distance to the nearest world clip
+    of its prompt of the sample's full rollout, made again with the same noise after the update minus before, and
+    the mean distance of 8 other prompts' rollouts before the first and after the last update."""
+    learner = InProcessLearner(cfg, 0)
+    clips = WorldClips(cfg.video.num_latent_frames, cfg.video.height, cfg.video.width)
+
+    def distances(prompts: list[str], seed: int) -> list[float]:
+        with torch.no_grad():
+            made = learner.pipe.generate(learner.encoder.encode(prompts), seed, cfg.video.num_latent_frames)
+        pixels = learner.pipe.vae.decode(made.transpose(1, 2).double())
+        return [clips.nearest(v, [parse_prompt(p)]).rms for v, p in zip(pixels, prompts)]
+
+    others = learner.prompts[:8]
+    before_others = float(np.mean(distances(others, 123)))
+    moved = []
+    for i in range(updates):
+        prompt = learner.prompts[learner.prompt_rng.integers(len(learner.prompts))]
+        seed = 777 + i
+        with torch.no_grad():
+            record = learner.pipe.training_rollout(prompt, seed)
+        before = distances([prompt], seed)[0]
+        context = learner.encoder.encode([prompt])
+        x = learner.distill.replay(learner.generator, record, context)
+        loss, _ = learner.distill.generator_loss(x, learner.critic, learner.teacher, context, learner.negative,
+                                                 torch.ones(1, dtype=torch.float64), learner.rng, [prompt])
+        loss.backward()
+        learner._step("generator", learner.generator)
+        moved.append(distances([prompt], seed)[0] - before)
+    return {"own_sample_change": float(np.mean(moved)), "own_sample_closer": sum(m < 0 for m in moved),
+            "updates": updates, "others_before": before_others, "others_after": float(np.mean(distances(others, 123)))}
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
@@ -207,12 +244,16 @@ def main() -> int:
     p.add_argument("--eval-noise", type=int, default=2, help="noise seeds per measurement (default 2)")
     p.add_argument("--ema", action="store_true", help="also measure the learner's EMA of the generator")
     p.add_argument("--json", default=None, help="also write every run to this file")
+    p.add_argument("--probe", type=int, default=0, help="instead: N single updates, each measured on its own sample")
     p.add_argument("--save", default=None, help="also write each seed's trained generator to DIR/seed<N>.pt")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds or args.steps < 1:
         p.error("--seeds needs at least one seed and --steps must be >= 1")
     cfg = load_world_config(args.config, args.overrides)
+    if args.probe:
+        print(json.dumps(probe(cfg, args.probe)))
+        return 0
     print(f"machine: {cpu_model()}, {physical_cores()} physical cores, torch threads {torch.get_num_threads()}; "
           f"{args.steps} iterations per seed, overrides: {' '.join(args.overrides) or 'none'}", flush=True)
     runs = []

@@ -16,7 +16,9 @@ and each clip is measured with the world's exact machinery (toyworld/exact.py):
 - block boundaries: the mean frame-to-frame change across the student's block boundaries over the mean change
   within blocks (1 for world clips); also for the first boundary alone, where the stream's first block, drawn
   from pure noise with nothing before it, hands over to a block that has a past, and for the later ones;
-- motion reward: the MQ axis the learner weights Re-DMD by (core/reward/motion.py);
+- the motion scorer's MQ (core/reward/motion.py): motion that looks large and smooth, whose optimum lies off the
+  world (world clips score below the shipped student); the world reward (toyworld/reward.py) measures motion
+  against the prompt instead;
 - long rollouts (`long_frames` latent frames, past the attention window): initial-frame copy, and fidelity and
   adherence of the first and the last clip-length window.
 With `denoiser_error` (`launch.py evaluate --denoiser-error`), also where the student falls short of its
@@ -116,7 +118,7 @@ def _long_measures(videos: list[np.ndarray], prompts: list[str], clips: WorldCli
 
 
 def motion_rewards(cfg: WorldConfig, videos: list[np.ndarray], prompts: list[str]) -> list[float]:
-    """The learner's reward axis (normalised) from the motion scorer, one per video."""
+    """The motion scorer's normalised `learner.reward_axis`, one per video."""
     scores = MotionScorer().score_batch([VideoInput(v, float(cfg.video.fps), p) for v, p in zip(videos, prompts)])
     return [s.normalized[cfg.learner.reward_axis] for s in scores]
 
@@ -241,7 +243,7 @@ REPORTED = (("adherence_all", "adherence: every attribute", "higher"),
             ("boundary_ratio", "block-boundary / within-block change", "as world"),
             ("first_boundary_ratio", "  the first boundary (after block 1)", "as world"),
             ("later_boundary_ratio", "  the later boundaries", "as world"),
-            ("motion_reward", "motion reward (MQ)", "higher"),
+            ("motion_reward", "motion scorer's MQ", "higher"),
             ("initial_frame_copy", "long rollouts: initial-frame copy", "as world"),
             ("long_fidelity_start", "long rollouts: distance, first window", "lower"),
             ("long_fidelity_end", "long rollouts: distance, last window", "lower"),
