@@ -75,9 +75,8 @@ class WorldReward:
     def raw(self, video: VideoInput) -> dict[str, float]:
         """The three raw axes of one video."""
         t, h, w = video.frames.shape[:3]
-        parse_prompt(video.prompt)  # a ValueError naming the world's grammar for any other prompt
+        attrs = parse_prompt(video.prompt)  # a ValueError naming the world's grammar for any other prompt
         near = self._world(t, h, w).nearest(from_uint8_frames(video.frames, torch.float64)[0])
-        attrs = parse_prompt(video.prompt)
         velocity = velocity_of(video.frames)
         if velocity is None:
             motion_error = MISSING_MOTION
