@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_model, physical_cores  # noqa: E402
-from core.algo.distill import BANDS, ReDMD, build_score_models  # noqa: E402
+from core.algo.distill import DIAGNOSTICS, ReDMD, build_score_models  # noqa: E402
 from core.algo.ema import EMA  # noqa: E402
 from core.algo.losses import reward_weights  # noqa: E402
 from core.codecs.text_encoder import TextEncoder  # noqa: E402
@@ -57,8 +57,6 @@ MEASURES = ("fidelity_rms", "adherence_all", "adherence_shape", "adherence_colou
             "adherence_speed", "boundary_ratio", "displacement_px")
 # which way is better (+1 higher, -1 lower) where it is one way; the displacement is better nearer the world's
 BETTER = {"fidelity_rms": -1, "boundary_ratio": -1, **{k: 1 for k in MEASURES if k.startswith("adherence")}}
-DIAGNOSTICS = ("dmd_world_cosine", *(f"dmd_world_cosine_{b}" for b, _, _ in BANDS), "critic_fit_student",
-               "teacher_fit_student", "critic_fit_true", "teacher_fit_true")
 
 
 class InProcessLearner:

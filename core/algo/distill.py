@@ -79,7 +79,7 @@ class ReDMD:
             stats.update(banded("dmd_world_cosine", teacher.world_cosine(x.detach(), grad, prompts), t[:, 0]))
         return loss, stats
 
-    def critic_fit(self, critic: WanModel, teacher: torch.nn.Module, student: torch.nn.Module, context: torch.Tensor,
+    def critic_fit(self, critic: WanModel, teacher: torch.nn.Module, student: torch.Tensor, context: torch.Tensor,
                    prompts: list[str], rng: torch.Generator) -> dict[str, float]:
         """Does the critic model the student? The flow losses of critic and teacher on fresh student samples
         [B, F, C, H, W] and on true clips of the same prompts (from a teacher that can draw them,
@@ -112,13 +112,13 @@ class ReDMD:
         return critic_loss(self.scheduler, clean, noise, t, pred_x0), {"critic_timestep": float(t[:, 0].mean())}
 
 
-# what a teacher that knows the true distribution (the toy world's) lets the learner measure, per generator update
-DIAGNOSTICS = ("dmd_world_cosine", "dmd_world_cosine_low", "dmd_world_cosine_mid", "dmd_world_cosine_high",
-               "critic_fit_student", "critic_fit_true", "teacher_fit_student", "teacher_fit_true")
-
 # noise bands of the DMD timestep (sigma = t / 1000) for the diagnostics: where the true posterior is nearly one
 # clip (low), a blend of a few (mid), or of most of them (high)
 BANDS = (("low", 0.0, 1 / 3), ("mid", 1 / 3, 2 / 3), ("high", 2 / 3, 1.01))
+
+# what a teacher that knows the true distribution (the toy world's) lets the learner measure, per generator update
+DIAGNOSTICS = ("dmd_world_cosine", *(f"dmd_world_cosine_{band}" for band, _, _ in BANDS),
+               "critic_fit_student", "critic_fit_true", "teacher_fit_student", "teacher_fit_true")
 
 
 def banded(name: str, values: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
