@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from benchmarks.common import cpu_model, physical_cores  # noqa: E402
 from core.algo.distill import DIAGNOSTICS, ReDMD, build_score_models  # noqa: E402
 from core.algo.ema import EMA  # noqa: E402
-from core.algo.losses import reward_weights  # noqa: E402
+from core.algo.losses import dmd_gradient, reward_weights, weighted_dmd_loss  # noqa: E402
 from core.codecs.text_encoder import TextEncoder  # noqa: E402
 from core.codecs.video import build_codec  # noqa: E402
 from core.records.checkpoint import save_self_forcing  # noqa: E402
@@ -62,8 +62,8 @@ BETTER = {"fidelity_rms": -1, "boundary_ratio": -1, **{k: 1 for k in MEASURES if
 class InProcessLearner:
     """The learner's models and the iteration's order (learner/loop.py) without Ray or DeepSpeed."""
 
-    def __init__(self, cfg: WorldConfig, seed: int):
-        self.cfg, self.learner = cfg, cfg.learner
+    def __init__(self, cfg: WorldConfig, seed: int, oracle: bool = False):
+        self.cfg, self.learner, self.oracle = cfg, cfg.learner, oracle
         torch.manual_seed(seed)
         self.generator = build_generator(cfg, "cpu", torch.float32).train().requires_grad_(True)
         self.teacher, self.critic = build_score_models(cfg, "cpu", torch.float32)
@@ -115,8 +115,13 @@ class InProcessLearner:
                 measured = self.distill.critic_fit(self.critic, self.teacher, record.clean_latents(), context, [prompt],
                                                    self.rng)
                 x = self.distill.replay(self.generator, record, context)
-                loss, dmd = self.distill.generator_loss(x, self.critic, self.teacher, context, self.negative,
-                                                        weights[i:i + 1], self.rng, [prompt])
+                if self.oracle:  # the exact way to the world, normalised as DMD's, in place of critic minus teacher
+                    target = self.teacher.nearest_world(x.detach(), [prompt]).to(x.dtype)
+                    loss, dmd = weighted_dmd_loss(x, dmd_gradient(x.detach(), x.detach(), target, target, 0.0),
+                                                  weights[i:i + 1]), {}
+                else:
+                    loss, dmd = self.distill.generator_loss(x, self.critic, self.teacher, context, self.negative,
+                                                            weights[i:i + 1], self.rng, [prompt])
                 (loss / len(batch)).backward()  # DeepSpeed's gradient accumulation over the batch
                 stats.append(measured | dmd)
             self._step("generator", self.generator)
@@ -152,7 +157,7 @@ class InProcessLearner:
 
 
 def run(cfg: WorldConfig, seed: int, args) -> dict:
-    learner = InProcessLearner(cfg, seed)
+    learner = InProcessLearner(cfg, seed, args.oracle)
     noise_seeds = tuple(range(args.eval_noise))
     start = learner.measure(args.prompts, noise_seeds)
     t0 = time.perf_counter()
@@ -243,6 +248,9 @@ def main() -> int:
     p.add_argument("--ema", action="store_true", help="also measure the learner's EMA of the generator")
     p.add_argument("--json", default=None, help="also write every run to this file")
     p.add_argument("--probe", type=int, default=0, help="instead: N single updates, each measured on its own sample")
+    p.add_argument("--oracle", action="store_true",
+                   help="the generator follows the exact way to the world (its sample minus the nearest world clip of "
+                        "its prompt) instead of the DMD gradient: what DMD's best low-noise gradient does at this size")
     p.add_argument("--save", default=None, help="also write each seed's trained generator to DIR/seed<N>.pt")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

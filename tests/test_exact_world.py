@@ -180,6 +180,32 @@ def test_behind_the_teacher_interface_with_the_learned_critic():
         teacher(x_t.transpose(1, 2), t, ["a corgi on a beach"])
 
 
+def test_the_world_diagnostics_point_at_the_world_clip_and_draw_world_clips():
+    """What the learner logs with this teacher: the nearest world clip of a sample, the cosine of a gradient with the
+    way back to it, and true clips of a prompt that the exact teacher fits perfectly at low noise."""
+    cfg = load_world_config(None, EXACT)
+    teacher = ExactWorldTeacher(cfg)
+    codec = build_codec(cfg, dtype=torch.float64)
+    frames = cfg.video.num_latent_frames
+    scene = Scene.from_seed(5)
+    clean = codec.encode(pixels(scene, frames)[None]).transpose(1, 2)
+    off = clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(teacher.nearest_world(off, [scene.prompt]), clean, atol=1e-6)  # the clip it came from
+    away = off - clean
+    cosines = teacher.world_cosine(torch.cat([off, off]), torch.cat([away, -away]), [scene.prompt] * 2)
+    assert torch.allclose(cosines, torch.tensor([1.0, -1.0], dtype=torch.float64), atol=1e-6)
+    true = teacher.true_samples([scene.prompt, Scene.from_seed(6).prompt], frames, torch.Generator().manual_seed(0))
+    clips = teacher.clips(frames)
+    for video, prompt in zip(codec.decode(true.transpose(1, 2)), [scene.prompt, Scene.from_seed(6).prompt]):
+        near = clips.nearest(video, [parse_prompt(prompt)])
+        assert near.rms < 1e-6 and near.attributes == parse_prompt(prompt)
+    cfg_low = load_world_config(None, [*EXACT, "learner.max_timestep=300"])  # below sigma 0.6 a clip is certain
+    _, critic = build_score_models(cfg_low)
+    fit = ReDMD(cfg_low).critic_fit(critic, teacher, off.float(), torch.zeros(1, 4, cfg.model.text_dim),
+                                    [scene.prompt], torch.Generator().manual_seed(0))
+    assert fit["teacher_fit_true"] < 1e-6 < fit["critic_fit_true"] and fit["teacher_fit_student"] > 1e-3
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="has no weights: unset learner.teacher.arch and learner.teacher.checkpoint"):
         load_world_config(None, ["learner.teacher.checkpoint=assets/toyworld/teacher"])  # the world's teacher is exact

@@ -201,23 +201,26 @@ class ExactWorldTeacher(nn.Module):
             videos.append(from_uint8_frames(render(scene, frames, self.height, self.width), torch.float64))
         return self.codec.encode(torch.cat(videos)).transpose(1, 2)
 
-    def world_cosine(self, x: torch.Tensor, grad: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Per video, the cosine between a DMD gradient `grad` and the exact way back to the world from the clean
-        latents x [B, F, C, h, w]: x minus the nearest world clip of its prompt (any size and position). The generator
-        moves x along -grad, so 1 is straight toward the world and -1 straight away."""
+    def nearest_world(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """For clean latents x [B, F, C, h, w], the latents of each one's nearest world clip of its prompt (any size
+        and position): the exact place a sample should move to."""
         pixels = self.codec.decode(x.double().transpose(1, 2))  # [B, 3, F, H, W]
         clips = self.clips(x.shape[1])
-        out = []
-        for video, g, prompt in zip(pixels, grad.double(), prompts):
+        targets = []
+        for video, prompt in zip(pixels, prompts):
             near = clips.nearest(video, [parse_prompt(prompt)])
             scene = Scene(near.attributes.shape, near.attributes.colour, near.attributes.background,
                           near.attributes.direction, near.attributes.speed or "slowly", near.start[0] / self.width,
                           near.start[1] / self.height, near.size)
-            target = self.codec.encode(from_uint8_frames(render(scene, x.shape[1], self.height, self.width),
-                                                         torch.float64)).transpose(1, 2)[0]
-            away = self.codec.encode(video[None]).transpose(1, 2)[0] - target
-            out.append(torch.nn.functional.cosine_similarity(g.flatten(), away.flatten(), dim=0))
-        return torch.stack(out)
+            targets.append(from_uint8_frames(render(scene, x.shape[1], self.height, self.width), torch.float64))
+        return self.codec.encode(torch.cat(targets)).transpose(1, 2)
+
+    def world_cosine(self, x: torch.Tensor, grad: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per video, the cosine between a DMD gradient `grad` and the exact way back to the world from the clean
+        latents x [B, F, C, h, w]: x minus the nearest world clip of its prompt (any size and position). The generator
+        moves x along -grad, so 1 is straight toward the world and -1 straight away."""
+        away = x.double() - self.nearest_world(x, prompts)
+        return torch.nn.functional.cosine_similarity(grad.double().flatten(1), away.flatten(1), dim=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: list[str]) -> torch.Tensor:
         """Flow (x_t - E[x0 | x_t]) / sigma for latents x [B, C, F, h, w]; sigma = t / 1000 per frame."""
